@@ -1,0 +1,112 @@
+"""Which text files make a corpus, and which of them are held out for validation.
+
+The default corpus is the Python standard library of the running interpreter: real
+text on every machine, carried by no repository. `--data` names a file, a directory
+or a glob of UTF-8 text files instead.
+"""
+import dataclasses
+import glob
+import hashlib
+import os
+import sysconfig
+
+from data import DataError
+
+STDLIB_EXCLUDED_DIRS = ('test', 'tests', 'idlelib', 'site-packages', '__pycache__')
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  path: str
+  relpath: str
+  # Byte range of the file that belongs to this split; (0, None) is the whole file.
+  start: int = 0
+  end: int | None = None
+
+
+def stdlib_files():
+  root = sysconfig.get_paths()['stdlib']
+  found = []
+  for directory, subdirs, names in os.walk(root):
+    subdirs[:] = sorted(d for d in subdirs if d not in STDLIB_EXCLUDED_DIRS)
+    found += [os.path.join(directory, n) for n in sorted(names) if n.endswith('.py')]
+  return root, found
+
+
+def files_of(data: str):
+  """(root, sorted regular files) of a file, a directory (recursively) or a glob."""
+  if os.path.isfile(data):
+    return os.path.dirname(os.path.abspath(data)), [os.path.abspath(data)]
+  if os.path.isdir(data):
+    found = []
+    for directory, subdirs, names in os.walk(data):
+      subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
+      found += [os.path.join(directory, n) for n in sorted(names) if not n.startswith('.')]
+    return os.path.abspath(data), [os.path.abspath(f) for f in found]
+  matches = sorted(os.path.abspath(f) for f in glob.glob(data, recursive=True)
+                   if os.path.isfile(f))
+  if not matches:
+    raise DataError(f'--data={data!r}: no such file or directory, and no file matches it '
+                    'as a glob')
+  return os.path.commonpath([os.path.dirname(f) for f in matches]), matches
+
+
+def _hash_fraction(relpath: str) -> float:
+  digest = hashlib.sha1(relpath.encode('utf-8')).digest()
+  return int.from_bytes(digest[:8], 'big') / 2.0**64
+
+
+def _char_boundary(path: str, offset: int) -> int:
+  """The first offset at or after `offset` that does not fall inside a UTF-8 character."""
+  with open(path, 'rb') as f:
+    f.seek(offset)
+    following = f.read(4)
+  continuation = next((i for i, b in enumerate(following) if b & 0xC0 != 0x80),
+                      len(following))
+  return offset + continuation
+
+
+def split_corpus(data: str | None, val_fraction: float):
+  """{'train': [Document], 'val': [Document]}, the same on every run.
+
+  Files go to validation by a hash of their relative path. A corpus of one file is
+  split inside the file instead: its last val_fraction of bytes is validation.
+  """
+  root, paths = stdlib_files() if data is None else files_of(data)
+  paths = [p for p in paths if os.path.getsize(p) > 0]
+  if not paths:
+    raise DataError(f'--data={data!r}: no non-empty files found; pass a text file, a '
+                    'directory or a glob of text files')
+  if len(paths) == 1:
+    size = os.path.getsize(paths[0])
+    cut = _char_boundary(paths[0], int(size * (1.0 - val_fraction)))
+    name = os.path.basename(paths[0])
+    return {'train': [Document(paths[0], name, 0, cut)],
+            'val': [Document(paths[0], name, cut, size)]}
+  docs = sorted((Document(p, os.path.relpath(p, root)) for p in paths),
+                key=lambda d: _hash_fraction(d.relpath))
+  n_val = min(len(docs) - 1, max(1, sum(_hash_fraction(d.relpath) < val_fraction for d in docs)))
+  return {'train': sorted(docs[n_val:], key=lambda d: d.relpath),
+          'val': sorted(docs[:n_val], key=lambda d: d.relpath)}
+
+
+def read_text(doc: Document) -> tuple[str, bool]:
+  """The document's text and whether it had bytes that are not UTF-8 (replaced by U+FFFD)."""
+  with open(doc.path, 'rb') as f:
+    f.seek(doc.start)
+    raw = f.read() if doc.end is None else f.read(doc.end - doc.start)
+  try:
+    return raw.decode('utf-8'), False
+  except UnicodeDecodeError:
+    return raw.decode('utf-8', errors='replace'), True
+
+
+def fingerprint(splits, extra: str) -> str:
+  """Changes when any file, its size, its time stamp, the split or `extra` changes."""
+  h = hashlib.sha1(extra.encode())
+  for name in sorted(splits):
+    for doc in splits[name]:
+      stat = os.stat(doc.path)
+      h.update(f'{name}|{doc.path}|{doc.start}|{doc.end}|{stat.st_size}|'
+               f'{stat.st_mtime_ns}\n'.encode())
+  return h.hexdigest()

@@ -1,0 +1,71 @@
+"""Multi-head self-attention with grouped KV heads (MHA, GQA, MQA) and a KV cache.
+
+projections -> optional q/k norm -> positions (RoPE) -> kernels.attention -> output projection.
+K and V keep their n_kv_heads heads everywhere, the cache included.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import kernels
+from models.normalization import RMSNorm
+
+
+def empty_kv_cache(config, batch: int, length: int, dtype):
+  """One layer's cache: keys and values for `length` positions, zero-filled."""
+  shape = (batch, length, config.n_kv_heads, config.resolved_head_dim)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+
+class SelfAttention(nnx.Module):
+
+  def __init__(self, config, *, out_init_scale: float, dtype, param_dtype, rngs):
+    head_dim = config.resolved_head_dim
+    self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, head_dim
+    self.scale, self.impl = config.softmax_scale, config.attention_impl
+
+    def linear(d_in, d_out, use_bias, init_scale=1.0):
+      return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                        kernel_init=nnx.initializers.normal(config.init_std * init_scale),
+                        rngs=rngs)
+
+    self.q_proj = linear(config.d_model, config.n_heads * head_dim, config.qkv_bias)
+    self.k_proj = linear(config.d_model, config.n_kv_heads * head_dim, config.qkv_bias)
+    self.v_proj = linear(config.d_model, config.n_kv_heads * head_dim, config.qkv_bias,
+                         out_init_scale)
+    self.o_proj = linear(config.n_heads * head_dim, config.d_model, config.use_bias,
+                         out_init_scale)
+    if config.qk_norm:
+      self.q_norm = RMSNorm(head_dim, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
+      self.k_norm = RMSNorm(head_dim, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def __call__(self, x_btd, rotate, *, cache=None, cache_index=None):
+    """Causal self-attention; `rotate(x_bthd)` applies the position encoding to q and k.
+
+    Without a cache, attends within x. With a cache (from `empty_kv_cache`), writes this
+    call's keys/values at cache_index and attends over the whole cache; the causal mask
+    with q_offset=cache_index hides the slots not yet written.
+    Returns (y_btd, updated cache or None).
+    """
+    b, t, _ = x_btd.shape
+    q_bthd = self.q_proj(x_btd).reshape(b, t, self.n_heads, self.head_dim)
+    k_bthd = self.k_proj(x_btd).reshape(b, t, self.n_kv_heads, self.head_dim)
+    v_bthd = self.v_proj(x_btd).reshape(b, t, self.n_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q_bthd, k_bthd = self.q_norm(q_bthd), self.k_norm(k_bthd)
+    q_bthd, k_bthd = rotate(q_bthd), rotate(k_bthd)
+
+    q_offset = 0
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      cache = {'k': jax.lax.dynamic_update_slice(cache['k'], k_bthd.astype(cache['k'].dtype),
+                                                 start),
+               'v': jax.lax.dynamic_update_slice(cache['v'], v_bthd.astype(cache['v'].dtype),
+                                                 start)}
+      k_bthd, v_bthd, q_offset = cache['k'], cache['v'], cache_index
+
+    y_bthd = kernels.attention(q_bthd, k_bthd, v_bthd, causal=True, scale=self.scale,
+                               q_offset=q_offset, impl=self.impl)
+    return self.o_proj(y_bthd.reshape(b, t, self.n_heads * self.head_dim)), cache

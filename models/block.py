@@ -1,0 +1,92 @@
+"""One transformer block and the norm-placement policies that wrap its sublayers.
+
+A sublayer F (attention or MLP) joins the residual stream x as
+    x <- sum_norm(alpha * x + out_norm(F(in_norm(x))))
+and each placement switches some of those norms on:
+    pre       in_norm                 (Xiong et al. 2020; final norm after the stack)
+    post      sum_norm                (Vaswani et al. 2017)
+    sandwich  in_norm and out_norm    (Ding et al. 2021, CogView; final norm)
+    deepnorm  sum_norm, alpha=(2N)^(1/4), branch init scaled by beta=(8N)^(-1/4)
+              (Wang et al. 2022, DeepNet, decoder-only constants)
+With parallel_block, attention and MLP read the same normed input and are summed.
+"""
+import dataclasses
+
+import jax
+from flax import nnx
+
+from models.attention import SelfAttention
+from models.mlp import MLP
+from models.normalization import make_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  in_norm: bool
+  out_norm: bool
+  sum_norm: bool
+  final_norm: bool
+
+
+PLACEMENTS = {
+    'pre': Placement(in_norm=True, out_norm=False, sum_norm=False, final_norm=True),
+    'post': Placement(in_norm=False, out_norm=False, sum_norm=True, final_norm=False),
+    'sandwich': Placement(in_norm=True, out_norm=True, sum_norm=False, final_norm=True),
+    'deepnorm': Placement(in_norm=False, out_norm=False, sum_norm=True, final_norm=False),
+}
+
+
+def deepnorm_constants(n_layers: int):
+  """(alpha, beta) of DeepNet for a decoder-only stack of n_layers."""
+  return (2.0 * n_layers) ** 0.25, (8.0 * n_layers) ** -0.25
+
+
+def _identity(x):
+  return x
+
+
+class Block(nnx.Module):
+
+  def __init__(self, config, *, dtype, param_dtype, rngs):
+    placement = PLACEMENTS[config.norm_placement]
+    alpha, beta = (deepnorm_constants(config.n_layers) if config.norm_placement == 'deepnorm'
+                   else (1.0, 1.0))
+    self.residual_scale = alpha
+    self.parallel = config.parallel_block
+
+    def norm_if(wanted):
+      if not wanted:
+        return _identity
+      return make_norm(config.norm, config.d_model, eps=config.norm_eps, dtype=dtype,
+                       param_dtype=param_dtype)
+
+    self.attention = SelfAttention(config, out_init_scale=beta, dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs)
+    self.mlp = MLP(config, init_scale=beta, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attn_in_norm = norm_if(placement.in_norm)
+    self.attn_out_norm = norm_if(placement.out_norm)
+    self.attn_sum_norm = norm_if(placement.sum_norm)
+    self.mlp_in_norm = norm_if(placement.in_norm and not self.parallel)
+    self.mlp_out_norm = norm_if(placement.out_norm)
+    self.mlp_sum_norm = norm_if(placement.sum_norm and not self.parallel)
+    self.dropout = nnx.Dropout(config.dropout_rate)
+
+  def __call__(self, x_btd, rotate, *, cache=None, cache_index=None, dropout_key=None):
+    """Returns (x_btd, the attention layer's updated cache or None).
+
+    Dropout is on when a dropout_key is given (training) and off otherwise.
+    """
+    keys = iter(jax.random.split(dropout_key) if dropout_key is not None else [None, None])
+
+    def branch_output(y_btd, out_norm):
+      return self.dropout(out_norm(y_btd), deterministic=dropout_key is None, rngs=next(keys))
+
+    h_btd = self.attn_in_norm(x_btd)
+    attn_btd, cache = self.attention(h_btd, rotate, cache=cache, cache_index=cache_index)
+    attn_btd = branch_output(attn_btd, self.attn_out_norm)
+    if self.parallel:
+      mlp_btd = branch_output(self.mlp(h_btd), self.mlp_out_norm)
+      return self.attn_sum_norm(self.residual_scale * x_btd + attn_btd + mlp_btd), cache
+    x_btd = self.attn_sum_norm(self.residual_scale * x_btd + attn_btd)
+    mlp_btd = branch_output(self.mlp(self.mlp_in_norm(x_btd)), self.mlp_out_norm)
+    return self.mlp_sum_norm(self.residual_scale * x_btd + mlp_btd), cache

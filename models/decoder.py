@@ -1,0 +1,89 @@
+"""The LLaMA/Qwen-style causal decoder: embeddings -> N blocks -> final norm -> head.
+
+Every architectural choice comes from a `ModelConfig`; see models/config.py.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import empty_kv_cache
+from models.block import PLACEMENTS, Block, _identity
+from models.config import ConfigError, ModelConfig
+from models.normalization import make_norm
+from models.positions import make_position_encoding
+
+
+class DecoderLM(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    config.validate()
+    self.config = config
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    init = nnx.initializers.normal(config.init_std)
+    self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
+                           param_dtype=param_dtype, embedding_init=init, rngs=rngs)
+    self.positions = make_position_encoding(config, dtype=dtype, param_dtype=param_dtype,
+                                            rngs=rngs)
+    self.blocks = nnx.List([Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                            for _ in range(config.n_layers)])
+    self.final_norm = (make_norm(config.norm, config.d_model, eps=config.norm_eps, dtype=dtype,
+                                 param_dtype=param_dtype)
+                       if PLACEMENTS[config.norm_placement].final_norm else _identity)
+    self.lm_head = (None if config.tie_embeddings else
+                    nnx.Linear(config.d_model, config.vocab_size, use_bias=False, dtype=dtype,
+                               param_dtype=param_dtype, kernel_init=init, rngs=rngs))
+    self.dropout = nnx.Dropout(config.dropout_rate)
+
+  def __call__(self, tokens_bt, *, dropout_key=None):
+    """Logits [B, T, V] of the next token at every position; dropout only given a key."""
+    t = tokens_bt.shape[1]
+    if self.config.position == 'learned' and t > self.config.max_seq_len:
+      raise ConfigError(f'sequence length {t} exceeds the learned position table '
+                        f'(max_seq_len={self.config.max_seq_len})')
+    positions_bt = jnp.broadcast_to(jnp.arange(t), tokens_bt.shape)
+    logits, _ = self._forward(tokens_bt, positions_bt, caches=None, cache_index=None,
+                              dropout_key=dropout_key)
+    return logits
+
+  def init_cache(self, batch: int, length: int):
+    """An empty KV cache for `length` positions (prompt plus generated tokens)."""
+    if self.config.position == 'learned' and length > self.config.max_seq_len:
+      raise ConfigError(f'{length} positions exceed the learned position table '
+                        f'(max_seq_len={self.config.max_seq_len}); ask for fewer tokens')
+    return [empty_kv_cache(self.config, batch, length, jnp.dtype(self.config.dtype))
+            for _ in range(self.config.n_layers)]
+
+  def decode(self, tokens_bt, caches, cache_index):
+    """Runs tokens_bt at positions cache_index.. against the cache; returns (logits, caches)."""
+    t = tokens_bt.shape[1]
+    positions_bt = jnp.broadcast_to(cache_index + jnp.arange(t), tokens_bt.shape)
+    return self._forward(tokens_bt, positions_bt, caches=caches, cache_index=cache_index,
+                         dropout_key=None)
+
+  def _forward(self, tokens_bt, positions_bt, *, caches, cache_index, dropout_key):
+    n_layers = self.config.n_layers
+    keys = (jax.random.split(dropout_key, n_layers + 1) if dropout_key is not None
+            else [None] * (n_layers + 1))
+    x_btd = self.positions.embed(self.embed(tokens_bt), positions_bt)
+    x_btd = self.dropout(x_btd, deterministic=dropout_key is None, rngs=keys[n_layers])
+    rotate = functools.partial(self.positions.rotate, positions_bt=positions_bt)
+    new_caches = []
+    for i, block in enumerate(self.blocks):
+      if caches is None and self.config.remat:
+        x_btd = nnx.remat(lambda blk, x, key: blk(x, rotate, dropout_key=key)[0])(
+            block, x_btd, keys[i])
+      else:
+        x_btd, cache = block(x_btd, rotate, cache=None if caches is None else caches[i],
+                             cache_index=cache_index, dropout_key=keys[i])
+        new_caches.append(cache)
+    x_btd = self.final_norm(x_btd)
+    logits_btv = self.embed.attend(x_btd) if self.lm_head is None else self.lm_head(x_btd)
+    return logits_btv, (new_caches if caches is not None else None)
+
+
+def param_count(config: ModelConfig) -> int:
+  """Number of parameters, from shapes alone (nothing is allocated)."""
+  abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
+  return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

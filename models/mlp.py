@@ -1,0 +1,37 @@
+"""The position-wise feed-forward sublayer: plain (ReLU/GELU) or gated (SwiGLU/GeGLU)."""
+import jax
+from flax import nnx
+
+ACTIVATIONS = {
+    'relu': jax.nn.relu,
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'swiglu': jax.nn.silu,
+    'geglu': lambda x: jax.nn.gelu(x, approximate=False),
+}
+GATED = ('swiglu', 'geglu')
+
+
+class MLP(nnx.Module):
+  """down(act(up(x))), or down(act(gate(x)) * up(x)) for gated units (Shazeer 2020)."""
+
+  def __init__(self, config, *, init_scale: float, dtype, param_dtype, rngs):
+    def linear(d_in, d_out):
+      return nnx.Linear(d_in, d_out, use_bias=config.use_bias, dtype=dtype,
+                        param_dtype=param_dtype,
+                        kernel_init=nnx.initializers.normal(config.init_std * init_scale),
+                        rngs=rngs)
+
+    self.kind = config.mlp
+    if self.kind in GATED:
+      self.gate = linear(config.d_model, config.ffn_dim)
+    self.up = linear(config.d_model, config.ffn_dim)
+    self.down = linear(config.ffn_dim, config.d_model)
+
+  def __call__(self, x_btd):
+    activation = ACTIVATIONS[self.kind]
+    if self.kind in GATED:
+      hidden_btf = activation(self.gate(x_btd)) * self.up(x_btd)
+    else:
+      hidden_btf = activation(self.up(x_btd))
+    return self.down(hidden_btf)

@@ -1,0 +1,85 @@
+"""Position encodings, each a pure function plus a small module.
+
+Every encoding offers the same two hooks and leaves the other as identity:
+  embed(x_btd, positions_bt)  adds an absolute encoding to the token embeddings;
+  rotate(x_bthd, positions_bt) rotates queries and keys (RoPE).
+`make_position_encoding(config)` picks one; a new encoding is one class and one line there.
+"""
+import jax.numpy as jnp
+from flax import nnx
+
+
+def sinusoidal_table(positions, dim: int):
+  """Vaswani et al. 2017: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same)."""
+  inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq
+  interleaved = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return interleaved.reshape(*angles.shape[:-1], dim)
+
+
+def rope_inv_freq(head_dim: int, theta: float):
+  """RoPE's inverse frequencies theta^(-2i/d), always float32 (Su et al. 2021)."""
+  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x_bthd, positions_bt, inv_freq):
+  """Rotates pairs (x[i], x[i + d/2]) by position * inv_freq[i] (the rotate-half layout)."""
+  angles_btf = jnp.asarray(positions_bt, jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(angles_btf)[:, :, None, :]
+  sin = jnp.sin(angles_btf)[:, :, None, :]
+  x1, x2 = jnp.split(x_bthd.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_bthd.dtype)
+
+
+class NoPositions(nnx.Module):
+  """No explicit positions; a causal decoder can still infer them (Haviv et al. 2022)."""
+
+  def embed(self, x_btd, positions_bt):
+    del positions_bt
+    return x_btd
+
+  def rotate(self, x_bthd, positions_bt):
+    del positions_bt
+    return x_bthd
+
+
+class LearnedPositions(NoPositions):
+  """A trained table of max_seq_len absolute position vectors (GPT-2, BERT)."""
+
+  def __init__(self, max_len: int, dim: int, *, init_std: float, dtype, param_dtype, rngs):
+    self.max_len = max_len
+    self.table = nnx.Embed(max_len, dim, dtype=dtype, param_dtype=param_dtype,
+                           embedding_init=nnx.initializers.normal(init_std), rngs=rngs)
+
+  def embed(self, x_btd, positions_bt):
+    return x_btd + self.table(positions_bt)
+
+
+class SinusoidalPositions(NoPositions):
+
+  def __init__(self, dim: int):
+    self.dim = dim
+
+  def embed(self, x_btd, positions_bt):
+    return x_btd + sinusoidal_table(positions_bt, self.dim).astype(x_btd.dtype)
+
+
+class RotaryPositions(NoPositions):
+
+  def __init__(self, head_dim: int, theta: float):
+    self.head_dim, self.theta = head_dim, theta
+
+  def rotate(self, x_bthd, positions_bt):
+    return apply_rope(x_bthd, positions_bt, rope_inv_freq(self.head_dim, self.theta))
+
+
+def make_position_encoding(config, *, dtype, param_dtype, rngs):
+  if config.position == 'learned':
+    return LearnedPositions(config.max_seq_len, config.d_model, init_std=config.init_std,
+                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  if config.position == 'sinusoidal':
+    return SinusoidalPositions(config.d_model)
+  if config.position == 'rope':
+    return RotaryPositions(config.resolved_head_dim, config.rope_theta)
+  return NoPositions()

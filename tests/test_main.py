@@ -1,0 +1,158 @@
+"""main.py end to end, in subprocesses: train, resume exactly, evaluate, generate, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+SMALL = ['--set', 'd_model=32', '--set', 'n_layers=1', '--set', 'n_heads=2',
+         '--set', 'n_kv_heads=1', '--set', 'ffn_dim=64', '--batch_size=4', '--seq_len=16',
+         '--eval_batches=2', '--max_new_tokens=8', '--warmup_steps=2']
+
+
+@pytest.fixture
+def corpus_dir(tmp_path, rng):
+  folder = tmp_path / 'corpus'
+  folder.mkdir()
+  words = ['alpha', 'beta', 'gamma', 'delta', 'λ', '数据', 'def', '(', ')', '\n']
+  for i in range(8):
+    text = ' '.join(rng.choice(words, 400))
+    (folder / f'doc{i}.txt').write_text(text, encoding='utf-8')
+  return folder
+
+
+def run_main(*args, check=True, **popen):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, **popen)
+  if check and result.returncode != 0:
+    raise AssertionError(f'main.py failed ({result.returncode}):\n{result.stderr[-3000:]}')
+  return result
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def train_losses(workdir):
+  return {m['step']: m['loss'] for m in metrics(workdir) if 'loss' in m}
+
+
+def test_train_eval_generate(tmp_path, corpus_dir):
+  workdir = str(tmp_path / 'run')
+  out = run_main(*SMALL, f'--data={corpus_dir}', f'--workdir={workdir}', '--steps=30',
+                 '--eval_every=10', '--log_every=5', '--learning_rate=1e-2').stdout
+  assert 'validation loss' in out and 'sample:' in out
+  lines = metrics(workdir)
+  train_lines = [m for m in lines if 'loss' in m]
+  eval_lines = [m for m in lines if 'eval_loss' in m]
+  assert {'step', 'loss', 'lr', 'grad_norm', 'tokens_per_sec'} <= set(train_lines[-1])
+  assert {'step', 'eval_loss', 'eval_ppl'} <= set(eval_lines[-1])
+  assert eval_lines[0]['step'] == 0 and eval_lines[-1]['step'] == 30
+  assert eval_lines[-1]['eval_loss'] < eval_lines[0]['eval_loss'] - 1.0
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['d_model'] == 32
+
+  evaluated = run_main('--mode=eval', f'--workdir={workdir}').stdout
+  reported = float(evaluated.split('loss ')[1].split(',')[0])
+  assert abs(reported - eval_lines[-1]['eval_loss']) < 1e-3
+  on_file = run_main('--mode=eval', f'--workdir={workdir}',
+                     f'--data={corpus_dir / "doc0.txt"}').stdout
+  assert 'on --data' in on_file
+  sample = run_main('--mode=generate', f'--workdir={workdir}', '--prompt=alpha',
+                    '--temperature=0', '--max_new_tokens=12').stdout
+  assert sample.startswith('alpha')
+
+
+def test_resume_is_bitwise_identical(tmp_path, corpus_dir):
+  common = [*SMALL, f'--data={corpus_dir}', '--log_every=1', '--save_every=3',
+            '--schedule_steps=8', '--set', 'dropout_rate=0.1']
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  run_main(*common, f'--workdir={straight}', '--steps=8')
+  run_main(*common, f'--workdir={resumed}', '--steps=5')  # Last checkpoint: step 5.
+  out = run_main(*common, f'--workdir={resumed}', '--steps=8').stdout
+  assert 'resumed from checkpoint 5' in out
+  expected, got = train_losses(straight), train_losses(resumed)
+  assert [got[s] for s in range(6, 9)] == [expected[s] for s in range(6, 9)]
+
+
+def test_sigterm_saves_and_the_run_resumes(tmp_path, corpus_dir):
+  workdir = str(tmp_path / 'run')
+  args = [sys.executable, os.path.join(ROOT, 'main.py'), *SMALL, f'--data={corpus_dir}',
+          f'--workdir={workdir}', '--steps=100000', '--log_every=1', '--save_every=100000']
+  process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.time() + 120
+  while time.time() < deadline and not any('loss' in m for m in _safe_metrics(workdir)):
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 128 + signal.SIGTERM, stderr.decode()[-2000:]
+  assert 'checkpoint saved' in stderr.decode()
+  stopped_at = max(train_losses(workdir))
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(stopped_at)))
+  out = run_main(*SMALL, f'--data={corpus_dir}', f'--workdir={workdir}',
+                 f'--steps={stopped_at + 2}', '--schedule_steps=100000').stdout
+  assert f'resumed from checkpoint {stopped_at}' in out
+
+
+def _safe_metrics(workdir):
+  try:
+    return metrics(workdir)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return []
+
+
+def expect_error(*args, match):
+  result = run_main(*args, check=False)
+  assert result.returncode != 0
+  error_lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(error_lines) == 1 and match in error_lines[0], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('args,match', [
+    (['--model=gpt9'], 'unknown model preset'),
+    (['--set', 'no_such_field=1'], 'unknown config field'),
+    (['--set', 'n_heads=4', '--set', 'n_kv_heads=3'], 'not divisible by n_kv_heads'),
+    (['--set', 'norm=batchnorm'], 'norm='),
+    (['--data=/no/such/path'], 'no such file'),
+    (['--set', 'position=learned', '--set', 'max_seq_len=8'], 'learned position table'),
+])
+def test_bad_flags(args, match, tmp_path):
+  expect_error(f'--workdir={tmp_path / "run"}', '--steps=1', *args, match=match)
+
+
+def test_empty_data_dir(tmp_path):
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'empty' / 'blank.txt').write_text('')
+  expect_error(f'--data={tmp_path / "empty"}', f'--workdir={tmp_path / "run"}',
+               match='no non-empty files')
+
+
+def test_workdir_errors_keep_everything_on_disk(tmp_path, corpus_dir):
+  workdir = tmp_path / 'run'
+  base = [*SMALL, f'--data={corpus_dir}', f'--workdir={workdir}']
+  run_main(*base, '--steps=4', '--save_every=2')
+
+  def snapshot():
+    return {str(p.relative_to(workdir)): p.read_bytes() for p in workdir.rglob('*')
+            if p.is_file()}
+
+  before = snapshot()
+  expect_error(*base, '--steps=6', '--set', 'n_layers=2', match='different config')
+  expect_error(*base, '--steps=6', '--learning_rate=1e30', match='non-finite')
+  assert snapshot().keys() >= before.keys()
+  assert all(snapshot()[k] == v for k, v in before.items() if 'metrics' not in k)
+
+  # Corrupt the latest checkpoint's arrays: resuming or evaluating names it and stops.
+  for path in (workdir / 'checkpoints' / '4' / 'state').rglob('*'):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(b'garbage')
+  expect_error(*base, '--steps=6', match='checkpoint 4')
+  expect_error('--mode=eval', f'--workdir={workdir}', match='checkpoint 4')
+  expect_error('--mode=eval', f'--workdir={tmp_path / "nothing"}', match='config.json')

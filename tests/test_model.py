@@ -1,0 +1,247 @@
+"""The decoder: shapes, causality, KV cache, remat, presets, and each component's formula."""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import small_config
+from models import config as config_lib
+from models.block import deepnorm_constants
+from models.decoder import DecoderLM, param_count
+from models.mlp import ACTIVATIONS
+from models.normalization import LayerNorm, RMSNorm
+from models.positions import apply_rope, rope_inv_freq, sinusoidal_table
+from training import steps as steps_lib
+from training.optimizer import OptimizerConfig, make_optimizer, schedule
+
+
+def random_tokens(rng, config, shape):
+  return jnp.asarray(rng.integers(0, config.vocab_size, shape), jnp.int32)
+
+
+def build(config, rng):
+  return DecoderLM(config, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+
+
+def test_logits_shape_and_dtype(rng):
+  config = small_config(dtype='bfloat16')
+  tokens = random_tokens(rng, config, (3, 7))
+  logits = build(config, rng)(tokens)
+  assert logits.shape == (3, 7, config.vocab_size)
+  assert logits.dtype == jnp.bfloat16
+
+
+class ShiftedEmbedding(nnx.Module):
+  """The model's embedding plus a differentiable offset per (batch, position)."""
+
+  def __init__(self, embed, offset_btd):
+    self.embed, self.offset = embed, nnx.Variable(offset_btd)
+
+  def __call__(self, tokens_bt):
+    return self.embed(tokens_bt) + self.offset[...]
+
+  def attend(self, x):
+    return self.embed.attend(x)
+
+
+@pytest.mark.parametrize('fields', [
+    dict(), dict(norm_placement='post', position='learned'),
+    dict(parallel_block=True, position='sinusoidal', tie_embeddings=True),
+    dict(norm_placement='deepnorm', position='none', qk_norm=True)])
+def test_causal_gradient_is_exactly_zero(fields, rng):
+  config = small_config(**fields)
+  graphdef, params = nnx.split(build(config, rng))
+  tokens = random_tokens(rng, config, (1, 9))
+  t = int(rng.integers(0, 8))
+
+  def output_at_t(offset_btd):
+    model = nnx.merge(graphdef, params)
+    model.embed = ShiftedEmbedding(model.embed, offset_btd)
+    return model(tokens)[0, t].sum()
+
+  grad_btd = jax.grad(output_at_t)(jnp.zeros((1, 9, config.d_model)))
+  assert np.all(np.asarray(grad_btd[0, t + 1:]) == 0.0)
+  assert np.any(np.asarray(grad_btd[0, :t + 1]) != 0.0)
+
+
+@pytest.mark.parametrize('fields', [
+    dict(), dict(n_kv_heads=1), dict(n_kv_heads=4, position='learned'),
+    dict(position='sinusoidal', norm_placement='sandwich'), dict(position='none', qk_norm=True),
+    dict(parallel_block=True, norm='layernorm', mlp='gelu', use_bias=True, qkv_bias=True)])
+def test_cached_decoding_equals_full_forward(fields, rng):
+  config = small_config(**fields)
+  model = build(config, rng)
+  t = 10
+  tokens = random_tokens(rng, config, (2, t))
+  full = model(tokens)
+  prefill = int(rng.integers(1, t))
+  caches = model.init_cache(2, t + 3)
+  logits, caches = model.decode(tokens[:, :prefill], caches, 0)
+  steps = [logits]
+  for i in range(prefill, t):
+    logits, caches = model.decode(tokens[:, i:i + 1], caches, i)
+    steps.append(logits)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_remat_gives_equal_gradients(rng):
+  config = small_config(dropout_rate=0.1)
+  graphdef, params = nnx.split(build(config, rng))
+  graphdef_remat, _ = nnx.split(DecoderLM(dataclasses.replace(config, remat=True),
+                                          rngs=nnx.Rngs(0)))
+  tokens = random_tokens(rng, config, (2, 8))
+  key = jax.random.key(int(rng.integers(1 << 30)))
+
+  def grads(graph):
+    loss = lambda p: steps_lib.cross_entropy(nnx.merge(graph, p)(tokens, dropout_key=key),
+                                             tokens)
+    return jax.grad(loss)(params)
+
+  plain, remat = grads(graphdef), grads(graphdef_remat)
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+TRAINABLE = ([dict(norm_placement=p) for p in config_lib.NORM_PLACEMENTS]
+             + [dict(mlp=m) for m in config_lib.MLPS]
+             + [dict(norm='layernorm', parallel_block=True, qk_norm=True, tie_embeddings=True),
+                dict(position='learned', attention_scale='inv_d'),
+                dict(position='sinusoidal', attention_scale='inv_cbrt_d', dropout_rate=0.1)])
+
+
+@pytest.mark.parametrize('fields', TRAINABLE, ids=lambda f: ','.join(f'{k}={v}' for k, v in
+                                                                      f.items()))
+def test_trains_with_falling_loss(fields, rng):
+  config = small_config(**fields)
+  graphdef, params = nnx.split(build(config, rng))
+  opt_config = OptimizerConfig(learning_rate=1e-2, warmup_steps=2, total_steps=20)
+  optimizer = make_optimizer(opt_config)
+  opt_state = optimizer.init(params)
+  step = steps_lib.make_train_step(graphdef, optimizer, schedule(opt_config), seed=0,
+                                   use_dropout=config.dropout_rate > 0)
+  tokens = random_tokens(rng, config, (1, 4, 17))
+  losses = []
+  for i in range(20):
+    params, opt_state, metrics = step(params, opt_state, tokens[..., :-1], tokens[..., 1:],
+                                      jnp.int32(i))
+    losses.append(float(metrics['loss']))
+  assert all(map(math.isfinite, losses))
+  print(f'{fields}: {losses[0]:.3f} -> {losses[-1]:.3f}')
+  assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_gradient_accumulation_matches_one_big_batch(rng):
+  config = small_config()
+  graphdef, params = nnx.split(build(config, rng))
+  optimizer = optax.sgd(1.0)
+  step = steps_lib.make_train_step(graphdef, optimizer, lambda s: 1.0, seed=0, use_dropout=False)
+  tokens = random_tokens(rng, config, (4, 9))
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  one, _, m1 = step(copy(params), optimizer.init(params), tokens[None, :, :-1],
+                    tokens[None, :, 1:], jnp.int32(0))
+  four, _, m4 = step(copy(params), optimizer.init(params), tokens[:, None, :-1],
+                     tokens[:, None, 1:], jnp.int32(0))
+  np.testing.assert_allclose(float(m1['loss']), float(m4['loss']), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name,published', [('llama2-7b', 6_738_415_616),
+                                            ('qwen2-0.5b', 494_032_768),
+                                            ('llama3-8b', 8_030_261_248),
+                                            ('qwen2-1.5b', 1_543_714_304),
+                                            ('qwen2-7b', 7_615_616_512)])
+def test_preset_parameter_counts_are_the_published_totals(name, published):
+  assert param_count(config_lib.preset(name)) == published
+
+
+@pytest.mark.parametrize('fields', [dict(), dict(mlp='gelu', use_bias=True, norm='layernorm'),
+                                    dict(tie_embeddings=True, qkv_bias=True, qk_norm=True),
+                                    dict(position='learned', norm_placement='sandwich')])
+def test_parameter_count_formula(fields, rng):
+  config = small_config(d_model=int(rng.integers(2, 9)) * 8, ffn_dim=int(rng.integers(8, 80)),
+                        **fields)
+  d, f, v = config.d_model, config.ffn_dim, config.vocab_size
+  hd, hq, hkv = config.resolved_head_dim, config.n_heads, config.n_kv_heads
+  norm = d * (2 if config.norm == 'layernorm' else 1)
+  attention = d * hd * (2 * hq + 2 * hkv) + config.qkv_bias * hd * (hq + 2 * hkv)
+  attention += config.use_bias * d + config.qk_norm * 2 * hd
+  mlp = (3 if config.mlp in ('swiglu', 'geglu') else 2) * d * f
+  mlp += config.use_bias * ((2 if config.mlp in ('swiglu', 'geglu') else 1) * f + d)
+  norms_per_layer = {'pre': 2, 'post': 2, 'sandwich': 4, 'deepnorm': 2}[config.norm_placement]
+  final = norm if config.norm_placement in ('pre', 'sandwich') else 0
+  expected = (v * d * (1 if config.tie_embeddings else 2) + final
+              + config.n_layers * (attention + mlp + norms_per_layer * norm)
+              + (config.max_seq_len * d if config.position == 'learned' else 0))
+  assert param_count(config) == expected
+
+
+def test_rmsnorm_and_layernorm_formulas(rng):
+  x = rng.standard_normal((3, 16)).astype(np.float32) * 3 + 1
+  rms = RMSNorm(16, eps=1e-6, dtype=jnp.float32, param_dtype=jnp.float32)
+  rms.scale[...] = jnp.asarray(rng.standard_normal(16), jnp.float32)
+  expected = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * np.asarray(rms.scale[...])
+  np.testing.assert_allclose(np.asarray(rms(jnp.asarray(x))), expected, rtol=1e-5, atol=1e-5)
+  ln = LayerNorm(16, eps=1e-5, dtype=jnp.float32, param_dtype=jnp.float32)
+  ln.bias[...] = jnp.asarray(rng.standard_normal(16), jnp.float32)
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  expected = (x - mean) / np.sqrt(var + 1e-5) + np.asarray(ln.bias[...])
+  np.testing.assert_allclose(np.asarray(ln(jnp.asarray(x))), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_formulas(rng):
+  x = rng.standard_normal(50) * 3
+  erf = np.vectorize(math.erf)
+  expected = {
+      'relu': np.maximum(x, 0),
+      'gelu': 0.5 * x * (1 + erf(x / math.sqrt(2))),
+      'gelu_tanh': 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
+      'swiglu': x / (1 + np.exp(-x)),
+      'geglu': 0.5 * x * (1 + erf(x / math.sqrt(2))),
+  }
+  for name, want in expected.items():
+    got = np.asarray(ACTIVATIONS[name](jnp.asarray(x, jnp.float32)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_sinusoidal_table_is_the_papers_formula(rng):
+  positions = rng.integers(0, 500, (2, 5))
+  dim = 12
+  table = np.asarray(sinusoidal_table(jnp.asarray(positions), dim))
+  for (b, t), pos in np.ndenumerate(positions):
+    for i in range(dim // 2):
+      angle = pos / 10000 ** (2 * i / dim)
+      np.testing.assert_allclose(table[b, t, 2 * i], math.sin(angle), atol=2e-4)
+      np.testing.assert_allclose(table[b, t, 2 * i + 1], math.cos(angle), atol=2e-4)
+
+
+def test_rope_rotates_each_half_pair_as_a_complex_number(rng):
+  head_dim, theta = 8, float(rng.uniform(100, 1e5))
+  x = rng.standard_normal((1, 4, 2, head_dim)).astype(np.float32)
+  positions = rng.integers(0, 100, (1, 4))
+  got = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions),
+                              rope_inv_freq(head_dim, theta)))
+  half = head_dim // 2
+  freqs = theta ** (-np.arange(half) * 2 / head_dim)
+  z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * positions[..., None, None] * freqs)
+  np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1), rtol=1e-4, atol=1e-4)
+
+
+def test_deepnorm_constants_follow_the_paper():
+  # DeepNet, decoder-only: alpha = (2N)^(1/4), beta = (8N)^(-1/4).
+  for n in (1, 6, 100):
+    alpha, beta = deepnorm_constants(n)
+    assert math.isclose(alpha ** 4, 2 * n) and math.isclose(beta ** -4, 8 * n)
+
+
+def test_attention_scale_choices():
+  config = small_config(d_model=64, n_heads=4)
+  expected = {'inv_sqrt_d': 1 / 4, 'inv_d': 1 / 16, 'inv_cbrt_d': 16 ** (-1 / 3), 'none': 1.0}
+  for name, value in expected.items():
+    assert math.isclose(dataclasses.replace(config, attention_scale=name).softmax_scale, value)

@@ -1,0 +1,1 @@
+"""Optimisation, the train/eval loop, checkpoints and metrics."""

@@ -1,0 +1,209 @@
+"""The training loop behind `main.py --mode=train`, and evaluation of a parameter state.
+
+The batch for step s is a pure function of (seed, s) and dropout keys derive from
+(seed, s), so a run resumed from its checkpoint computes bitwise the same losses as an
+uninterrupted one.
+"""
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data import batches as batches_lib
+from data import corpus as corpus_lib
+from data import token_cache
+from data.tokenizer import load_tokenizer
+from models.config import ConfigError, ModelConfig
+from models.decoder import DecoderLM
+from training import steps as steps_lib
+from training import workdir as workdir_lib
+from training.checkpoint import Checkpoints
+from training.metrics import MetricsLog, Progress
+from training.optimizer import OptimizerConfig, make_optimizer, schedule
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (for example a non-finite loss)."""
+
+
+class Interrupted(Exception):
+  """SIGINT or SIGTERM arrived; the state was saved first."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_code = 128 + signum
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  workdir: str
+  steps: int = 600
+  batch_size: int = 16
+  seq_len: int = 256
+  grad_accum: int = 1
+  seed: int = 0
+  data: str | None = None      # None: the Python standard library of this interpreter.
+  val_fraction: float = 0.05
+  tokenizer: str = 'bytes'
+  eval_every: int = 200
+  eval_batches: int = 16
+  save_every: int = 200
+  keep_checkpoints: int = 3
+  log_every: int = 10
+
+  def validate(self):
+    for name in ('steps', 'batch_size', 'seq_len', 'grad_accum', 'eval_every', 'eval_batches',
+                 'save_every', 'keep_checkpoints', 'log_every'):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f'--{name}={getattr(self, name)} must be positive')
+    if self.batch_size % self.grad_accum:
+      raise ConfigError(f'--batch_size={self.batch_size} is not divisible by '
+                        f'--grad_accum={self.grad_accum}')
+    if not 0.0 < self.val_fraction < 1.0:
+      raise ConfigError(f'--val_fraction={self.val_fraction} must be between 0 and 1')
+    return self
+
+
+def load_data(train_config: TrainConfig, tokenizer, *, log=print):
+  splits = corpus_lib.split_corpus(train_config.data, train_config.val_fraction)
+  return token_cache.load_splits(splits, tokenizer,
+                                 os.path.join(train_config.workdir, 'tokens'), log=log)
+
+
+def check_fits(model_config: ModelConfig, tokenizer, seq_len: int):
+  if model_config.vocab_size < tokenizer.n_vocab:
+    raise ConfigError(f'vocab_size={model_config.vocab_size} is smaller than the tokenizer\'s '
+                      f'{tokenizer.n_vocab} tokens; --set vocab_size={tokenizer.n_vocab} or more')
+  if model_config.position == 'learned' and seq_len > model_config.max_seq_len:
+    raise ConfigError(f'--seq_len={seq_len} is longer than the learned position table '
+                      f'(max_seq_len={model_config.max_seq_len}); lower --seq_len or '
+                      f'--set max_seq_len={seq_len}')
+
+
+def evaluate(eval_step, params, tokens, *, batch_size: int, seq_len: int, max_batches: int):
+  """Mean cross-entropy over evenly spaced windows of `tokens`."""
+  losses = [eval_step(params, jnp.asarray(x), jnp.asarray(y))
+            for x, y in batches_lib.eval_batches(tokens, batch_size=batch_size, seq_len=seq_len,
+                                                 max_batches=max_batches)]
+  return float(np.mean(jax.device_get(losses)))
+
+
+@contextlib.contextmanager
+def _stop_requests():
+  """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+  received = []
+  handler = lambda signum, frame: received.append(signum)
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield received
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: OptimizerConfig,
+          *, print_fn=print):
+  """Trains (or resumes) in train_config.workdir; returns (params, graphdef, tokenizer, summary)."""
+  train_config.validate()
+  model_config.validate()
+  tokenizer = load_tokenizer(train_config.tokenizer)
+  check_fits(model_config, tokenizer, train_config.seq_len)
+  workdir = train_config.workdir
+  resolved = {'model': model_config, **dataclasses.asdict(train_config),
+              'optimizer': dataclasses.asdict(opt_config)}
+  workdir_lib.record_config(workdir, resolved)
+
+  data = load_data(train_config, tokenizer, log=print_fn)
+  batches_lib.check_length(data['train'], train_config.seq_len, 'train')
+  batches_lib.check_length(data['val'], train_config.seq_len, 'validation')
+
+  model = DecoderLM(model_config, rngs=nnx.Rngs(params=train_config.seed))
+  graphdef, params = nnx.split(model)
+  optimizer = make_optimizer(opt_config)
+  opt_state = optimizer.init(params)
+  checkpoints = Checkpoints(workdir, keep=train_config.keep_checkpoints)
+  record = {'seed': train_config.seed, 'tokenizer': train_config.tokenizer,
+            'config': workdir_lib.config_path(workdir)}
+
+  start_step = checkpoints.latest_step() or 0
+  if start_step:
+    state = checkpoints.restore_state(
+        start_step, jax.eval_shape(lambda: {'params': params, 'opt_state': opt_state}))
+    params, opt_state = state['params'], state['opt_state']
+    print_fn(f'resumed from checkpoint {start_step} in {checkpoints.directory}')
+
+  train_step = steps_lib.make_train_step(
+      graphdef, optimizer, schedule(opt_config), seed=train_config.seed,
+      use_dropout=model_config.dropout_rate > 0)
+  eval_step = steps_lib.make_eval_step(graphdef)
+  metrics_log = MetricsLog(workdir)
+  eval_kwargs = dict(batch_size=train_config.batch_size // train_config.grad_accum,
+                     seq_len=train_config.seq_len, max_batches=train_config.eval_batches)
+
+  def run_eval(step):
+    loss = evaluate(eval_step, params, data['val'], **eval_kwargs)
+    metrics_log.write(step=step, eval_loss=loss, eval_ppl=math.exp(min(loss, 700)))
+    return loss
+
+  def save(step, metrics):
+    if metrics is not None and not all(map(math.isfinite, metrics.values())):
+      raise TrainingError(
+          f'non-finite training metrics at step {step} ({metrics}); the last good checkpoint '
+          f'({checkpoints.latest_step()}) is kept. Lower --learning_rate or raise --warmup_steps')
+    checkpoints.save(step, {'params': params, 'opt_state': opt_state},
+                     {**record, 'step': step, 'data_cursor': step})
+
+  progress = Progress(train_config.steps)
+  initial_loss = run_eval(start_step) if start_step == 0 else None
+  if initial_loss is not None:
+    progress.message(f'step 0: validation loss {initial_loss:.4f}')
+  tokens_per_step = train_config.batch_size * train_config.seq_len
+  micro_shape = (train_config.grad_accum, -1, train_config.seq_len)
+  last_metrics, interval_start, interval_steps = None, time.perf_counter(), 0
+  try:
+    with _stop_requests() as stop:
+      for step in range(start_step, train_config.steps):
+        inputs, targets = batches_lib.train_batch(
+            data['train'], seed=train_config.seed, step=step,
+            batch_size=train_config.batch_size, seq_len=train_config.seq_len)
+        params, opt_state, metrics = train_step(
+            params, opt_state, jnp.asarray(inputs).reshape(micro_shape),
+            jnp.asarray(targets).reshape(micro_shape), jnp.int32(step))
+        done, interval_steps = step + 1, interval_steps + 1
+        is_last = done == train_config.steps
+        stopping = bool(stop)  # A signal arriving later is handled after the next step.
+        will_save = done % train_config.save_every == 0 or stopping
+        if (done % train_config.log_every == 0 or is_last or will_save
+            or done == start_step + 1):
+          last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          elapsed = time.perf_counter() - interval_start
+          rate = tokens_per_step * interval_steps / elapsed
+          metrics_log.write(step=done, **last_metrics, tokens_per_sec=rate)
+          if not math.isfinite(last_metrics['loss']):
+            save(done, last_metrics)  # Raises: nothing non-finite is ever saved.
+          progress.update(done, last_metrics['loss'], rate)
+          interval_start, interval_steps = time.perf_counter(), 0
+        if done % train_config.eval_every == 0 and not is_last:
+          progress.message(f'step {done}: validation loss {run_eval(done):.4f}')
+          interval_start = time.perf_counter()
+        if will_save:
+          save(done, last_metrics)
+        if stopping:
+          progress.message('')
+          raise Interrupted(f'stopped at step {done}; checkpoint saved in '
+                            f'{checkpoints.directory}; run the same command to resume', stop[0])
+    final_step = max(start_step, train_config.steps)
+    final_loss = run_eval(final_step)
+    save(final_step, last_metrics)
+  finally:
+    checkpoints.close()
+  summary = {'step': final_step, 'eval_loss': final_loss,
+             'eval_ppl': math.exp(min(final_loss, 700)), 'initial_eval_loss': initial_loss}
+  return params, graphdef, tokenizer, summary
