@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
+from models.dense import Dense
 from models.normalization import RMSNorm
 
 
@@ -25,9 +26,8 @@ class SelfAttention(nnx.Module):
     self.scale, self.impl = config.softmax_scale, config.attention_impl
 
     def linear(d_in, d_out, use_bias, init_scale=1.0):
-      return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                        kernel_init=nnx.initializers.normal(config.init_std * init_scale),
-                        rngs=rngs)
+      return Dense(d_in, d_out, use_bias=use_bias, init_std=config.init_std * init_scale,
+                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     self.q_proj = linear(config.d_model, config.n_heads * head_dim, config.qkv_bias)
     self.k_proj = linear(config.d_model, config.n_kv_heads * head_dim, config.qkv_bias)

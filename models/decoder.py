@@ -11,6 +11,7 @@ from flax import nnx
 from models.attention import empty_kv_cache
 from models.block import PLACEMENTS, Block, _identity
 from models.config import ConfigError, ModelConfig
+from models.dense import Dense, matmul_last_axis
 from models.normalization import make_norm
 from models.positions import make_position_encoding
 
@@ -21,9 +22,9 @@ class DecoderLM(nnx.Module):
     config.validate()
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-    init = nnx.initializers.normal(config.init_std)
     self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
-                           param_dtype=param_dtype, embedding_init=init, rngs=rngs)
+                           param_dtype=param_dtype,
+                           embedding_init=nnx.initializers.normal(config.init_std), rngs=rngs)
     self.positions = make_position_encoding(config, dtype=dtype, param_dtype=param_dtype,
                                             rngs=rngs)
     self.blocks = nnx.List([Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -32,8 +33,9 @@ class DecoderLM(nnx.Module):
                                  param_dtype=param_dtype)
                        if PLACEMENTS[config.norm_placement].final_norm else _identity)
     self.lm_head = (None if config.tie_embeddings else
-                    nnx.Linear(config.d_model, config.vocab_size, use_bias=False, dtype=dtype,
-                               param_dtype=param_dtype, kernel_init=init, rngs=rngs))
+                    Dense(config.d_model, config.vocab_size, use_bias=False,
+                          init_std=config.init_std, dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs))
     self.dropout = nnx.Dropout(config.dropout_rate)
 
   def __call__(self, tokens_bt, *, dropout_key=None):
@@ -79,7 +81,10 @@ class DecoderLM(nnx.Module):
                              cache_index=cache_index, dropout_key=keys[i])
         new_caches.append(cache)
     x_btd = self.final_norm(x_btd)
-    logits_btv = self.embed.attend(x_btd) if self.lm_head is None else self.lm_head(x_btd)
+    if self.lm_head is None:
+      logits_btv = matmul_last_axis(x_btd, self.embed.embedding[...].astype(x_btd.dtype).T)
+    else:
+      logits_btv = self.lm_head(x_btd)
     return logits_btv, (new_caches if caches is not None else None)
 
 

@@ -2,6 +2,8 @@
 import jax
 from flax import nnx
 
+from models.dense import Dense
+
 ACTIVATIONS = {
     'relu': jax.nn.relu,
     'gelu': lambda x: jax.nn.gelu(x, approximate=False),
@@ -17,10 +19,8 @@ class MLP(nnx.Module):
 
   def __init__(self, config, *, init_scale: float, dtype, param_dtype, rngs):
     def linear(d_in, d_out):
-      return nnx.Linear(d_in, d_out, use_bias=config.use_bias, dtype=dtype,
-                        param_dtype=param_dtype,
-                        kernel_init=nnx.initializers.normal(config.init_std * init_scale),
-                        rngs=rngs)
+      return Dense(d_in, d_out, use_bias=config.use_bias, init_std=config.init_std * init_scale,
+                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     self.kind = config.mlp
     if self.kind in GATED:

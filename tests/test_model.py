@@ -40,13 +40,11 @@ class ShiftedEmbedding(nnx.Module):
   """The model's embedding plus a differentiable offset per (batch, position)."""
 
   def __init__(self, embed, offset_btd):
-    self.embed, self.offset = embed, nnx.Variable(offset_btd)
+    self.embedding = embed.embedding  # The table, as a tied output head reads it.
+    self.offset = nnx.Variable(offset_btd)
 
   def __call__(self, tokens_bt):
-    return self.embed(tokens_bt) + self.offset[...]
-
-  def attend(self, x):
-    return self.embed.attend(x)
+    return self.embedding[...][tokens_bt] + self.offset[...]
 
 
 @pytest.mark.parametrize('fields', [

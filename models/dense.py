@@ -1,0 +1,30 @@
+"""A dense layer over the last axis that multiplies as one 2-D matrix product.
+
+XLA's CPU backend runs a [B, T, D] x [D, F] product about twice as slowly as the same
+product written [B*T, D] x [D, F], forward and backward; flattening the leading axes
+costs nothing on other backends.
+"""
+import jax.numpy as jnp
+from flax import nnx
+
+
+def matmul_last_axis(x, w):
+  """x [..., D] @ w [D, F] -> [..., F], computed as a 2-D product."""
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), w)
+  return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+class Dense(nnx.Module):
+
+  def __init__(self, d_in: int, d_out: int, *, use_bias: bool, init_std: float, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.kernel = nnx.Param(nnx.initializers.normal(init_std)(rngs.params(), (d_in, d_out),
+                                                              param_dtype))
+    self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if use_bias else None
+
+  def __call__(self, x):
+    y = matmul_last_axis(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
