@@ -61,14 +61,14 @@ def _workdir():
   return FLAGS.workdir or os.path.join('runs', FLAGS.model)
 
 
-def _train_config(**overrides):
+def _train_config():
   from training.loop import TrainConfig
   return TrainConfig(
       workdir=_workdir(), steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
       grad_accum=FLAGS.grad_accum, seed=FLAGS.seed, data=FLAGS.data,
       val_fraction=FLAGS.val_fraction, tokenizer=FLAGS.tokenizer, eval_every=FLAGS.eval_every,
       eval_batches=FLAGS.eval_batches, save_every=FLAGS.save_every,
-      keep_checkpoints=FLAGS.keep_checkpoints, log_every=FLAGS.log_every, **overrides)
+      keep_checkpoints=FLAGS.keep_checkpoints, log_every=FLAGS.log_every)
 
 
 def _sampling_config():

@@ -41,7 +41,7 @@ def deepnorm_constants(n_layers: int):
   return (2.0 * n_layers) ** 0.25, (8.0 * n_layers) ** -0.25
 
 
-def _identity(x):
+def identity(x):
   return x
 
 
@@ -56,7 +56,7 @@ class Block(nnx.Module):
 
     def norm_if(wanted):
       if not wanted:
-        return _identity
+        return identity
       return make_norm(config.norm, config.d_model, eps=config.norm_eps, dtype=dtype,
                        param_dtype=param_dtype)
 

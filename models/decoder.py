@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention import empty_kv_cache
-from models.block import PLACEMENTS, Block, _identity
+from models.block import PLACEMENTS, Block, identity
 from models.config import ConfigError, ModelConfig
 from models.dense import Dense, matmul_last_axis
 from models.normalization import make_norm
@@ -31,7 +31,7 @@ class DecoderLM(nnx.Module):
                             for _ in range(config.n_layers)])
     self.final_norm = (make_norm(config.norm, config.d_model, eps=config.norm_eps, dtype=dtype,
                                  param_dtype=param_dtype)
-                       if PLACEMENTS[config.norm_placement].final_norm else _identity)
+                       if PLACEMENTS[config.norm_placement].final_norm else identity)
     self.lm_head = (None if config.tie_embeddings else
                     Dense(config.d_model, config.vocab_size, use_bias=False,
                           init_std=config.init_std, dtype=dtype, param_dtype=param_dtype,

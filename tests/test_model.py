@@ -109,7 +109,7 @@ def test_remat_gives_equal_gradients(rng):
 TRAINABLE = ([dict(norm_placement=p) for p in config_lib.NORM_PLACEMENTS]
              + [dict(mlp=m) for m in config_lib.MLPS]
              + [dict(norm='layernorm', parallel_block=True, qk_norm=True, tie_embeddings=True),
-                dict(position='learned', attention_scale='inv_d'),
+                dict(position='learned', attention_scale='inv_d', dtype='bfloat16'),
                 dict(position='sinusoidal', attention_scale='inv_cbrt_d', dropout_rate=0.1)])
 
 

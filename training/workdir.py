@@ -3,7 +3,6 @@
 config.json is written when a run starts and never rewritten; a later run in the same
 workdir must describe the same model, tokenizer and data, or it is refused.
 """
-import dataclasses
 import json
 import os
 
@@ -65,7 +64,3 @@ def record_config(workdir: str, resolved: dict):
   with open(path + '.partial', 'w') as f:
     json.dump(resolved, f, indent=2)
   os.replace(path + '.partial', path)
-
-
-def as_dict(dataclass_instance) -> dict:
-  return dataclasses.asdict(dataclass_instance)
