@@ -37,6 +37,8 @@ flags.DEFINE_string('data', None, 'A text file, directory or glob; default: the 
                     'standard library of this interpreter.')
 flags.DEFINE_float('val_fraction', 0.05, 'Share of files (or of a single file) held out.')
 flags.DEFINE_string('tokenizer', 'bytes', 'Tokenizer: bytes.')
+flags.DEFINE_bool('document_masking', True, 'Keep packed documents from attending to each '
+                  'other (segment ids at end-of-text tokens).')
 flags.DEFINE_integer('eval_every', 100, 'Evaluate every N steps.')
 flags.DEFINE_integer('eval_batches', 16, 'Validation batches per evaluation.')
 flags.DEFINE_integer('save_every', 100, 'Checkpoint every N steps.')
@@ -66,7 +68,8 @@ def _train_config():
   return TrainConfig(
       workdir=_workdir(), steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
       grad_accum=FLAGS.grad_accum, seed=FLAGS.seed, data=FLAGS.data,
-      val_fraction=FLAGS.val_fraction, tokenizer=FLAGS.tokenizer, eval_every=FLAGS.eval_every,
+      val_fraction=FLAGS.val_fraction, tokenizer=FLAGS.tokenizer,
+      document_masking=FLAGS.document_masking, eval_every=FLAGS.eval_every,
       eval_batches=FLAGS.eval_batches, save_every=FLAGS.save_every,
       keep_checkpoints=FLAGS.keep_checkpoints, log_every=FLAGS.log_every)
 
@@ -138,7 +141,7 @@ def evaluate():
   from data import batches as batches_lib
   from data import corpus as corpus_lib
   from data import token_cache
-  from training.loop import TrainConfig, evaluate as evaluate_tokens
+  from training.loop import TrainConfig, end_token, evaluate as evaluate_tokens
   from training.steps import make_eval_step
   workdir = _workdir()
   graphdef, params, tokenizer, resolved, step = _restore(workdir)
@@ -157,7 +160,8 @@ def evaluate():
   loss = evaluate_tokens(make_eval_step(graphdef), params, tokens,
                          batch_size=run.batch_size // run.grad_accum, seq_len=run.seq_len,
                          max_batches=(FLAGS.eval_batches if FLAGS['eval_batches'].present
-                                      else run.eval_batches))
+                                      else run.eval_batches),
+                         end_token=end_token(run, tokenizer))
   print(f'checkpoint {step}: loss {loss:.4f}, perplexity {math.exp(min(loss, 700)):.2f} '
         f'on {"--data" if FLAGS.data else "the validation split"}')
 

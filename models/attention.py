@@ -41,8 +41,10 @@ class SelfAttention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x_btd, rotate, *, cache=None, cache_index=None):
+  def __call__(self, x_btd, rotate, *, segment_ids_bt=None, cache=None, cache_index=None):
     """Causal self-attention; `rotate(x_bthd)` applies the position encoding to q and k.
+
+    With segment_ids_bt (packed documents), a token sees only earlier tokens of its segment.
 
     Without a cache, attends within x. With a cache (from `empty_kv_cache`), writes this
     call's keys/values at cache_index and attends over the whole cache; the causal mask
@@ -66,6 +68,7 @@ class SelfAttention(nnx.Module):
                                                  start)}
       k_bthd, v_bthd, q_offset = cache['k'], cache['v'], cache_index
 
+    segment_ids = None if segment_ids_bt is None else (segment_ids_bt, segment_ids_bt)
     y_bthd = kernels.attention(q_bthd, k_bthd, v_bthd, causal=True, scale=self.scale,
-                               q_offset=q_offset, impl=self.impl)
+                               segment_ids=segment_ids, q_offset=q_offset, impl=self.impl)
     return self.o_proj(y_bthd.reshape(b, t, self.n_heads * self.head_dim)), cache

@@ -38,15 +38,21 @@ class DecoderLM(nnx.Module):
                           rngs=rngs))
     self.dropout = nnx.Dropout(config.dropout_rate)
 
-  def __call__(self, tokens_bt, *, dropout_key=None):
-    """Logits [B, T, V] of the next token at every position; dropout only given a key."""
+  def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, dropout_key=None):
+    """Logits [B, T, V] of the next token at every position.
+
+    positions_bt defaults to 0..T-1; with packed documents, pass each token's position in
+    its document and the documents' segment_ids_bt so attention stops at their boundaries.
+    Dropout is applied only when a dropout_key is given.
+    """
     t = tokens_bt.shape[1]
     if self.config.position == 'learned' and t > self.config.max_seq_len:
       raise ConfigError(f'sequence length {t} exceeds the learned position table '
                         f'(max_seq_len={self.config.max_seq_len})')
-    positions_bt = jnp.broadcast_to(jnp.arange(t), tokens_bt.shape)
-    logits, _ = self._forward(tokens_bt, positions_bt, caches=None, cache_index=None,
-                              dropout_key=dropout_key)
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t), tokens_bt.shape)
+    logits, _ = self._forward(tokens_bt, positions_bt, segment_ids_bt=segment_ids_bt,
+                              caches=None, cache_index=None, dropout_key=dropout_key)
     return logits
 
   def init_cache(self, batch: int, length: int):
@@ -61,10 +67,11 @@ class DecoderLM(nnx.Module):
     """Runs tokens_bt at positions cache_index.. against the cache; returns (logits, caches)."""
     t = tokens_bt.shape[1]
     positions_bt = jnp.broadcast_to(cache_index + jnp.arange(t), tokens_bt.shape)
-    return self._forward(tokens_bt, positions_bt, caches=caches, cache_index=cache_index,
-                         dropout_key=None)
+    return self._forward(tokens_bt, positions_bt, segment_ids_bt=None, caches=caches,
+                         cache_index=cache_index, dropout_key=None)
 
-  def _forward(self, tokens_bt, positions_bt, *, caches, cache_index, dropout_key):
+  def _forward(self, tokens_bt, positions_bt, *, segment_ids_bt, caches, cache_index,
+               dropout_key):
     n_layers = self.config.n_layers
     keys = (jax.random.split(dropout_key, n_layers + 1) if dropout_key is not None
             else [None] * (n_layers + 1))
@@ -74,10 +81,12 @@ class DecoderLM(nnx.Module):
     new_caches = []
     for i, block in enumerate(self.blocks):
       if caches is None and self.config.remat:
-        x_btd = nnx.remat(lambda blk, x, key: blk(x, rotate, dropout_key=key)[0])(
-            block, x_btd, keys[i])
+        x_btd = nnx.remat(lambda blk, x, segments, key: blk(
+            x, rotate, segment_ids_bt=segments, dropout_key=key)[0])(
+                block, x_btd, segment_ids_bt, keys[i])
       else:
-        x_btd, cache = block(x_btd, rotate, cache=None if caches is None else caches[i],
+        x_btd, cache = block(x_btd, rotate, segment_ids_bt=segment_ids_bt,
+                             cache=None if caches is None else caches[i],
                              cache_index=cache_index, dropout_key=keys[i])
         new_caches.append(cache)
     x_btd = self.final_norm(x_btd)

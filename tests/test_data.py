@@ -105,10 +105,12 @@ def test_token_cache_holds_each_document_then_end_of_text(tmp_path, rng, capsys)
 def test_train_batch_is_a_pure_function_of_seed_and_step(rng):
   tokens = rng.integers(0, 1000, 5000).astype(np.uint16)
   seed, step = int(rng.integers(1 << 30)), int(rng.integers(1 << 20))
-  x1, y1 = batches.train_batch(tokens, seed=seed, step=step, batch_size=4, seq_len=32)
-  x2, y2 = batches.train_batch(tokens, seed=seed, step=step, batch_size=4, seq_len=32)
-  x3, _ = batches.train_batch(tokens, seed=seed, step=step + 1, batch_size=4, seq_len=32)
-  assert np.array_equal(x1, x2) and np.array_equal(y1, y2) and not np.array_equal(x1, x3)
+  first, again, later = (batches.train_batch(tokens, seed=seed, step=s, batch_size=4, seq_len=32,
+                                             end_token=7) for s in (step, step, step + 1))
+  assert first.keys() == again.keys() == {'inputs', 'targets', 'segment_ids', 'positions'}
+  assert all(np.array_equal(first[k], again[k]) for k in first)
+  assert not np.array_equal(first['inputs'], later['inputs'])
+  x1, y1 = first['inputs'], first['targets']
   assert x1.shape == (4, 32) and x1.dtype == np.int32
   assert np.array_equal(x1[:, 1:], y1[:, :-1])
   text = tokens.tobytes()
@@ -119,7 +121,8 @@ def test_train_batch_is_a_pure_function_of_seed_and_step(rng):
 def test_eval_batches_are_disjoint_windows(rng):
   tokens = np.arange(int(rng.integers(500, 2000)), dtype=np.uint16)
   seen = []
-  for x, y in batches.eval_batches(tokens, batch_size=3, seq_len=16, max_batches=5):
+  for batch in batches.eval_batches(tokens, batch_size=3, seq_len=16, max_batches=5):
+    x, y = batch['inputs'], batch['targets']
     assert np.array_equal(x + 1, y)
     seen += [row[0] for row in x]
   assert len(seen) == 15 and np.all(np.diff(seen) >= 16) and seen[-1] + 17 <= len(tokens)
@@ -128,3 +131,16 @@ def test_eval_batches_are_disjoint_windows(rng):
 def test_too_short_split_is_an_error():
   with pytest.raises(DataError, match='fewer than seq_len'):
     batches.check_length(np.zeros(10), 10, 'validation')
+
+
+def test_document_segments_restart_after_each_end_token(rng):
+  end = 0
+  inputs = rng.integers(0, 4, (3, 20)).astype(np.int32)  # About a quarter are end tokens.
+  segment_ids, positions = batches.document_segments(inputs, end)
+  for row, segments, pos in zip(inputs, segment_ids, positions):
+    segment, position = 0, 0
+    for i, token in enumerate(row):
+      assert segments[i] == segment and pos[i] == position
+      position += 1
+      if token == end:
+        segment, position = segment + 1, 0

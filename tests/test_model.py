@@ -88,6 +88,21 @@ def test_cached_decoding_equals_full_forward(fields, rng):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('position', ['rope', 'learned'])
+def test_packed_documents_do_not_see_each_other(position, rng):
+  """Each document of a packed row gets the logits it gets alone (its positions from 0)."""
+  config = small_config(position=position)
+  model = build(config, rng)
+  lengths = rng.integers(1, 8, 3)
+  documents = [random_tokens(rng, config, (1, int(n))) for n in lengths]
+  packed = jnp.concatenate(documents, axis=1)
+  segment_ids = jnp.concatenate([jnp.full((1, int(n)), i) for i, n in enumerate(lengths)], 1)
+  positions = jnp.concatenate([jnp.arange(int(n))[None] for n in lengths], 1)
+  logits = model(packed, positions_bt=positions, segment_ids_bt=segment_ids)
+  alone = jnp.concatenate([model(doc) for doc in documents], axis=1)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(alone), rtol=1e-5, atol=1e-5)
+
+
 def test_remat_gives_equal_gradients(rng):
   config = small_config(dropout_rate=0.1)
   graphdef, params = nnx.split(build(config, rng))
@@ -126,8 +141,8 @@ def test_trains_with_falling_loss(fields, rng):
   tokens = random_tokens(rng, config, (1, 4, 17))
   losses = []
   for i in range(20):
-    params, opt_state, metrics = step(params, opt_state, tokens[..., :-1], tokens[..., 1:],
-                                      jnp.int32(i))
+    batch = {'inputs': tokens[..., :-1], 'targets': tokens[..., 1:]}
+    params, opt_state, metrics = step(params, opt_state, batch, jnp.int32(i))
     losses.append(float(metrics['loss']))
   assert all(map(math.isfinite, losses))
   print(f'{fields}: {losses[0]:.3f} -> {losses[-1]:.3f}')
@@ -141,10 +156,10 @@ def test_gradient_accumulation_matches_one_big_batch(rng):
   step = steps_lib.make_train_step(graphdef, optimizer, lambda s: 1.0, seed=0, use_dropout=False)
   tokens = random_tokens(rng, config, (4, 9))
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
-  one, _, m1 = step(copy(params), optimizer.init(params), tokens[None, :, :-1],
-                    tokens[None, :, 1:], jnp.int32(0))
-  four, _, m4 = step(copy(params), optimizer.init(params), tokens[:, None, :-1],
-                     tokens[:, None, 1:], jnp.int32(0))
+  one_batch = {'inputs': tokens[None, :, :-1], 'targets': tokens[None, :, 1:]}
+  four_batches = {'inputs': tokens[:, None, :-1], 'targets': tokens[:, None, 1:]}
+  one, _, m1 = step(copy(params), optimizer.init(params), one_batch, jnp.int32(0))
+  four, _, m4 = step(copy(params), optimizer.init(params), four_batches, jnp.int32(0))
   np.testing.assert_allclose(float(m1['loss']), float(m4['loss']), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ from flax import nnx
 from data import batches as batches_lib
 from data import corpus as corpus_lib
 from data import token_cache
-from data.tokenizer import load_tokenizer
+from data.tokenizer import END_OF_TEXT, load_tokenizer
 from models.config import ConfigError, ModelConfig
 from models.decoder import DecoderLM
 from training import steps as steps_lib
@@ -52,6 +52,7 @@ class TrainConfig:
   data: str | None = None      # None: the Python standard library of this interpreter.
   val_fraction: float = 0.05
   tokenizer: str = 'bytes'
+  document_masking: bool = True  # Packed documents do not attend across their boundaries.
   eval_every: int = 200
   eval_batches: int = 16
   save_every: int = 200
@@ -87,11 +88,17 @@ def check_fits(model_config: ModelConfig, tokenizer, seq_len: int):
                       f'--set max_seq_len={seq_len}')
 
 
-def evaluate(eval_step, params, tokens, *, batch_size: int, seq_len: int, max_batches: int):
+def end_token(train_config: TrainConfig, tokenizer):
+  """The id that separates documents when they are masked from each other, else None."""
+  return tokenizer.encode_single_token(END_OF_TEXT) if train_config.document_masking else None
+
+
+def evaluate(eval_step, params, tokens, *, batch_size: int, seq_len: int, max_batches: int,
+             end_token):
   """Mean cross-entropy over evenly spaced windows of `tokens`."""
-  losses = [eval_step(params, jnp.asarray(x), jnp.asarray(y))
-            for x, y in batches_lib.eval_batches(tokens, batch_size=batch_size, seq_len=seq_len,
-                                                 max_batches=max_batches)]
+  losses = [eval_step(params, jax.tree.map(jnp.asarray, batch))
+            for batch in batches_lib.eval_batches(tokens, batch_size=batch_size, seq_len=seq_len,
+                                                  max_batches=max_batches, end_token=end_token)]
   return float(np.mean(jax.device_get(losses)))
 
 
@@ -144,8 +151,10 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
       use_dropout=model_config.dropout_rate > 0)
   eval_step = steps_lib.make_eval_step(graphdef)
   metrics_log = MetricsLog(workdir)
+  separator = end_token(train_config, tokenizer)
   eval_kwargs = dict(batch_size=train_config.batch_size // train_config.grad_accum,
-                     seq_len=train_config.seq_len, max_batches=train_config.eval_batches)
+                     seq_len=train_config.seq_len, max_batches=train_config.eval_batches,
+                     end_token=separator)
 
   def run_eval(step):
     loss = evaluate(eval_step, params, data['val'], **eval_kwargs)
@@ -170,12 +179,13 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
   try:
     with _stop_requests() as stop:
       for step in range(start_step, train_config.steps):
-        inputs, targets = batches_lib.train_batch(
+        batch = batches_lib.train_batch(
             data['train'], seed=train_config.seed, step=step,
-            batch_size=train_config.batch_size, seq_len=train_config.seq_len)
+            batch_size=train_config.batch_size, seq_len=train_config.seq_len,
+            end_token=separator)
         params, opt_state, metrics = train_step(
-            params, opt_state, jnp.asarray(inputs).reshape(micro_shape),
-            jnp.asarray(targets).reshape(micro_shape), jnp.int32(step))
+            params, opt_state, {k: jnp.asarray(v).reshape(micro_shape) for k, v in batch.items()},
+            jnp.int32(step))
         done, interval_steps = step + 1, interval_steps + 1
         is_last = done == train_config.steps
         stopping = bool(stop)  # A signal arriving later is handled after the next step.

@@ -18,32 +18,38 @@ def cross_entropy(logits_btv, targets_bt):
       logits_btv.astype(jnp.float32), targets_bt).mean()
 
 
-def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout: bool):
-  """step(params, opt_state, inputs_abt, targets_abt, step) -> (params, opt_state, metrics).
+def batch_loss(graphdef, params, batch, dropout_key=None):
+  """Mean next-token loss of a batch dict: 'inputs' and 'targets' [B, T], and for packed
+  documents 'positions' and 'segment_ids' [B, T]."""
+  model = nnx.merge(graphdef, params)
+  logits = model(batch['inputs'], positions_bt=batch.get('positions'),
+                 segment_ids_bt=batch.get('segment_ids'), dropout_key=dropout_key)
+  return cross_entropy(logits, batch['targets'])
 
-  The batch arrives as A micro-batches [A, B, T]; their gradients are averaged before
-  one optimizer update (gradient accumulation). Dropout keys derive from (seed, step).
+
+def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout: bool):
+  """step(params, opt_state, batch, step) -> (params, opt_state, metrics).
+
+  Every array of the batch dict arrives as A micro-batches [A, B, T]; their gradients are
+  averaged before one optimizer update (gradient accumulation). Dropout keys derive from
+  (seed, step).
   """
   base_key = jax.random.key(seed)
 
-  def loss_fn(params, inputs_bt, targets_bt, dropout_key):
-    model = nnx.merge(graphdef, params)
-    return cross_entropy(model(inputs_bt, dropout_key=dropout_key), targets_bt)
-
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(params, opt_state, inputs_abt, targets_abt, step):
+  def train_step(params, opt_state, batch, step):
     step_key = jax.random.fold_in(base_key, step)
 
     def accumulate(grad_sum, micro):
-      index, inputs_bt, targets_bt = micro
+      index, micro_batch = micro
       key = jax.random.fold_in(step_key, index) if use_dropout else None
-      loss, grads = jax.value_and_grad(loss_fn)(params, inputs_bt, targets_bt, key)
+      loss, grads = jax.value_and_grad(
+          lambda p: batch_loss(graphdef, p, micro_batch, key))(params)
       return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-    n_micro = inputs_abt.shape[0]
+    n_micro = batch['inputs'].shape[0]
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grad_sum, losses = jax.lax.scan(accumulate, zeros,
-                                    (jnp.arange(n_micro), inputs_abt, targets_abt))
+    grad_sum, losses = jax.lax.scan(accumulate, zeros, (jnp.arange(n_micro), batch))
     grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -55,10 +61,5 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
 
 
 def make_eval_step(graphdef):
-  """eval_step(params, inputs_bt, targets_bt) -> mean loss of the batch."""
-
-  @jax.jit
-  def eval_step(params, inputs_bt, targets_bt):
-    return cross_entropy(nnx.merge(graphdef, params)(inputs_bt), targets_bt)
-
-  return eval_step
+  """eval_step(params, batch) -> mean loss of the batch."""
+  return jax.jit(functools.partial(batch_loss, graphdef))
