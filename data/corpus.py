@@ -90,15 +90,60 @@ def split_corpus(data: str | None, val_fraction: float):
           'val': sorted(docs[:n_val], key=lambda d: d.relpath)}
 
 
-def read_text(doc: Document) -> tuple[str, bool]:
-  """The document's text and whether it had bytes that are not UTF-8 (replaced by U+FFFD)."""
+def _safe_cut(buffer: bytes) -> int:
+  """The end of the last line in `buffer` after which splitting cannot change tokenisation.
+
+  That is just past a newline that has a non-space byte on both sides: every
+  pre-tokenisation pattern in use ends a piece at such a newline either way. -1 if none.
+  """
+  at = len(buffer) - 1
+  while True:
+    at = buffer.rfind(b'\n', 1, at)
+    if at == -1:
+      return -1
+    if not buffer[at - 1:at].isspace() and not buffer[at + 1:at + 2].isspace():
+      return at + 1
+    at -= 1
+
+
+def text_chunks(doc: Document, chunk_bytes: int = 1 << 22):
+  """Yields (text, had bytes that are not UTF-8) pieces of about chunk_bytes of a document.
+
+  Memory stays bounded by a few chunks however large the file. Bytes that are not UTF-8
+  become U+FFFD.
+  """
+  end = os.path.getsize(doc.path) if doc.end is None else doc.end
+  buffer = b''
   with open(doc.path, 'rb') as f:
     f.seek(doc.start)
-    raw = f.read() if doc.end is None else f.read(doc.end - doc.start)
-  try:
-    return raw.decode('utf-8'), False
-  except UnicodeDecodeError:
-    return raw.decode('utf-8', errors='replace'), True
+    position = doc.start
+    while position < end or buffer:
+      block = f.read(min(chunk_bytes, end - position)) if position < end else b''
+      position += len(block)
+      buffer += block
+      at_end = position >= end
+      if not at_end and len(buffer) < chunk_bytes:
+        continue
+      cut = len(buffer) if at_end else _safe_cut(buffer)
+      if cut <= 0:
+        if len(buffer) < 4 * chunk_bytes:
+          continue  # A very long line: read on until it ends.
+        # No safe place at all: split anyway, before the last character begins.
+        cut = len(buffer) - 1
+        while cut > 0 and buffer[cut] & 0xC0 == 0x80:
+          cut -= 1
+        cut = cut or len(buffer)  # Nothing but continuation bytes: not text anyway.
+      piece, buffer = buffer[:cut], buffer[cut:]
+      try:
+        yield piece.decode('utf-8'), False
+      except UnicodeDecodeError:
+        yield piece.decode('utf-8', errors='replace'), True
+
+
+def read_text(doc: Document) -> tuple[str, bool]:
+  """The document's whole text and whether it had bytes that are not UTF-8."""
+  pieces = list(text_chunks(doc))
+  return ''.join(text for text, _ in pieces), any(bad for _, bad in pieces)
 
 
 def fingerprint(splits, extra: str) -> str:

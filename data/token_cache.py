@@ -8,6 +8,7 @@ import os
 import sys
 
 import numpy as np
+import tqdm
 
 from data import corpus
 from data.tokenizer import END_OF_TEXT
@@ -17,21 +18,57 @@ def token_dtype(n_vocab: int):
   return np.uint16 if n_vocab <= 2**16 else np.uint32
 
 
-def _write_split(docs, tokenizer, path: str, dtype) -> tuple[int, int]:
-  """Streams documents into `path` one at a time; returns (tokens, files with bad UTF-8)."""
+def _encode_many(tokenizer, texts):
+  """Encodes texts on every core where the tokenizer can (tiktoken releases the GIL)."""
+  if hasattr(tokenizer, 'encode_ordinary_batch'):
+    return tokenizer.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+  return [tokenizer.encode_ordinary(t) for t in texts]
+
+
+def _flag_last(items):
+  """Yields (item, whether it is the last one), reading one item ahead."""
+  iterator = iter(items)
+  previous = next(iterator, None)
+  for item in iterator:
+    yield previous, False
+    previous = item
+  if previous is not None:
+    yield previous, True
+
+
+def _write_split(docs, tokenizer, path: str, dtype, *, batch_bytes=1 << 23):
+  """Streams documents into `path` a few MB at a time; returns (tokens, files with bad UTF-8)."""
   eot = tokenizer.encode_single_token(END_OF_TEXT)
-  n_tokens = n_replaced = 0
+  n_tokens = 0
+  bad_files = set()
   partial = path + '.partial'
-  with open(partial, 'wb') as out:
-    for doc in docs:
-      text, replaced = corpus.read_text(doc)
-      n_replaced += replaced
-      ids = tokenizer.encode_ordinary(text)
-      ids.append(eot)
+  total = sum((os.path.getsize(d.path) if d.end is None else d.end) - d.start for d in docs)
+  pending, pending_bytes = [], 0  # (text, ends a document)
+
+  def flush(out):
+    nonlocal n_tokens, pending, pending_bytes
+    for ids, (_, ends_document) in zip(_encode_many(tokenizer, [t for t, _ in pending]),
+                                       pending):
+      if ends_document:
+        ids.append(eot)
       np.asarray(ids, dtype).tofile(out)
       n_tokens += len(ids)
+    pending, pending_bytes = [], 0
+
+  with open(partial, 'wb') as out, tqdm.tqdm(total=total, unit='B', unit_scale=True,
+                                             desc=os.path.basename(path), disable=None) as bar:
+    for doc in docs:
+      for (text, replaced), is_last in _flag_last(corpus.text_chunks(doc)):
+        if replaced:
+          bad_files.add(doc.path)
+        pending.append((text, is_last))
+        pending_bytes += len(text)
+        bar.update(len(text.encode('utf-8', errors='replace')))
+        if pending_bytes >= batch_bytes:
+          flush(out)
+    flush(out)
   os.replace(partial, path)
-  return n_tokens, n_replaced
+  return n_tokens, len(bad_files)
 
 
 def load_splits(splits, tokenizer, cache_root: str, *, log=print):

@@ -144,3 +144,22 @@ def test_document_segments_restart_after_each_end_token(rng):
       position += 1
       if token == end:
         segment, position = segment + 1, 0
+
+
+def test_chunked_tokenisation_equals_whole_file_encoding(tmp_path, rng):
+  """Tokenising in small chunks gives what encoding each whole document gives."""
+  words = ['def', 'x', '  ', '\n', '\n\n', ' ', 'é', '中文', '🙂', '\t', '1234', 'λ']
+  contents = {f'f{i}.txt': ''.join(rng.choice(words, int(rng.integers(100, 2000))))
+              for i in range(4)}
+  write_files(tmp_path / 'corpus', contents)
+  docs = corpus.split_corpus(str(tmp_path / 'corpus'), 0.3)['train']
+  tokenizer = byte_tokenizer()
+  path = str(tmp_path / 'train.bin')
+  token_cache._write_split(docs, tokenizer, path, np.uint16, batch_bytes=37)
+  for doc in docs:
+    pieces = list(corpus.text_chunks(doc, chunk_bytes=int(rng.integers(8, 64))))
+    assert ''.join(text for text, _ in pieces) == contents[doc.relpath]
+  expected = []
+  for doc in docs:
+    expected += tokenizer.encode_ordinary(contents[doc.relpath]) + [256]
+  assert np.fromfile(path, np.uint16).tolist() == expected
