@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags, logging
 
-MODES = ('train', 'eval', 'generate')
+MODES = ('train', 'eval', 'generate', 'tokenizer')
 
 flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
 flags.DEFINE_string('model', 'tiny', 'Model preset (models/config.py PRESETS).')
@@ -36,7 +36,12 @@ flags.DEFINE_integer('seed', 0, 'Seed of initialisation, batches and dropout.')
 flags.DEFINE_string('data', None, 'A text file, directory or glob; default: the Python '
                     'standard library of this interpreter.')
 flags.DEFINE_float('val_fraction', 0.05, 'Share of files (or of a single file) held out.')
-flags.DEFINE_string('tokenizer', 'bytes', 'Tokenizer: bytes.')
+flags.DEFINE_string('tokenizer', 'bytes', 'bytes | bpe:<size>[:gpt2|:cl100k][:digits] | '
+                    'wordpiece:<size> | a .tiktoken, tokenizer.json or vocab.txt file '
+                    '(data/tokenizer.py).')
+flags.DEFINE_string('tokenizer_pattern', None, 'Pre-tokenisation (gpt2, cl100k or a regex) '
+                    'of a .tiktoken file that has no .json beside it.')
+flags.DEFINE_string('tokenizer_out', None, '--mode=tokenizer: where to write the vocabulary.')
 flags.DEFINE_bool('document_masking', True, 'Keep packed documents from attending to each '
                   'other (segment ids at end-of-text tokens).')
 flags.DEFINE_integer('eval_every', 100, 'Evaluate every N steps.')
@@ -69,7 +74,7 @@ def _train_config():
       workdir=_workdir(), steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
       grad_accum=FLAGS.grad_accum, seed=FLAGS.seed, data=FLAGS.data,
       val_fraction=FLAGS.val_fraction, tokenizer=FLAGS.tokenizer,
-      document_masking=FLAGS.document_masking, eval_every=FLAGS.eval_every,
+      tokenizer_pattern=FLAGS.tokenizer_pattern, document_masking=FLAGS.document_masking, eval_every=FLAGS.eval_every,
       eval_batches=FLAGS.eval_batches, save_every=FLAGS.save_every,
       keep_checkpoints=FLAGS.keep_checkpoints, log_every=FLAGS.log_every)
 
@@ -84,9 +89,9 @@ def _sampling_config():
 def _sample(graphdef, params, tokenizer):
   import jax
   import jax.numpy as jnp
-  from data.tokenizer import END_OF_TEXT
+  from data.tokenizer import separator_id
   from models.generation import make_generate
-  eot = tokenizer.encode_single_token(END_OF_TEXT)
+  eot = separator_id(tokenizer)
   prompt = tokenizer.encode_ordinary(FLAGS.prompt) or [eot]
   generate = make_generate(graphdef, _sampling_config(), end_token=eot, n_valid=tokenizer.n_vocab)
   new_tokens = jax.device_get(generate(params, jnp.asarray([prompt], jnp.int32),
@@ -97,15 +102,17 @@ def _sample(graphdef, params, tokenizer):
 
 
 def _restore(workdir):
-  """(graphdef, params, tokenizer, resolved config) of a workdir's latest checkpoint."""
+  """(graphdef, params, tokenizer, TrainConfig, step) of a workdir's latest checkpoint."""
   import jax
   from flax import nnx
-  from data.tokenizer import load_tokenizer
   from models.decoder import DecoderLM
   from training.checkpoint import CheckpointError, Checkpoints
+  from training.loop import TrainConfig, load_run_tokenizer
   from training.optimizer import OptimizerConfig, make_optimizer
   from training.workdir import read_config
   resolved = read_config(workdir)
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  run = TrainConfig(**{k: v for k, v in resolved.items() if k in fields})
   abstract = nnx.eval_shape(lambda: DecoderLM(resolved['model'], rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract)
   checkpoints = Checkpoints(workdir)
@@ -117,7 +124,7 @@ def _restore(workdir):
                     'opt_state': jax.eval_shape(optimizer.init, abstract_params)}
   params = checkpoints.restore_state(step, abstract_state)['params']
   checkpoints.close()
-  return graphdef, params, load_tokenizer(resolved['tokenizer']), resolved, step
+  return graphdef, params, load_run_tokenizer(run), run, step
 
 
 def train():
@@ -140,22 +147,17 @@ def evaluate():
   from data import DataError
   from data import batches as batches_lib
   from data import corpus as corpus_lib
-  from data import token_cache
-  from training.loop import TrainConfig, end_token, evaluate as evaluate_tokens
+  from training.loop import end_token, evaluate as evaluate_tokens, tokenize
   from training.steps import make_eval_step
-  workdir = _workdir()
-  graphdef, params, tokenizer, resolved, step = _restore(workdir)
-  fields = {f.name for f in dataclasses.fields(TrainConfig)}
-  run = TrainConfig(**{k: v for k, v in resolved.items() if k in fields})
+  graphdef, params, tokenizer, run, step = _restore(_workdir())
   if FLAGS.data:
     _, paths = corpus_lib.files_of(FLAGS.data)
     splits = {'eval': [corpus_lib.Document(p, p) for p in paths if os.path.getsize(p)]}
     if not splits['eval']:
       raise DataError(f'--data={FLAGS.data!r} has no non-empty files')
-    tokens = token_cache.load_splits(splits, tokenizer, os.path.join(workdir, 'tokens'))['eval']
+    tokens = tokenize(run, tokenizer, splits)['eval']
   else:
-    tokens = token_cache.load_splits(corpus_lib.split_corpus(run.data, run.val_fraction),
-                                     tokenizer, os.path.join(workdir, 'tokens'))['val']
+    tokens = tokenize(run, tokenizer, corpus_lib.split_corpus(run.data, run.val_fraction))['val']
   batches_lib.check_length(tokens, run.seq_len, 'evaluation')
   loss = evaluate_tokens(make_eval_step(graphdef), params, tokens,
                          batch_size=run.batch_size // run.grad_accum, seq_len=run.seq_len,
@@ -167,8 +169,28 @@ def evaluate():
 
 
 def generate():
-  graphdef, params, tokenizer, resolved, _ = _restore(_workdir())
+  graphdef, params, tokenizer, _, _ = _restore(_workdir())
   print(_sample(graphdef, params, tokenizer))
+
+
+def train_tokenizer():
+  """Trains --tokenizer (bpe:... or wordpiece:...) on the training split of --data."""
+  import time
+  from data import DataError
+  from data import corpus as corpus_lib
+  from data import tokenizer as tokenizer_lib
+  if not FLAGS.tokenizer_out:
+    raise DataError('--mode=tokenizer needs --tokenizer_out=<path> for the vocabulary')
+  if os.path.exists(FLAGS.tokenizer_out):
+    raise DataError(f'{FLAGS.tokenizer_out} already exists; pass another --tokenizer_out')
+  splits = corpus_lib.split_corpus(FLAGS.data, FLAGS.val_fraction)
+  start = time.perf_counter()
+  tokenizer_lib.train_tokenizer(
+      FLAGS.tokenizer, (text for doc in splits['train'] for text, _ in
+                        corpus_lib.text_chunks(doc)), FLAGS.tokenizer_out)
+  tokenizer = tokenizer_lib.load_tokenizer(FLAGS.tokenizer_out)
+  print(f'wrote {FLAGS.tokenizer_out}: {tokenizer.n_vocab} tokens, trained on '
+        f'{len(splits["train"])} files in {time.perf_counter() - start:.1f}s')
 
 
 def main(argv):
@@ -181,7 +203,8 @@ def main(argv):
   from training.loop import Interrupted, TrainingError
   from training.workdir import WorkdirError
   try:
-    {'train': train, 'eval': evaluate, 'generate': generate}[FLAGS.mode]()
+    {'train': train, 'eval': evaluate, 'generate': generate,
+     'tokenizer': train_tokenizer}[FLAGS.mode]()
   except (ConfigError, DataError, CheckpointError, TrainingError, WorkdirError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

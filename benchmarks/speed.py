@@ -202,9 +202,12 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   import jax
   import numpy as np
+  from data.tokenizer import byte_tokenizer
   from models import config as config_lib
+  from training.loop import resolve_vocab
   try:
     config = config_lib.with_overrides(config_lib.preset(FLAGS.model), FLAGS.set).validate()
+    config = resolve_vocab(config, byte_tokenizer())  # A preset that takes its tokenizer's.
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

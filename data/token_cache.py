@@ -11,7 +11,7 @@ import numpy as np
 import tqdm
 
 from data import corpus
-from data.tokenizer import END_OF_TEXT
+from data.tokenizer import separator_id
 
 
 def token_dtype(n_vocab: int):
@@ -38,7 +38,7 @@ def _flag_last(items):
 
 def _write_split(docs, tokenizer, path: str, dtype, *, batch_bytes=1 << 23):
   """Streams documents into `path` a few MB at a time; returns (tokens, files with bad UTF-8)."""
-  eot = tokenizer.encode_single_token(END_OF_TEXT)
+  eot = separator_id(tokenizer)
   n_tokens = 0
   bad_files = set()
   partial = path + '.partial'
@@ -71,9 +71,12 @@ def _write_split(docs, tokenizer, path: str, dtype, *, batch_bytes=1 << 23):
   return n_tokens, len(bad_files)
 
 
-def load_splits(splits, tokenizer, cache_root: str, *, log=print):
-  """{'train': tokens, 'val': tokens} as read-only memmaps, tokenising on first use."""
-  key = corpus.fingerprint(splits, extra=f'{tokenizer.name}|{tokenizer.n_vocab}')[:16]
+def load_splits(splits, tokenizer, cache_root: str, *, tokenizer_id: str, log=print):
+  """{'train': tokens, 'val': tokens} as read-only memmaps, tokenising on first use.
+
+  tokenizer_id identifies what the tokenizer encodes to (data.tokenizer.fingerprint).
+  """
+  key = corpus.fingerprint(splits, extra=f'{tokenizer_id}|{tokenizer.n_vocab}')[:16]
   folder = os.path.join(cache_root, key)
   meta_path = os.path.join(folder, 'meta.json')
   dtype = token_dtype(tokenizer.n_vocab)

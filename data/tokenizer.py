@@ -1,30 +1,114 @@
-"""Tokenizers are `tiktoken.Encoding`s built from local ranks; nothing is downloaded.
+"""Tokenizers by name: `load_tokenizer(spec)` maps a `--tokenizer` value to a tokenizer.
 
-`load_tokenizer(spec)` maps a `--tokenizer` value to an Encoding. Today: 'bytes', the
-256 single-byte ranks plus special tokens, which round-trips any UTF-8 text exactly.
-Trained BPE vocabularies and `.tiktoken` files plug in here as further specs.
+Specs:
+  bytes                         the 256 single-byte ranks plus <|endoftext|>: any UTF-8 text
+                                round-trips exactly
+  bpe:<size>[:<pattern>][:digits]
+                                byte-level BPE trained on the run's training split once and
+                                kept in the workdir (pattern gpt2 or cl100k; digits splits
+                                numbers into single digits)
+  wordpiece:<size>              a BERT WordPiece vocabulary trained the same way
+  <path>.tiktoken               a tiktoken ranks file (pattern and special tokens from the
+                                `<path>.json` beside it, or --tokenizer_pattern)
+  <path>/tokenizer.json         a Hugging Face byte-level BPE tokenizer, converted
+  <path>.txt                    a BERT vocab.txt
+Byte-level tokenizers are `tiktoken.Encoding`s; WordPiece offers the same methods
+(`encode_ordinary`, `decode`, `encode_single_token`, `n_vocab`, `name`). Nothing is
+downloaded: a missing file is an error saying what to pass.
 """
-import tiktoken
+import os
+import re
 
-from data import DataError
+from data import DataError, bpe, hf_tokenizer, wordpiece
 
 END_OF_TEXT = '<|endoftext|>'
-# GPT-2's pre-tokenisation pattern. With byte ranks only it changes nothing in the output;
-# it is here so a BPE vocabulary trained later splits text the same way.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Documents are separated by <|endoftext|>, or by BERT's [SEP] in a WordPiece vocabulary.
+SEPARATORS = (END_OF_TEXT, '[SEP]')
+TRAINED = re.compile(r'^(bpe|wordpiece):(\d+)(?::(gpt2|cl100k))?(:digits)?$')
 
 
-def byte_tokenizer() -> tiktoken.Encoding:
-  return tiktoken.Encoding(
-      name='bytes', pat_str=GPT2_PATTERN,
-      mergeable_ranks={bytes([i]): i for i in range(256)},
-      special_tokens={END_OF_TEXT: 256})
+def byte_tokenizer():
+  return bpe.build_encoding('bytes', {bytes([i]): i for i in range(256)},
+                            pattern=bpe.GPT2_PATTERN, special_tokens={END_OF_TEXT: 256},
+                            source='the byte tokenizer')
 
 
-TOKENIZERS = {'bytes': byte_tokenizer}
+def trained_path(spec: str, cache_dir: str) -> str:
+  """Where a trained spec's vocabulary lives in a workdir."""
+  kind = TRAINED.match(spec).group(1)
+  safe = spec.replace(':', '-')
+  return os.path.join(cache_dir, safe + ('.tiktoken' if kind == 'bpe' else '.txt'))
 
 
-def load_tokenizer(spec: str) -> tiktoken.Encoding:
-  if spec not in TOKENIZERS:
-    raise DataError(f'unknown tokenizer {spec!r}; choose one of {", ".join(TOKENIZERS)}')
-  return TOKENIZERS[spec]()
+def train_tokenizer(spec: str, texts, path: str):
+  """Trains the vocabulary `spec` (bpe:... or wordpiece:...) on `texts` and writes it to path."""
+  match = TRAINED.match(spec)
+  if not match:
+    raise DataError(f'--tokenizer={spec!r} is not trainable; use bpe:<size>[:gpt2|:cl100k]'
+                    '[:digits] or wordpiece:<size>')
+  kind, size, pattern_name, digits = match.groups()
+  if kind == 'wordpiece':
+    if pattern_name or digits:
+      raise DataError(f'--tokenizer={spec!r}: WordPiece takes no pattern; use wordpiece:<size>')
+    pieces = wordpiece.train_wordpiece(texts, int(size), lowercase=True)
+    wordpiece.WordPieceTokenizer(pieces, lowercase=True).save(path)
+    return
+  pattern = bpe.pretokenizer_pattern(pattern_name or 'gpt2', split_digits=bool(digits))
+  ranks = bpe.train_bpe(texts, int(size), pattern=pattern, special_tokens=[END_OF_TEXT])
+  bpe.save_tiktoken(ranks, path, pattern=pattern,
+                    special_tokens=bpe.special_token_ids(ranks, [END_OF_TEXT]))
+
+
+def source_file(spec: str, cache_dir: str | None):
+  """The file a spec reads, or None for the built-in byte tokenizer."""
+  if spec == 'bytes':
+    return None
+  if TRAINED.match(spec):
+    if cache_dir is None:
+      raise DataError(f'--tokenizer={spec!r} is trained per run; it needs a workdir')
+    return trained_path(spec, cache_dir)
+  return spec
+
+
+def load_tokenizer(spec: str, *, cache_dir: str | None = None, train_texts=None,
+                   pattern: str | None = None):
+  """The tokenizer of `spec`; a trainable spec is trained from train_texts() on first use."""
+  path = source_file(spec, cache_dir)
+  if path is None:
+    return byte_tokenizer()
+  if TRAINED.match(spec) and not os.path.exists(path):
+    if train_texts is None:
+      raise DataError(f'{path} does not exist: train the tokenizer first (run training, or '
+                      f'--mode=tokenizer)')
+    train_tokenizer(spec, train_texts(), path)
+  if not os.path.isfile(path):
+    raise DataError(f'--tokenizer={spec!r} is neither bytes, bpe:<size>, wordpiece:<size> nor '
+                    'an existing .tiktoken, tokenizer.json or vocab.txt file')
+  if path.endswith('.json'):
+    return hf_tokenizer.encoding_from_tokenizer_json(path)
+  if path.endswith('.txt'):
+    return wordpiece.WordPieceTokenizer(path, lowercase=True)
+  if pattern is not None and pattern in bpe.PATTERNS:
+    pattern = bpe.PATTERNS[pattern]
+  return bpe.load_tiktoken(path, pattern=pattern)
+
+
+def fingerprint(spec: str, cache_dir: str | None) -> str:
+  """Identifies what the tokenizer of `spec` encodes to: the spec and its file's state."""
+  path = source_file(spec, cache_dir)
+  if path is None or not os.path.exists(path):
+    return spec
+  stat = os.stat(path)
+  return f'{spec}|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}'
+
+
+def separator_id(tokenizer) -> int:
+  """The id that ends a document in a token stream."""
+  for name in SEPARATORS:
+    try:
+      return tokenizer.encode_single_token(name)
+    except (KeyError, ValueError):
+      continue
+  raise DataError(f'tokenizer {tokenizer.name!r} has none of the special tokens '
+                  f'{", ".join(SEPARATORS)} to separate documents; declare {END_OF_TEXT} in its '
+                  'special tokens')

@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  vocab_size: int = 320
+  vocab_size: int = 0       # 0: the tokenizer's size rounded up to a multiple of 64.
   d_model: int = 256
   n_layers: int = 4
   n_heads: int = 4
@@ -70,7 +70,9 @@ class ModelConfig:
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r} is not one of {", ".join(allowed)}')
-    for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'ffn_dim',
+    if self.vocab_size < 0:
+      raise ConfigError(f'vocab_size={self.vocab_size} must be positive (or 0: the tokenizer\'s)')
+    for name in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'ffn_dim',
                  'max_seq_len'):
       if getattr(self, name) <= 0:
         raise ConfigError(f'{name}={getattr(self, name)} must be positive')
@@ -101,7 +103,7 @@ def _qwen2(**fields) -> ModelConfig:
 
 PRESETS = {
     # Learns Python source byte by byte on a laptop CPU in minutes.
-    'tiny': ModelConfig(vocab_size=320, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+    'tiny': ModelConfig(vocab_size=0, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
                         ffn_dim=384, max_seq_len=1024),
     'llama2-7b': _llama(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
                         n_kv_heads=32, ffn_dim=11008, max_seq_len=4096, norm_eps=1e-5),

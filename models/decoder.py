@@ -20,6 +20,9 @@ class DecoderLM(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     config.validate()
+    if not config.vocab_size:
+      raise ConfigError('vocab_size=0 (take it from the tokenizer) must be resolved before a '
+                        'model is built; see training.loop.resolve_vocab')
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,

@@ -32,7 +32,7 @@ def test_special_token_is_never_produced_from_text():
 
 
 def test_unknown_tokenizer_is_an_error():
-  with pytest.raises(DataError, match='unknown tokenizer'):
+  with pytest.raises(DataError, match='neither bytes'):
     load_tokenizer('nope')
 
 
@@ -87,7 +87,8 @@ def test_token_cache_holds_each_document_then_end_of_text(tmp_path, rng, capsys)
   write_files(tmp_path / 'corpus', contents)
   splits = corpus.split_corpus(str(tmp_path / 'corpus'), 0.3)
   tokenizer = byte_tokenizer()
-  loaded = token_cache.load_splits(splits, tokenizer, str(tmp_path / 'cache'), log=lambda _: 0)
+  loaded = token_cache.load_splits(splits, tokenizer, str(tmp_path / 'cache'),
+                                   tokenizer_id='bytes', log=lambda _: 0)
   for name, docs in splits.items():
     expected = []
     for doc in docs:
@@ -98,7 +99,7 @@ def test_token_cache_holds_each_document_then_end_of_text(tmp_path, rng, capsys)
   assert 'not UTF-8' in capsys.readouterr().err
   # A second load reuses the cache instead of tokenising again.
   again = token_cache.load_splits(splits, tokenizer, str(tmp_path / 'cache'),
-                                  log=lambda msg: pytest.fail(msg))
+                                  tokenizer_id='bytes', log=lambda msg: pytest.fail(msg))
   assert np.array_equal(again['train'], loaded['train'])
 
 

@@ -69,6 +69,29 @@ def test_train_eval_generate(tmp_path, corpus_dir):
   assert sample.startswith('alpha')
 
 
+def test_trained_tokenizers(tmp_path, corpus_dir):
+  workdir = tmp_path / 'run'
+  out = run_main(*SMALL, f'--data={corpus_dir}', f'--workdir={workdir}', '--steps=3',
+                 '--tokenizer=bpe:300:cl100k:digits', '--prompt=alpha').stdout
+  assert 'sample:\nalpha' in out
+  assert (workdir / 'tokenizer' / 'bpe-300-cl100k-digits.tiktoken').exists()
+  with open(workdir / 'config.json') as f:
+    assert json.load(f)['model']['vocab_size'] == 320  # 300 tokens, rounded up to 64s.
+
+  vocab = tmp_path / 'out.tiktoken'
+  assert 'wrote' in run_main('--mode=tokenizer', '--tokenizer=bpe:280', f'--data={corpus_dir}',
+                             f'--tokenizer_out={vocab}').stdout
+  before = vocab.read_bytes()
+  expect_error('--mode=tokenizer', '--tokenizer=bpe:290', f'--data={corpus_dir}',
+               f'--tokenizer_out={vocab}', match='already exists')
+  assert vocab.read_bytes() == before
+  run_main(*SMALL, f'--data={corpus_dir}', f'--workdir={tmp_path / "run2"}', '--steps=2',
+           f'--tokenizer={vocab}')
+  vocab.write_text('not base64 at all\n')
+  expect_error(*SMALL, f'--data={corpus_dir}', f'--workdir={tmp_path / "run3"}', '--steps=2',
+               f'--tokenizer={vocab}', match='line 1')
+
+
 def test_resume_is_bitwise_identical(tmp_path, corpus_dir):
   common = [*SMALL, f'--data={corpus_dir}', '--log_every=1', '--save_every=3',
             '--schedule_steps=8', '--set', 'dropout_rate=0.1']

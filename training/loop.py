@@ -19,7 +19,7 @@ from flax import nnx
 from data import batches as batches_lib
 from data import corpus as corpus_lib
 from data import token_cache
-from data.tokenizer import END_OF_TEXT, load_tokenizer
+from data import tokenizer as tokenizer_lib
 from models.config import ConfigError, ModelConfig
 from models.decoder import DecoderLM
 from training import steps as steps_lib
@@ -51,7 +51,8 @@ class TrainConfig:
   seed: int = 0
   data: str | None = None      # None: the Python standard library of this interpreter.
   val_fraction: float = 0.05
-  tokenizer: str = 'bytes'
+  tokenizer: str = 'bytes'         # A data.tokenizer spec.
+  tokenizer_pattern: str | None = None  # Pre-tokenisation of a .tiktoken file without .json.
   document_masking: bool = True  # Packed documents do not attend across their boundaries.
   eval_every: int = 200
   eval_batches: int = 16
@@ -72,10 +73,33 @@ class TrainConfig:
     return self
 
 
-def load_data(train_config: TrainConfig, tokenizer, *, log=print):
-  splits = corpus_lib.split_corpus(train_config.data, train_config.val_fraction)
-  return token_cache.load_splits(splits, tokenizer,
-                                 os.path.join(train_config.workdir, 'tokens'), log=log)
+def tokenizer_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'tokenizer')
+
+
+def load_run_tokenizer(train_config: TrainConfig, splits=None):
+  """The run's tokenizer; a trainable spec is trained on the training split once."""
+  def train_texts():
+    return (text for doc in splits['train'] for text, _ in corpus_lib.text_chunks(doc))
+  return tokenizer_lib.load_tokenizer(
+      train_config.tokenizer, cache_dir=tokenizer_dir(train_config.workdir),
+      train_texts=None if splits is None else train_texts,
+      pattern=train_config.tokenizer_pattern)
+
+
+def tokenize(train_config: TrainConfig, tokenizer, splits, *, log=print):
+  """{split name: token memmap}, from the workdir's cache when it holds them."""
+  identity = tokenizer_lib.fingerprint(train_config.tokenizer,
+                                       tokenizer_dir(train_config.workdir))
+  return token_cache.load_splits(splits, tokenizer, os.path.join(train_config.workdir, 'tokens'),
+                                 tokenizer_id=identity, log=log)
+
+
+def resolve_vocab(model_config: ModelConfig, tokenizer) -> ModelConfig:
+  """vocab_size=0 means the tokenizer's, rounded up to a multiple of 64."""
+  if model_config.vocab_size:
+    return model_config
+  return dataclasses.replace(model_config, vocab_size=-(-tokenizer.n_vocab // 64) * 64)
 
 
 def check_fits(model_config: ModelConfig, tokenizer, seq_len: int):
@@ -90,7 +114,7 @@ def check_fits(model_config: ModelConfig, tokenizer, seq_len: int):
 
 def end_token(train_config: TrainConfig, tokenizer):
   """The id that separates documents when they are masked from each other, else None."""
-  return tokenizer.encode_single_token(END_OF_TEXT) if train_config.document_masking else None
+  return tokenizer_lib.separator_id(tokenizer) if train_config.document_masking else None
 
 
 def evaluate(eval_step, params, tokens, *, batch_size: int, seq_len: int, max_batches: int,
@@ -120,14 +144,16 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
   """Trains (or resumes) in train_config.workdir; returns (params, graphdef, tokenizer, summary)."""
   train_config.validate()
   model_config.validate()
-  tokenizer = load_tokenizer(train_config.tokenizer)
-  check_fits(model_config, tokenizer, train_config.seq_len)
   workdir = train_config.workdir
+  splits = corpus_lib.split_corpus(train_config.data, train_config.val_fraction)
+  tokenizer = load_run_tokenizer(train_config, splits)
+  model_config = resolve_vocab(model_config, tokenizer).validate()
+  check_fits(model_config, tokenizer, train_config.seq_len)
   resolved = {'model': model_config, **dataclasses.asdict(train_config),
               'optimizer': dataclasses.asdict(opt_config)}
   workdir_lib.record_config(workdir, resolved)
 
-  data = load_data(train_config, tokenizer, log=print_fn)
+  data = tokenize(train_config, tokenizer, splits, log=print_fn)
   batches_lib.check_length(data['train'], train_config.seq_len, 'train')
   batches_lib.check_length(data['val'], train_config.seq_len, 'validation')
 

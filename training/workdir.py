@@ -10,7 +10,7 @@ from models import config as model_config_lib
 
 CONFIG_FILE = 'config.json'
 # What a checkpoint means depends on these; the training schedule may change on resume.
-MUST_MATCH = ('model', 'tokenizer', 'data', 'val_fraction')
+MUST_MATCH = ('model', 'tokenizer', 'tokenizer_pattern', 'data', 'val_fraction')
 
 
 class WorkdirError(RuntimeError):
