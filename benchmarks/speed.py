@@ -11,7 +11,8 @@ Measures, in one run on one machine, with random token ids and random weights:
     against `model.generate(do_sample=False, use_cache=True)`; prefill is a call that makes
     one new token, decode a call that makes --decode_tokens of them (prefill included).
 Each time is the median of --repeats calls after a warm-up (compilation, and two steps
-for training).
+for training); ours and HF alternate in three rounds, so a change in the machine's speed
+during the run affects both alike.
 
 Prints a header (device, versions, preset, shapes), the FLOPs count and peak used for
 MFU, a Markdown table (tokens/s, milliseconds per step / call / new token, MFU of the
@@ -26,6 +27,7 @@ multiplied (the input embedding unless tied to the head, a learned position tabl
 norm gains are included (negligible). The peak is --peak_flops, or when that is 0 the
 measured FLOP/s of a 2048^3 float32 `jnp.matmul` on the default device.
 """
+import functools
 import os
 import statistics
 import sys
@@ -54,14 +56,28 @@ LLAMA_SHAPE = dict(norm='rmsnorm', norm_placement='pre', mlp='swiglu', position=
 
 def median_seconds(run, *, warmup: int, repeats: int) -> float:
   """Median wall time of run() (which must block until done) after `warmup` untimed calls."""
-  for _ in range(warmup):
-    run()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return interleaved_medians({'only': run}, warmup=warmup, repeats=repeats)['only']
+
+
+def interleaved_medians(runs: dict, *, warmup: int, repeats: int, rounds: int = 3) -> dict:
+  """{name: median seconds} of each run(), timed in `rounds` alternating rounds.
+
+  Alternating spreads any drift of the machine's speed over all runs alike; each round
+  starts with an untimed call, so threads one library leaves spinning do not slow the first
+  timed call of the other.
+  """
+  for run in runs.values():
+    for _ in range(warmup):
+      run()
+  times = {name: [] for name in runs}
+  for _ in range(rounds):
+    for name, run in runs.items():
+      run()
+      for _ in range(max(1, repeats // rounds)):
+        start = time.perf_counter()
+        run()
+        times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def measured_matmul_flops(n: int = 2048) -> float:
@@ -83,8 +99,8 @@ def train_flops_per_token(config, seq_len: int):
   return 6 * n_matmul + attention, n_matmul
 
 
-def time_ours(config, tokens_bt1, prompt_bt, n_new: int, repeats: int) -> dict:
-  """Seconds of: one train step, a prefill call and a decode call (see the docstring)."""
+def our_runs(config, tokens_bt1, prompt_bt, n_new: int) -> dict:
+  """Blocking callables: one train step, a prefill call and a decode call (see the docstring)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -94,33 +110,33 @@ def time_ours(config, tokens_bt1, prompt_bt, n_new: int, repeats: int) -> dict:
   from training.steps import make_train_step
 
   graphdef, params = nnx.split(DecoderLM(config, rngs=nnx.Rngs(params=0)))
-  prompt_bt, key = jnp.asarray(prompt_bt), jax.random.key(0)
-  seconds = {}
-  for name, max_new in (('prefill', 1), ('decode', n_new)):
-    generate = make_generate(graphdef, SamplingConfig(max_new_tokens=max_new, temperature=0.0),
-                             end_token=config.vocab_size, n_valid=config.vocab_size)
-    seconds[name] = median_seconds(
-        lambda: generate(params, prompt_bt, key).block_until_ready(), warmup=1, repeats=repeats)
-
   opt_config = OptimizerConfig()
   optimizer = make_optimizer(opt_config)
   train_step = make_train_step(graphdef, optimizer, schedule(opt_config), seed=0,
                                use_dropout=config.dropout_rate > 0)
-  inputs_abt = jnp.asarray(tokens_bt1[None, :, :-1])  # One micro-batch: [1, B, T].
-  targets_abt = jnp.asarray(tokens_bt1[None, :, 1:])
+  batch = {'inputs': jnp.asarray(tokens_bt1[None, :, :-1]),  # One micro-batch: [1, B, T].
+           'targets': jnp.asarray(tokens_bt1[None, :, 1:])}
+  # The train step donates params and opt_state: everything reads the latest ones here.
   state = {'params': params, 'opt_state': optimizer.init(params), 'step': 0}
 
-  def train_once():  # The step donates params and opt_state: keep only what it returns.
+  def train_once():
     state['params'], state['opt_state'], _ = jax.block_until_ready(train_step(
-        state['params'], state['opt_state'], inputs_abt, targets_abt, state['step']))
+        state['params'], state['opt_state'], batch, state['step']))
     state['step'] += 1
 
-  seconds['train'] = median_seconds(train_once, warmup=3, repeats=repeats)
-  return seconds
+  prompt_bt, key = jnp.asarray(prompt_bt), jax.random.key(0)
+  runs = {}
+  for name, max_new in (('prefill', 1), ('decode', n_new)):
+    generate = make_generate(graphdef, SamplingConfig(max_new_tokens=max_new, temperature=0.0),
+                             end_token=config.vocab_size, n_valid=config.vocab_size)
+    runs[name] = functools.partial(
+        lambda g: g(state['params'], prompt_bt, key).block_until_ready(), generate)
+  runs['train'] = train_once
+  return runs
 
 
-def time_hf(config, tokens_bt1, prompt_bt, n_new: int, repeats: int):
-  """(the same three timings, versions) for transformers' LlamaForCausalLM, float32, random init."""
+def hf_runs(config, tokens_bt1, prompt_bt, n_new: int):
+  """(the same three callables, versions) for transformers' LlamaForCausalLM, float32."""
   import torch
   import transformers
   from training.optimizer import OptimizerConfig
@@ -138,23 +154,24 @@ def time_hf(config, tokens_bt1, prompt_bt, n_new: int, repeats: int):
       pad_token_id=0)
   model = transformers.LlamaForCausalLM(hf_config).float()
   prompt_bt = torch.from_numpy(prompt_bt).long()
-  seconds = {}
-  model.eval()
-  for name, max_new in (('prefill', 1), ('decode', n_new)):
-    def generate():
-      with torch.no_grad():
-        model.generate(prompt_bt, attention_mask=torch.ones_like(prompt_bt), do_sample=False,
-                       max_new_tokens=max_new, min_new_tokens=max_new, use_cache=True)
-    seconds[name] = median_seconds(generate, warmup=1, repeats=repeats)
+  runs = {}
+
+  def generate(max_new):
+    model.eval()
+    with torch.no_grad():
+      model.generate(prompt_bt, attention_mask=torch.ones_like(prompt_bt), do_sample=False,
+                     max_new_tokens=max_new, min_new_tokens=max_new, use_cache=True)
+  runs['prefill'] = functools.partial(generate, 1)
+  runs['decode'] = functools.partial(generate, n_new)
 
   opt = OptimizerConfig()
   optimizer = torch.optim.AdamW(model.parameters(), lr=opt.learning_rate, eps=opt.eps,
                                 betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
   tokens_bt1 = torch.from_numpy(tokens_bt1).long()
   inputs_bt, targets_bt = tokens_bt1[:, :-1], tokens_bt1[:, 1:]
-  model.train()
 
   def train_once():
+    model.train()
     logits_btv = model(input_ids=inputs_bt).logits
     loss = torch.nn.functional.cross_entropy(logits_btv.flatten(0, 1), targets_bt.flatten())
     optimizer.zero_grad(set_to_none=True)
@@ -162,8 +179,8 @@ def time_hf(config, tokens_bt1, prompt_bt, n_new: int, repeats: int):
     torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_norm)
     optimizer.step()
 
-  seconds['train'] = median_seconds(train_once, warmup=3, repeats=repeats)
-  return seconds, f'torch {torch.__version__}, transformers {transformers.__version__}'
+  runs['train'] = train_once
+  return runs, f'torch {torch.__version__}, transformers {transformers.__version__}'
 
 
 def hf_unavailable(config):
@@ -216,7 +233,7 @@ def main(argv):
   tokens_bt1 = rng.integers(0, config.vocab_size, (FLAGS.batch_size, FLAGS.seq_len + 1),
                             np.int32)  # Inputs [:, :-1], targets [:, 1:].
   prompt_bt = rng.integers(0, config.vocab_size, (FLAGS.decode_batch, FLAGS.prompt_len), np.int32)
-  timing_args = (config, tokens_bt1, prompt_bt, FLAGS.decode_tokens, FLAGS.repeats)
+  run_args = (config, tokens_bt1, prompt_bt, FLAGS.decode_tokens)
   flops_per_token, n_matmul = train_flops_per_token(config, FLAGS.seq_len)
   peak = FLAGS.peak_flops or measured_matmul_flops()
   row_args = dict(tokens_per_step=FLAGS.batch_size * FLAGS.seq_len,
@@ -224,11 +241,19 @@ def main(argv):
                   n_new=FLAGS.decode_tokens, decode_batch=FLAGS.decode_batch,
                   flops_per_token=flops_per_token, peak=peak)
 
-  ours = rows_of('ours', time_ours(*timing_args), **row_args)
+  runs = {'ours': our_runs(*run_args)}
   hf_note, hf = hf_unavailable(config), {}
   if hf_note is None:
-    hf_seconds, hf_note = time_hf(*timing_args)
-    hf = rows_of('HF', hf_seconds, **row_args)
+    runs['HF'], hf_note = hf_runs(*run_args)
+  seconds = {who: {} for who in runs}
+  for kind in ('train', 'prefill', 'decode'):
+    medians = interleaved_medians({who: runs[who][kind] for who in runs},
+                                  warmup=3 if kind == 'train' else 1, repeats=FLAGS.repeats)
+    for who, median in medians.items():
+      seconds[who][kind] = median
+  ours = rows_of('ours', seconds['ours'], **row_args)
+  if 'HF' in seconds:
+    hf = rows_of('HF', seconds['HF'], **row_args)
 
   overrides = ''.join(f' --set {s}' for s in FLAGS.set)
   print(f'device {jax.devices()} | JAX {jax.__version__} | HF: {hf_note} | '

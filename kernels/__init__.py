@@ -5,9 +5,21 @@ Masks are described by arguments, never passed as tensors; see kernels/masks.py.
 """
 import math
 
-from kernels import reference
+import jax
 
-IMPLEMENTATIONS = {'xla': reference.attention}
+from kernels import chunked, reference
+
+IMPLEMENTATIONS = {'xla': reference.attention, 'chunked': chunked.attention}
+
+
+def auto_implementation() -> str:
+  """What impl='auto' runs on the default backend.
+
+  On CPU the blockwise kernel is faster than materialising the scores at every length
+  measured (1.2x at T=128, 4-7x at T=1024-2048, forward and backward). Elsewhere, until
+  the Pallas kernels land, the plain implementation.
+  """
+  return 'chunked' if jax.default_backend() == 'cpu' else 'xla'
 
 
 def attention(q, k, v, *, causal=False, sliding_window=None, segment_ids=None,
@@ -20,7 +32,7 @@ def attention(q, k, v, *, causal=False, sliding_window=None, segment_ids=None,
       alibi_slopes [Hq]: the mask description of DESIGN.md.
     scale: softmax scale, default 1/sqrt(D).
     q_offset: absolute position of query row 0 (int, scalar or [B] array).
-    impl: 'auto' or one of IMPLEMENTATIONS.
+    impl: 'auto' (see auto_implementation) or one of IMPLEMENTATIONS.
   Returns:
     [B, T, Hq, D] in q's dtype.
   """
@@ -30,7 +42,7 @@ def attention(q, k, v, *, causal=False, sliding_window=None, segment_ids=None,
   if q.shape[2] % k.shape[2]:
     raise ValueError(f'attention: {q.shape[2]} query heads are not a multiple of '
                      f'{k.shape[2]} key/value heads')
-  name = 'xla' if impl == 'auto' else impl
+  name = auto_implementation() if impl == 'auto' else impl
   if name not in IMPLEMENTATIONS:
     raise ValueError(f'attention: unknown impl {impl!r}; choose auto or one of '
                      f'{sorted(IMPLEMENTATIONS)}')

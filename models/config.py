@@ -7,12 +7,15 @@ import dataclasses
 import math
 import typing
 
+import kernels
+
 NORMS = ('rmsnorm', 'layernorm')
 NORM_PLACEMENTS = ('pre', 'post', 'sandwich', 'deepnorm')
 MLPS = ('relu', 'gelu', 'gelu_tanh', 'swiglu', 'geglu')
 POSITIONS = ('rope', 'learned', 'sinusoidal', 'none')
 ATTENTION_SCALES = ('inv_sqrt_d', 'inv_d', 'inv_cbrt_d', 'none')
 DTYPES = ('float32', 'bfloat16', 'float16')
+ATTENTION_IMPLS = ('auto', *kernels.IMPLEMENTATIONS)
 
 
 class ConfigError(ValueError):
@@ -45,7 +48,7 @@ class ModelConfig:
   qk_norm: bool = False     # RMSNorm of each head's q and k before RoPE (Qwen3).
   parallel_block: bool = False  # attention and MLP read the same normed input (GPT-J).
   attention_scale: str = 'inv_sqrt_d'
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'  # kernels.attention's impl.
 
   dtype: str = 'float32'        # compute dtype.
   param_dtype: str = 'float32'
@@ -66,7 +69,7 @@ class ModelConfig:
   def validate(self) -> 'ModelConfig':
     choices = {'norm': NORMS, 'norm_placement': NORM_PLACEMENTS, 'mlp': MLPS,
                'position': POSITIONS, 'attention_scale': ATTENTION_SCALES,
-               'dtype': DTYPES, 'param_dtype': DTYPES}
+               'dtype': DTYPES, 'param_dtype': DTYPES, 'attention_impl': ATTENTION_IMPLS}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r} is not one of {", ".join(allowed)}')

@@ -1,11 +1,13 @@
 """kernels.attention against a direct, loop-by-loop reading of DESIGN.md's mask semantics."""
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kernels
+from kernels import chunked, reference
 
 
 def naive_attention(q, k, v, *, causal, sliding_window, segment_ids, prefix_len, alibi_slopes,
@@ -53,11 +55,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(sorted(map(str, c.items()))))
-@pytest.mark.parametrize('hkv', [1, 2, 4])
-def test_matches_naive(case, hkv, rng):
+def random_problem(case, hkv, rng, *, max_t=7):
+  """Random q, k, v and mask arguments for one case, as numpy arrays."""
   b, hq, d = 2, 4, 8
-  t = int(rng.integers(1, 7))
+  t = int(rng.integers(1, max_t))
   q_offset = int(rng.integers(0, 4))
   s = t + q_offset
   q = rng.standard_normal((b, t, hq, d)).astype(np.float32)
@@ -73,12 +74,42 @@ def test_matches_naive(case, hkv, rng):
     kwargs['prefix_len'] = rng.integers(0, s + 1, (b,))
   if case.get('alibi'):
     kwargs['alibi_slopes'] = rng.uniform(0.01, 1.0, (hq,)).astype(np.float32)
+  return q, k, v, kwargs
+
+
+def as_jax(kwargs):
+  return {k: (tuple(map(jnp.asarray, v)) if k == 'segment_ids' and v is not None else v)
+          for k, v in kwargs.items()}
+
+
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(sorted(map(str, c.items()))))
+@pytest.mark.parametrize('hkv', [1, 2, 4])
+@pytest.mark.parametrize('impl', ['xla', 'chunked'])
+def test_matches_naive(case, hkv, impl, rng):
+  q, k, v, kwargs = random_problem(case, hkv, rng)
   expected = naive_attention(q, k, v, **kwargs)
-  jnp_kwargs = {k_: (tuple(map(jnp.asarray, v_)) if k_ == 'segment_ids' and v_ is not None
-                     else v_) for k_, v_ in kwargs.items()}
-  got = kernels.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl='xla',
-                          **jnp_kwargs)
+  got = kernels.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl=impl,
+                          **as_jax(kwargs))
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(sorted(map(str, c.items()))))
+def test_chunked_gradients_match_the_reference(case, rng):
+  """Blocks that do not divide T or S, several of them, and every mask kind."""
+  q, k, v, kwargs = random_problem(case, int(rng.choice([1, 2, 4])), rng, max_t=12)
+  blocks = dict(block_q=int(rng.integers(1, 5)), block_k=int(rng.integers(1, 5)))
+  cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  kwargs = as_jax(kwargs)
+
+  def grads(f):
+    return jax.grad(lambda *qkv: jnp.sum(f(*qkv) * cotangent), argnums=(0, 1, 2))(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+
+  expected = grads(lambda *qkv: reference.attention(*qkv, **kwargs))
+  got = grads(lambda *qkv: chunked.attention(*qkv, **kwargs, **blocks))
+  for name, e, g in zip('qkv', expected, got):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5,
+                               err_msg=f'd{name}')
 
 
 def test_row_without_visible_key_is_zero(rng):
@@ -86,9 +117,14 @@ def test_row_without_visible_key_is_zero(rng):
   k = jnp.asarray(rng.standard_normal((1, 3, 2, 4)), jnp.float32)
   seg_q = jnp.asarray([[0, 1, 2]])
   seg_kv = jnp.asarray([[0, 1, 1]])  # The query in segment 2 has no key.
-  out = kernels.attention(q, k, k, causal=True, segment_ids=(seg_q, seg_kv), impl='xla')
-  assert np.all(np.asarray(out[:, 2]) == 0.0)
-  assert np.all(np.isfinite(np.asarray(out)))
+  for impl in ('xla', 'chunked'):
+    attend = lambda q, k: kernels.attention(q, k, k, causal=True, segment_ids=(seg_q, seg_kv),
+                                            impl=impl)
+    out = attend(q, k)
+    assert np.all(np.asarray(out[:, 2]) == 0.0)
+    assert np.all(np.isfinite(np.asarray(out)))
+    dq, dk = jax.grad(lambda q, k: attend(q, k).sum(), argnums=(0, 1))(q, k)
+    assert np.all(np.asarray(dq[:, 2]) == 0.0) and np.all(np.isfinite(np.asarray(dk)))
 
 
 def test_default_scale_is_inverse_sqrt_head_dim(rng):
