@@ -41,8 +41,10 @@ class SelfAttention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x_btd, rotate, *, segment_ids_bt=None, cache=None, cache_index=None):
-    """Causal self-attention; `rotate(x_bthd)` applies the position encoding to q and k.
+  def __call__(self, x_btd, rotate, *, alibi_slopes=None, segment_ids_bt=None, cache=None,
+               cache_index=None):
+    """Causal self-attention; `rotate(x_bthd)` applies the position encoding to q and k, and
+    alibi_slopes [H], when given, a distance bias that the kernel computes from positions.
 
     With segment_ids_bt (packed documents), a token sees only earlier tokens of its segment.
 
@@ -70,5 +72,6 @@ class SelfAttention(nnx.Module):
 
     segment_ids = None if segment_ids_bt is None else (segment_ids_bt, segment_ids_bt)
     y_bthd = kernels.attention(q_bthd, k_bthd, v_bthd, causal=True, scale=self.scale,
-                               segment_ids=segment_ids, q_offset=q_offset, impl=self.impl)
+                               segment_ids=segment_ids, alibi_slopes=alibi_slopes,
+                               q_offset=q_offset, impl=self.impl)
     return self.o_proj(y_bthd.reshape(b, t, self.n_heads * self.head_dim)), cache

@@ -71,8 +71,8 @@ class Block(nnx.Module):
     self.mlp_sum_norm = norm_if(placement.sum_norm and not self.parallel)
     self.dropout = nnx.Dropout(config.dropout_rate)
 
-  def __call__(self, x_btd, rotate, *, segment_ids_bt=None, cache=None, cache_index=None,
-               dropout_key=None):
+  def __call__(self, x_btd, rotate, *, alibi_slopes=None, segment_ids_bt=None, cache=None,
+               cache_index=None, dropout_key=None):
     """Returns (x_btd, the attention layer's updated cache or None).
 
     Dropout is on when a dropout_key is given (training) and off otherwise.
@@ -83,7 +83,8 @@ class Block(nnx.Module):
       return self.dropout(out_norm(y_btd), deterministic=dropout_key is None, rngs=next(keys))
 
     h_btd = self.attn_in_norm(x_btd)
-    attn_btd, cache = self.attention(h_btd, rotate, segment_ids_bt=segment_ids_bt, cache=cache,
+    attn_btd, cache = self.attention(h_btd, rotate, alibi_slopes=alibi_slopes,
+                                     segment_ids_bt=segment_ids_bt, cache=cache,
                                      cache_index=cache_index)
     attn_btd = branch_output(attn_btd, self.attn_out_norm)
     if self.parallel:

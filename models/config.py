@@ -12,7 +12,7 @@ import kernels
 NORMS = ('rmsnorm', 'layernorm')
 NORM_PLACEMENTS = ('pre', 'post', 'sandwich', 'deepnorm')
 MLPS = ('relu', 'gelu', 'gelu_tanh', 'swiglu', 'geglu')
-POSITIONS = ('rope', 'learned', 'sinusoidal', 'none')
+POSITIONS = ('rope', 'learned', 'sinusoidal', 'alibi', 'none')
 ATTENTION_SCALES = ('inv_sqrt_d', 'inv_d', 'inv_cbrt_d', 'none')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_IMPLS = ('auto', *kernels.IMPLEMENTATIONS)

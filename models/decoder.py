@@ -81,14 +81,15 @@ class DecoderLM(nnx.Module):
     x_btd = self.positions.embed(self.embed(tokens_bt), positions_bt)
     x_btd = self.dropout(x_btd, deterministic=dropout_key is None, rngs=keys[n_layers])
     rotate = functools.partial(self.positions.rotate, positions_bt=positions_bt)
+    slopes = self.positions.alibi_slopes()
     new_caches = []
     for i, block in enumerate(self.blocks):
       if caches is None and self.config.remat:
         x_btd = nnx.remat(lambda blk, x, segments, key: blk(
-            x, rotate, segment_ids_bt=segments, dropout_key=key)[0])(
+            x, rotate, alibi_slopes=slopes, segment_ids_bt=segments, dropout_key=key)[0])(
                 block, x_btd, segment_ids_bt, keys[i])
       else:
-        x_btd, cache = block(x_btd, rotate, segment_ids_bt=segment_ids_bt,
+        x_btd, cache = block(x_btd, rotate, alibi_slopes=slopes, segment_ids_bt=segment_ids_bt,
                              cache=None if caches is None else caches[i],
                              cache_index=cache_index, dropout_key=keys[i])
         new_caches.append(cache)

@@ -1,8 +1,10 @@
 """Position encodings, each a pure function plus a small module.
 
-Every encoding offers the same two hooks and leaves the other as identity:
+Every encoding offers the same three hooks and leaves the others as no-ops:
   embed(x_btd, positions_bt)  adds an absolute encoding to the token embeddings;
-  rotate(x_bthd, positions_bt) rotates queries and keys (RoPE).
+  rotate(x_bthd, positions_bt) rotates queries and keys (RoPE);
+  alibi_slopes()              per-head slopes of a distance bias, which the attention
+                              kernels apply from positions (ALiBi), or None.
 `make_position_encoding(config)` picks one; a new encoding is one class and one line there.
 """
 import jax.numpy as jnp
@@ -15,6 +17,20 @@ def sinusoidal_table(positions, dim: int):
   angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq
   interleaved = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
   return interleaved.reshape(*angles.shape[:-1], dim)
+
+
+def alibi_slopes(n_heads: int):
+  """ALiBi's head slopes (Press et al. 2022), float32 [n_heads].
+
+  For a power of two n, the geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8). Otherwise
+  the sequence of the largest power of two m below n, then every other slope of the 2m
+  sequence (its odd-numbered terms) until there are n.
+  """
+  def geometric(n):
+    return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+  power = 1 << (n_heads.bit_length() - 1)
+  slopes = geometric(power) + geometric(2 * power)[0::2][:n_heads - power]
+  return jnp.asarray(slopes, jnp.float32)
 
 
 def rope_inv_freq(head_dim: int, theta: float):
@@ -42,6 +58,18 @@ class NoPositions(nnx.Module):
   def rotate(self, x_bthd, positions_bt):
     del positions_bt
     return x_bthd
+
+  def alibi_slopes(self):
+    return None
+
+
+class ALiBiPositions(NoPositions):
+
+  def __init__(self, n_heads: int):
+    self.n_heads = n_heads
+
+  def alibi_slopes(self):
+    return alibi_slopes(self.n_heads)
 
 
 class LearnedPositions(NoPositions):
@@ -82,4 +110,6 @@ def make_position_encoding(config, *, dtype, param_dtype, rngs):
     return SinusoidalPositions(config.d_model)
   if config.position == 'rope':
     return RotaryPositions(config.resolved_head_dim, config.rope_theta)
+  if config.position == 'alibi':
+    return ALiBiPositions(config.n_heads)
   return NoPositions()

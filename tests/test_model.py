@@ -15,7 +15,7 @@ from models.block import deepnorm_constants
 from models.decoder import DecoderLM, param_count
 from models.mlp import ACTIVATIONS
 from models.normalization import LayerNorm, RMSNorm
-from models.positions import apply_rope, rope_inv_freq, sinusoidal_table
+from models.positions import alibi_slopes, apply_rope, rope_inv_freq, sinusoidal_table
 from training import steps as steps_lib
 from training.optimizer import OptimizerConfig, make_optimizer, schedule
 
@@ -70,6 +70,7 @@ def test_causal_gradient_is_exactly_zero(fields, rng):
 @pytest.mark.parametrize('fields', [
     dict(), dict(n_kv_heads=1), dict(n_kv_heads=4, position='learned'),
     dict(position='sinusoidal', norm_placement='sandwich'), dict(position='none', qk_norm=True),
+    dict(position='alibi', n_kv_heads=1),
     dict(parallel_block=True, norm='layernorm', mlp='gelu', use_bias=True, qkv_bias=True)])
 def test_cached_decoding_equals_full_forward(fields, rng):
   config = small_config(**fields)
@@ -125,7 +126,8 @@ TRAINABLE = ([dict(norm_placement=p) for p in config_lib.NORM_PLACEMENTS]
              + [dict(mlp=m) for m in config_lib.MLPS]
              + [dict(norm='layernorm', parallel_block=True, qk_norm=True, tie_embeddings=True),
                 dict(position='learned', attention_scale='inv_d', dtype='bfloat16'),
-                dict(position='sinusoidal', attention_scale='inv_cbrt_d', dropout_rate=0.1)])
+                dict(position='sinusoidal', attention_scale='inv_cbrt_d', dropout_rate=0.1),
+                dict(position='alibi', remat=True)])
 
 
 @pytest.mark.parametrize('fields', TRAINABLE, ids=lambda f: ','.join(f'{k}={v}' for k, v in
@@ -258,3 +260,22 @@ def test_attention_scale_choices():
   expected = {'inv_sqrt_d': 1 / 4, 'inv_d': 1 / 16, 'inv_cbrt_d': 16 ** (-1 / 3), 'none': 1.0}
   for name, value in expected.items():
     assert math.isclose(dataclasses.replace(config, attention_scale=name).softmax_scale, value)
+
+
+def reference_alibi_slopes(n):
+  """Press et al.'s rule, step by step: slopes of the nearest power of two below n, then
+  the odd-numbered slopes of twice that many heads."""
+  def power_of_two_slopes(m):
+    start = 2 ** (-(2 ** -(math.log2(m) - 3)))
+    return [start * start ** i for i in range(m)]
+  if math.log2(n).is_integer():
+    return power_of_two_slopes(n)
+  closest = 2 ** math.floor(math.log2(n))
+  return (power_of_two_slopes(closest)
+          + power_of_two_slopes(2 * closest)[0::2][:n - closest])
+
+
+def test_alibi_slopes_for_every_head_count():
+  for n in range(1, 65):
+    np.testing.assert_allclose(np.asarray(alibi_slopes(n)), reference_alibi_slopes(n),
+                               rtol=1e-6, err_msg=str(n))
