@@ -41,6 +41,7 @@ flags.DEFINE_string('tokenizer', 'bytes', 'bytes | bpe:<size>[:gpt2|:cl100k][:di
                     '(data/tokenizer.py).')
 flags.DEFINE_string('tokenizer_pattern', None, 'Pre-tokenisation (gpt2, cl100k or a regex) '
                     'of a .tiktoken file that has no .json beside it.')
+flags.DEFINE_string('tokenizer_sha256', None, 'Expected sha256 of a .tiktoken --tokenizer file.')
 flags.DEFINE_string('tokenizer_out', None, '--mode=tokenizer: where to write the vocabulary.')
 flags.DEFINE_bool('document_masking', True, 'Keep packed documents from attending to each '
                   'other (segment ids at end-of-text tokens).')
@@ -74,7 +75,8 @@ def _train_config():
       workdir=_workdir(), steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
       grad_accum=FLAGS.grad_accum, seed=FLAGS.seed, data=FLAGS.data,
       val_fraction=FLAGS.val_fraction, tokenizer=FLAGS.tokenizer,
-      tokenizer_pattern=FLAGS.tokenizer_pattern, document_masking=FLAGS.document_masking, eval_every=FLAGS.eval_every,
+      tokenizer_pattern=FLAGS.tokenizer_pattern, tokenizer_sha256=FLAGS.tokenizer_sha256,
+      document_masking=FLAGS.document_masking, eval_every=FLAGS.eval_every,
       eval_batches=FLAGS.eval_batches, save_every=FLAGS.save_every,
       keep_checkpoints=FLAGS.keep_checkpoints, log_every=FLAGS.log_every)
 

@@ -71,8 +71,11 @@ def source_file(spec: str, cache_dir: str | None):
 
 
 def load_tokenizer(spec: str, *, cache_dir: str | None = None, train_texts=None,
-                   pattern: str | None = None):
-  """The tokenizer of `spec`; a trainable spec is trained from train_texts() on first use."""
+                   pattern: str | None = None, expected_sha256: str | None = None):
+  """The tokenizer of `spec`; a trainable spec is trained from train_texts() on first use.
+
+  expected_sha256, when given, must be the hash of a .tiktoken file's contents.
+  """
   path = source_file(spec, cache_dir)
   if path is None:
     return byte_tokenizer()
@@ -90,7 +93,7 @@ def load_tokenizer(spec: str, *, cache_dir: str | None = None, train_texts=None,
     return wordpiece.WordPieceTokenizer(path, lowercase=True)
   if pattern is not None and pattern in bpe.PATTERNS:
     pattern = bpe.PATTERNS[pattern]
-  return bpe.load_tiktoken(path, pattern=pattern)
+  return bpe.load_tiktoken(path, pattern=pattern, expected_sha256=expected_sha256)
 
 
 def fingerprint(spec: str, cache_dir: str | None) -> str:

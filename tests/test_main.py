@@ -1,4 +1,5 @@
 """main.py end to end, in subprocesses: train, resume exactly, evaluate, generate, bad input."""
+import hashlib
 import json
 import os
 import signal
@@ -86,7 +87,9 @@ def test_trained_tokenizers(tmp_path, corpus_dir):
                f'--tokenizer_out={vocab}', match='already exists')
   assert vocab.read_bytes() == before
   run_main(*SMALL, f'--data={corpus_dir}', f'--workdir={tmp_path / "run2"}', '--steps=2',
-           f'--tokenizer={vocab}')
+           f'--tokenizer={vocab}', f'--tokenizer_sha256={hashlib.sha256(before).hexdigest()}')
+  expect_error(*SMALL, f'--data={corpus_dir}', f'--workdir={tmp_path / "run4"}', '--steps=2',
+               f'--tokenizer={vocab}', f'--tokenizer_sha256={"0" * 64}', match='sha256')
   vocab.write_text('not base64 at all\n')
   expect_error(*SMALL, f'--data={corpus_dir}', f'--workdir={tmp_path / "run3"}', '--steps=2',
                f'--tokenizer={vocab}', match='line 1')

@@ -147,8 +147,8 @@ def test_trains_with_falling_loss(fields, rng):
     params, opt_state, metrics = step(params, opt_state, batch, jnp.int32(i))
     losses.append(float(metrics['loss']))
   assert all(map(math.isfinite, losses))
-  print(f'{fields}: {losses[0]:.3f} -> {losses[-1]:.3f}')
   assert losses[-1] < 0.75 * losses[0], losses
+  assert step._cache_size() == 1  # Traced once, not once per step.
 
 
 def test_gradient_accumulation_matches_one_big_batch(rng):

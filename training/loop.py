@@ -53,6 +53,7 @@ class TrainConfig:
   val_fraction: float = 0.05
   tokenizer: str = 'bytes'         # A data.tokenizer spec.
   tokenizer_pattern: str | None = None  # Pre-tokenisation of a .tiktoken file without .json.
+  tokenizer_sha256: str | None = None   # Checked against a .tiktoken file when given.
   document_masking: bool = True  # Packed documents do not attend across their boundaries.
   eval_every: int = 200
   eval_batches: int = 16
@@ -84,7 +85,7 @@ def load_run_tokenizer(train_config: TrainConfig, splits=None):
   return tokenizer_lib.load_tokenizer(
       train_config.tokenizer, cache_dir=tokenizer_dir(train_config.workdir),
       train_texts=None if splits is None else train_texts,
-      pattern=train_config.tokenizer_pattern)
+      pattern=train_config.tokenizer_pattern, expected_sha256=train_config.tokenizer_sha256)
 
 
 def tokenize(train_config: TrainConfig, tokenizer, splits, *, log=print):
