@@ -4,10 +4,13 @@ A config is plain data: it is saved as the run's config.json, compared on resume
 and overridden field by field from the command line (`--set n_layers=8`).
 """
 import dataclasses
+import json
 import math
 import typing
 
 import kernels
+from models import ConfigError
+from models.rope_scaling import rope_frequencies
 
 NORMS = ('rmsnorm', 'layernorm')
 NORM_PLACEMENTS = ('pre', 'post', 'sandwich', 'deepnorm')
@@ -16,10 +19,6 @@ POSITIONS = ('rope', 'learned', 'sinusoidal', 'alibi', 'none')
 ATTENTION_SCALES = ('inv_sqrt_d', 'inv_d', 'inv_cbrt_d', 'none')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_IMPLS = ('auto', *kernels.IMPLEMENTATIONS)
-
-
-class ConfigError(ValueError):
-  """A config that cannot describe a model; the message says which field and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +42,11 @@ class ModelConfig:
 
   position: str = 'rope'
   rope_theta: float = 10000.0
+  # Hugging Face's rope_scaling dict as JSON, e.g. '{"rope_type": "yarn", "factor": 4.0,
+  # "original_max_position_embeddings": 4096}'; empty: plain RoPE. See models/rope_scaling.py.
+  rope_scaling: str = ''
+  partial_rotary_factor: float = 1.0  # The share of each head's features that rotates.
+  rope_interleaved: bool = False      # Pairs (2i, 2i+1) as Meta's code, not rotate-half.
 
   tie_embeddings: bool = False
   qk_norm: bool = False     # RMSNorm of each head's q and k before RoPE (Qwen3).
@@ -59,6 +63,19 @@ class ModelConfig:
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def rope_scaling_dict(self):
+    """rope_scaling parsed, or None."""
+    if not self.rope_scaling:
+      return None
+    try:
+      scaling = json.loads(self.rope_scaling)
+    except ValueError as e:
+      raise ConfigError(f'rope_scaling={self.rope_scaling!r} is not JSON ({e})') from None
+    if not isinstance(scaling, dict):
+      raise ConfigError(f'rope_scaling={self.rope_scaling!r} must be a JSON object')
+    return scaling
 
   @property
   def softmax_scale(self) -> float:
@@ -85,8 +102,14 @@ class ModelConfig:
     if not self.head_dim and self.d_model % self.n_heads:
       raise ConfigError(f'd_model={self.d_model} is not divisible by n_heads={self.n_heads}; '
                         'set head_dim explicitly')
-    if self.position == 'rope' and self.resolved_head_dim % 2:
-      raise ConfigError(f'RoPE needs an even head_dim, got {self.resolved_head_dim}')
+    if self.position == 'rope':
+      if self.resolved_head_dim % 2:
+        raise ConfigError(f'RoPE needs an even head_dim, got {self.resolved_head_dim}')
+      if not 0.0 < self.partial_rotary_factor <= 1.0:
+        raise ConfigError(f'partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1]')
+      rope_frequencies(self.resolved_head_dim, self.rope_theta, self.rope_scaling_dict,
+                       partial_rotary_factor=self.partial_rotary_factor,
+                       max_position_embeddings=self.max_seq_len)  # Raises on a bad dict.
     if self.position == 'sinusoidal' and self.d_model % 2:
       raise ConfigError(f'sinusoidal positions need an even d_model, got {self.d_model}')
     if not 0.0 <= self.dropout_rate < 1.0:

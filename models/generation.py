@@ -86,7 +86,8 @@ def make_generate(graphdef, config: SamplingConfig, *, end_token: int, n_valid: 
       seen_bv = seen_bv.at[jnp.arange(b), token_b].set(True)
       logits_btv, caches = model.decode(token_b[:, None], caches, t + i - 1)
       key, sub = jax.random.split(key)
-      token_b = jnp.where(done_b, end_token, choose(logits_btv[:, 0], seen_bv, sub, config, n_valid))
+      chosen_b = choose(logits_btv[:, 0], seen_bv, sub, config, n_valid)
+      token_b = jnp.where(done_b, end_token, chosen_b)
       out_bn = out_bn.at[:, i].set(token_b)
       done_b = done_b | (token_b == end_token)
       return i + 1, token_b, caches, out_bn, seen_bv, done_b, key

@@ -10,6 +10,8 @@ Every encoding offers the same three hooks and leaves the others as no-ops:
 import jax.numpy as jnp
 from flax import nnx
 
+from models.rope_scaling import rope_frequencies
+
 
 def sinusoidal_table(positions, dim: int):
   """Vaswani et al. 2017: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same)."""
@@ -33,19 +35,29 @@ def alibi_slopes(n_heads: int):
   return jnp.asarray(slopes, jnp.float32)
 
 
-def rope_inv_freq(head_dim: int, theta: float):
-  """RoPE's inverse frequencies theta^(-2i/d), always float32 (Su et al. 2021)."""
-  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def apply_rope(x_bthd, positions_bt, inv_freq, *, attention_factor=1.0, interleaved=False):
+  """Rotates the first 2F features of each head by position * inv_freq (F frequencies).
 
-
-def apply_rope(x_bthd, positions_bt, inv_freq):
-  """Rotates pairs (x[i], x[i + d/2]) by position * inv_freq[i] (the rotate-half layout)."""
+  Pairs are (x[i], x[i + F]) in the rotate-half layout of Hugging Face, or (x[2i], x[2i+1])
+  interleaved as in Meta's original code; features past 2F pass unrotated (partial
+  rotary). cos and sin are scaled by attention_factor (YaRN's mscale).
+  """
+  n_freq = inv_freq.shape[-1]
   angles_btf = jnp.asarray(positions_bt, jnp.float32)[..., None] * inv_freq
-  cos = jnp.cos(angles_btf)[:, :, None, :]
-  sin = jnp.sin(angles_btf)[:, :, None, :]
-  x1, x2 = jnp.split(x_bthd.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x_bthd.dtype)
+  cos = (jnp.cos(angles_btf) * attention_factor)[:, :, None, :]
+  sin = (jnp.sin(angles_btf) * attention_factor)[:, :, None, :]
+  x = x_bthd.astype(jnp.float32)
+  rotary, passed = x[..., :2 * n_freq], x[..., 2 * n_freq:]
+  if interleaved:
+    x1, x2 = rotary[..., 0::2], rotary[..., 1::2]
+  else:
+    x1, x2 = rotary[..., :n_freq], rotary[..., n_freq:]
+  r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+  if interleaved:
+    rotated = jnp.stack([r1, r2], axis=-1).reshape(rotary.shape)
+  else:
+    rotated = jnp.concatenate([r1, r2], axis=-1)
+  return jnp.concatenate([rotated, passed], axis=-1).astype(x_bthd.dtype)
 
 
 class NoPositions(nnx.Module):
@@ -94,12 +106,24 @@ class SinusoidalPositions(NoPositions):
 
 
 class RotaryPositions(NoPositions):
+  """RoPE (Su et al. 2021) with any Hugging Face rope scaling; see models/rope_scaling.py."""
 
-  def __init__(self, head_dim: int, theta: float):
-    self.head_dim, self.theta = head_dim, theta
+  def __init__(self, config):
+    self.head_dim, self.theta = config.resolved_head_dim, config.rope_theta
+    self.scaling = config.rope_scaling_dict
+    self.partial_rotary_factor = config.partial_rotary_factor
+    self.max_position_embeddings = config.max_seq_len
+    self.interleaved = config.rope_interleaved
 
   def rotate(self, x_bthd, positions_bt):
-    return apply_rope(x_bthd, positions_bt, rope_inv_freq(self.head_dim, self.theta))
+    # Dynamic NTK and LongRoPE read the length in play, as Hugging Face's max position + 1.
+    inv_freq, attention_factor = rope_frequencies(
+        self.head_dim, self.theta, self.scaling,
+        partial_rotary_factor=self.partial_rotary_factor,
+        max_position_embeddings=self.max_position_embeddings,
+        seq_len=jnp.max(positions_bt) + 1)
+    return apply_rope(x_bthd, positions_bt, inv_freq, attention_factor=attention_factor,
+                      interleaved=self.interleaved)
 
 
 def make_position_encoding(config, *, dtype, param_dtype, rngs):
@@ -109,7 +133,7 @@ def make_position_encoding(config, *, dtype, param_dtype, rngs):
   if config.position == 'sinusoidal':
     return SinusoidalPositions(config.d_model)
   if config.position == 'rope':
-    return RotaryPositions(config.resolved_head_dim, config.rope_theta)
+    return RotaryPositions(config)
   if config.position == 'alibi':
     return ALiBiPositions(config.n_heads)
   return NoPositions()

@@ -15,7 +15,8 @@ from models.block import deepnorm_constants
 from models.decoder import DecoderLM, param_count
 from models.mlp import ACTIVATIONS
 from models.normalization import LayerNorm, RMSNorm
-from models.positions import alibi_slopes, apply_rope, rope_inv_freq, sinusoidal_table
+from models.positions import (alibi_slopes, apply_rope, make_position_encoding,
+                              sinusoidal_table)
 from training import steps as steps_lib
 from training.optimizer import OptimizerConfig, make_optimizer, schedule
 
@@ -71,6 +72,8 @@ def test_causal_gradient_is_exactly_zero(fields, rng):
     dict(), dict(n_kv_heads=1), dict(n_kv_heads=4, position='learned'),
     dict(position='sinusoidal', norm_placement='sandwich'), dict(position='none', qk_norm=True),
     dict(position='alibi', n_kv_heads=1),
+    dict(partial_rotary_factor=0.5, rope_interleaved=True,
+         rope_scaling='{"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8}'),
     dict(parallel_block=True, norm='layernorm', mlp='gelu', use_bias=True, qkv_bias=True)])
 def test_cached_decoding_equals_full_forward(fields, rng):
   config = small_config(**fields)
@@ -236,16 +239,46 @@ def test_sinusoidal_table_is_the_papers_formula(rng):
       np.testing.assert_allclose(table[b, t, 2 * i + 1], math.cos(angle), atol=2e-4)
 
 
-def test_rope_rotates_each_half_pair_as_a_complex_number(rng):
-  head_dim, theta = 8, float(rng.uniform(100, 1e5))
+@pytest.mark.parametrize('interleaved', [False, True])
+def test_rope_rotates_each_pair_as_a_complex_number(interleaved, rng):
+  head_dim, rotary_dim = 12, 8  # Partial rotary: the last 4 features pass unrotated.
+  theta, factor = float(rng.uniform(100, 1e5)), float(rng.uniform(0.5, 1.5))
   x = rng.standard_normal((1, 4, 2, head_dim)).astype(np.float32)
   positions = rng.integers(0, 100, (1, 4))
+  freqs = theta ** (-np.arange(rotary_dim // 2) * 2 / rotary_dim)
   got = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions),
-                              rope_inv_freq(head_dim, theta)))
-  half = head_dim // 2
-  freqs = theta ** (-np.arange(half) * 2 / head_dim)
-  z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * positions[..., None, None] * freqs)
-  np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1), rtol=1e-4, atol=1e-4)
+                              jnp.asarray(freqs, jnp.float32), attention_factor=factor,
+                              interleaved=interleaved))
+  rotary = x[..., :rotary_dim]
+  real, imag = ((rotary[..., 0::2], rotary[..., 1::2]) if interleaved
+                else (rotary[..., :rotary_dim // 2], rotary[..., rotary_dim // 2:]))
+  z = (real + 1j * imag) * np.exp(1j * positions[..., None, None] * freqs) * factor
+  expected = (np.stack([z.real, z.imag], -1).reshape(rotary.shape) if interleaved
+              else np.concatenate([z.real, z.imag], -1))
+  np.testing.assert_allclose(got[..., :rotary_dim], expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(got[..., rotary_dim:], x[..., rotary_dim:])
+
+
+def test_rope_scores_depend_only_on_relative_position(rng):
+  config = small_config(rope_scaling='{"rope_type": "yarn", "factor": 4.0, '
+                        '"original_max_position_embeddings": 32}', rope_interleaved=True)
+  rotate = make_position_encoding(config, dtype=jnp.float32, param_dtype=jnp.float32,
+                                  rngs=nnx.Rngs(0)).rotate
+  q = jnp.asarray(rng.standard_normal((1, 1, 1, 8)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((1, 1, 1, 8)), jnp.float32)
+  i, j, shift = (int(v) for v in rng.integers(0, 30, 3))
+
+  def score(p_q, p_k):
+    return float(jnp.sum(rotate(q, jnp.asarray([[p_q]])) * rotate(k, jnp.asarray([[p_k]]))))
+
+  assert math.isclose(score(i, j), score(i + shift, j + shift), rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_bad_rope_scaling_is_a_config_error():
+  with pytest.raises(config_lib.ConfigError, match='rope_scaling'):
+    small_config(rope_scaling='{"rope_type": "yarn"')
+  with pytest.raises(config_lib.ConfigError):
+    small_config(rope_scaling='{"rope_type": "no-such-type"}')
 
 
 def test_deepnorm_constants_follow_the_paper():
