@@ -162,7 +162,7 @@ def evaluate():
     tokens = tokenize(run, tokenizer, corpus_lib.split_corpus(run.data, run.val_fraction))['val']
   batches_lib.check_length(tokens, run.seq_len, 'evaluation')
   loss = evaluate_tokens(make_eval_step(graphdef), params, tokens,
-                         batch_size=run.batch_size // run.grad_accum, seq_len=run.seq_len,
+                         batch_size=run.micro_batch_size, seq_len=run.seq_len,
                          max_batches=(FLAGS.eval_batches if FLAGS['eval_batches'].present
                                       else run.eval_batches),
                          end_token=end_token(run, tokenizer))
@@ -187,9 +187,8 @@ def train_tokenizer():
     raise DataError(f'{FLAGS.tokenizer_out} already exists; pass another --tokenizer_out')
   splits = corpus_lib.split_corpus(FLAGS.data, FLAGS.val_fraction)
   start = time.perf_counter()
-  tokenizer_lib.train_tokenizer(
-      FLAGS.tokenizer, (text for doc in splits['train'] for text, _ in
-                        corpus_lib.text_chunks(doc)), FLAGS.tokenizer_out)
+  tokenizer_lib.train_tokenizer(FLAGS.tokenizer, corpus_lib.texts_of(splits['train']),
+                                FLAGS.tokenizer_out)
   tokenizer = tokenizer_lib.load_tokenizer(FLAGS.tokenizer_out)
   print(f'wrote {FLAGS.tokenizer_out}: {tokenizer.n_vocab} tokens, trained on '
         f'{len(splits["train"])} files in {time.perf_counter() - start:.1f}s')

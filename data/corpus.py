@@ -140,10 +140,9 @@ def text_chunks(doc: Document, chunk_bytes: int = 1 << 22):
         yield piece.decode('utf-8', errors='replace'), True
 
 
-def read_text(doc: Document) -> tuple[str, bool]:
-  """The document's whole text and whether it had bytes that are not UTF-8."""
-  pieces = list(text_chunks(doc))
-  return ''.join(text for text, _ in pieces), any(bad for _, bad in pieces)
+def texts_of(docs):
+  """The text of `docs`, chunk by chunk (bounded memory), for tokenizer training."""
+  return (text for doc in docs for text, _ in text_chunks(doc))
 
 
 def fingerprint(splits, extra: str) -> str:

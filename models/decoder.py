@@ -2,7 +2,6 @@
 
 Every architectural choice comes from a `ModelConfig`; see models/config.py.
 """
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +79,7 @@ class DecoderLM(nnx.Module):
             else [None] * (n_layers + 1))
     x_btd = self.positions.embed(self.embed(tokens_bt), positions_bt)
     x_btd = self.dropout(x_btd, deterministic=dropout_key is None, rngs=keys[n_layers])
-    rotate = functools.partial(self.positions.rotate, positions_bt=positions_bt)
+    rotate = self.positions.rotation(positions_bt)
     slopes = self.positions.alibi_slopes()
     new_caches = []
     for i, block in enumerate(self.blocks):

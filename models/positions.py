@@ -2,7 +2,8 @@
 
 Every encoding offers the same three hooks and leaves the others as no-ops:
   embed(x_btd, positions_bt)  adds an absolute encoding to the token embeddings;
-  rotate(x_bthd, positions_bt) rotates queries and keys (RoPE);
+  rotation(positions_bt)      a function that rotates queries and keys (RoPE), built
+                              once per forward pass and applied in every layer;
   alibi_slopes()              per-head slopes of a distance bias, which the attention
                               kernels apply from positions (ALiBi), or None.
 `make_position_encoding(config)` picks one; a new encoding is one class and one line there.
@@ -35,17 +36,21 @@ def alibi_slopes(n_heads: int):
   return jnp.asarray(slopes, jnp.float32)
 
 
-def apply_rope(x_bthd, positions_bt, inv_freq, *, attention_factor=1.0, interleaved=False):
-  """Rotates the first 2F features of each head by position * inv_freq (F frequencies).
+def rope_cos_sin(positions_bt, inv_freq, attention_factor=1.0):
+  """cos and sin [B, T, 1, F] of position * inv_freq, scaled by attention_factor (YaRN)."""
+  angles_btf = jnp.asarray(positions_bt, jnp.float32)[..., None] * inv_freq
+  return ((jnp.cos(angles_btf) * attention_factor)[:, :, None, :],
+          (jnp.sin(angles_btf) * attention_factor)[:, :, None, :])
+
+
+def apply_rope(x_bthd, cos, sin, *, interleaved=False):
+  """Rotates the first 2F features of each head by the angles of cos, sin [B, T, 1, F].
 
   Pairs are (x[i], x[i + F]) in the rotate-half layout of Hugging Face, or (x[2i], x[2i+1])
   interleaved as in Meta's original code; features past 2F pass unrotated (partial
-  rotary). cos and sin are scaled by attention_factor (YaRN's mscale).
+  rotary).
   """
-  n_freq = inv_freq.shape[-1]
-  angles_btf = jnp.asarray(positions_bt, jnp.float32)[..., None] * inv_freq
-  cos = (jnp.cos(angles_btf) * attention_factor)[:, :, None, :]
-  sin = (jnp.sin(angles_btf) * attention_factor)[:, :, None, :]
+  n_freq = cos.shape[-1]
   x = x_bthd.astype(jnp.float32)
   rotary, passed = x[..., :2 * n_freq], x[..., 2 * n_freq:]
   if interleaved:
@@ -67,9 +72,9 @@ class NoPositions(nnx.Module):
     del positions_bt
     return x_btd
 
-  def rotate(self, x_bthd, positions_bt):
+  def rotation(self, positions_bt):
     del positions_bt
-    return x_bthd
+    return lambda x_bthd: x_bthd
 
   def alibi_slopes(self):
     return None
@@ -115,15 +120,15 @@ class RotaryPositions(NoPositions):
     self.max_position_embeddings = config.max_seq_len
     self.interleaved = config.rope_interleaved
 
-  def rotate(self, x_bthd, positions_bt):
+  def rotation(self, positions_bt):
     # Dynamic NTK and LongRoPE read the length in play, as Hugging Face's max position + 1.
     inv_freq, attention_factor = rope_frequencies(
         self.head_dim, self.theta, self.scaling,
         partial_rotary_factor=self.partial_rotary_factor,
         max_position_embeddings=self.max_position_embeddings,
         seq_len=jnp.max(positions_bt) + 1)
-    return apply_rope(x_bthd, positions_bt, inv_freq, attention_factor=attention_factor,
-                      interleaved=self.interleaved)
+    cos, sin = rope_cos_sin(positions_bt, inv_freq, attention_factor)
+    return lambda x_bthd: apply_rope(x_bthd, cos, sin, interleaved=self.interleaved)
 
 
 def make_position_encoding(config, *, dtype, param_dtype, rngs):

@@ -16,7 +16,7 @@ from models.decoder import DecoderLM, param_count
 from models.mlp import ACTIVATIONS
 from models.normalization import LayerNorm, RMSNorm
 from models.positions import (alibi_slopes, apply_rope, make_position_encoding,
-                              sinusoidal_table)
+                              rope_cos_sin, sinusoidal_table)
 from training import steps as steps_lib
 from training.optimizer import OptimizerConfig, make_optimizer, schedule
 
@@ -246,9 +246,8 @@ def test_rope_rotates_each_pair_as_a_complex_number(interleaved, rng):
   x = rng.standard_normal((1, 4, 2, head_dim)).astype(np.float32)
   positions = rng.integers(0, 100, (1, 4))
   freqs = theta ** (-np.arange(rotary_dim // 2) * 2 / rotary_dim)
-  got = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions),
-                              jnp.asarray(freqs, jnp.float32), attention_factor=factor,
-                              interleaved=interleaved))
+  cos, sin = rope_cos_sin(jnp.asarray(positions), jnp.asarray(freqs, jnp.float32), factor)
+  got = np.asarray(apply_rope(jnp.asarray(x), cos, sin, interleaved=interleaved))
   rotary = x[..., :rotary_dim]
   real, imag = ((rotary[..., 0::2], rotary[..., 1::2]) if interleaved
                 else (rotary[..., :rotary_dim // 2], rotary[..., rotary_dim // 2:]))
@@ -262,14 +261,16 @@ def test_rope_rotates_each_pair_as_a_complex_number(interleaved, rng):
 def test_rope_scores_depend_only_on_relative_position(rng):
   config = small_config(rope_scaling='{"rope_type": "yarn", "factor": 4.0, '
                         '"original_max_position_embeddings": 32}', rope_interleaved=True)
-  rotate = make_position_encoding(config, dtype=jnp.float32, param_dtype=jnp.float32,
-                                  rngs=nnx.Rngs(0)).rotate
+  positions = make_position_encoding(config, dtype=jnp.float32, param_dtype=jnp.float32,
+                                    rngs=nnx.Rngs(0))
   q = jnp.asarray(rng.standard_normal((1, 1, 1, 8)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((1, 1, 1, 8)), jnp.float32)
   i, j, shift = (int(v) for v in rng.integers(0, 30, 3))
 
   def score(p_q, p_k):
-    return float(jnp.sum(rotate(q, jnp.asarray([[p_q]])) * rotate(k, jnp.asarray([[p_k]]))))
+    rotated_q = positions.rotation(jnp.asarray([[p_q]]))(q)
+    rotated_k = positions.rotation(jnp.asarray([[p_k]]))(k)
+    return float(jnp.sum(rotated_q * rotated_k))
 
   assert math.isclose(score(i, j), score(i + shift, j + shift), rel_tol=1e-4, abs_tol=1e-4)
 

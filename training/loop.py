@@ -61,6 +61,11 @@ class TrainConfig:
   keep_checkpoints: int = 3
   log_every: int = 10
 
+  @property
+  def micro_batch_size(self) -> int:
+    """Sequences per micro-batch: the batch split over grad_accum (also the eval batch)."""
+    return self.batch_size // self.grad_accum
+
   def validate(self):
     for name in ('steps', 'batch_size', 'seq_len', 'grad_accum', 'eval_every', 'eval_batches',
                  'save_every', 'keep_checkpoints', 'log_every'):
@@ -80,11 +85,9 @@ def tokenizer_dir(workdir: str) -> str:
 
 def load_run_tokenizer(train_config: TrainConfig, splits=None):
   """The run's tokenizer; a trainable spec is trained on the training split once."""
-  def train_texts():
-    return (text for doc in splits['train'] for text, _ in corpus_lib.text_chunks(doc))
   return tokenizer_lib.load_tokenizer(
       train_config.tokenizer, cache_dir=tokenizer_dir(train_config.workdir),
-      train_texts=None if splits is None else train_texts,
+      train_texts=None if splits is None else lambda: corpus_lib.texts_of(splits['train']),
       pattern=train_config.tokenizer_pattern, expected_sha256=train_config.tokenizer_sha256)
 
 
@@ -179,7 +182,7 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
   eval_step = steps_lib.make_eval_step(graphdef)
   metrics_log = MetricsLog(workdir)
   separator = end_token(train_config, tokenizer)
-  eval_kwargs = dict(batch_size=train_config.batch_size // train_config.grad_accum,
+  eval_kwargs = dict(batch_size=train_config.micro_batch_size,
                      seq_len=train_config.seq_len, max_batches=train_config.eval_batches,
                      end_token=separator)
 
