@@ -7,19 +7,25 @@ import math
 
 import jax
 
-from kernels import chunked, reference
+from kernels import chunked, cudnn, pallas, reference
 
-IMPLEMENTATIONS = {'xla': reference.attention, 'chunked': chunked.attention}
+IMPLEMENTATIONS = {'xla': reference.attention, 'chunked': chunked.attention,
+                   'pallas': pallas.attention, 'cudnn': cudnn.attention}
 
 
-def auto_implementation() -> str:
-  """What impl='auto' runs on the default backend.
+def auto_implementation(q=None, k=None) -> str:
+  """What impl='auto' runs on the default backend (for these q and k, when given).
 
   On CPU the blockwise kernel is faster than materialising the scores at every length
-  measured (1.2x at T=128, 4-7x at T=1024-2048, forward and backward). Elsewhere, until
-  the Pallas kernels land, the plain implementation.
+  measured (1.2x at T=128, 4-7x at T=1024-2048, forward and backward). On GPU and TPU the
+  Pallas kernels, when they take q's dtype and head_dim and have been seen to compile and
+  agree with the reference on this backend (pallas.runs_here); otherwise the plain one.
   """
-  return 'chunked' if jax.default_backend() == 'cpu' else 'xla'
+  if jax.default_backend() == 'cpu':
+    return 'chunked'
+  if q is not None and (pallas.unsupported(q, k) or not pallas.runs_here(q.dtype, q.shape[-1])):
+    return 'xla'
+  return 'pallas'
 
 
 def attention(q, k, v, *, causal=False, sliding_window=None, segment_ids=None,
@@ -42,7 +48,7 @@ def attention(q, k, v, *, causal=False, sliding_window=None, segment_ids=None,
   if q.shape[2] % k.shape[2]:
     raise ValueError(f'attention: {q.shape[2]} query heads are not a multiple of '
                      f'{k.shape[2]} key/value heads')
-  name = auto_implementation() if impl == 'auto' else impl
+  name = auto_implementation(q, k) if impl == 'auto' else impl
   if name not in IMPLEMENTATIONS:
     raise ValueError(f'attention: unknown impl {impl!r}; choose auto or one of '
                      f'{sorted(IMPLEMENTATIONS)}')
