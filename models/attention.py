@@ -8,8 +8,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
+from models import ConfigError
+from models.dca import dual_chunk_attention
 from models.dense import Dense
 from models.normalization import RMSNorm
+from models.positions import RotaryPositions
 
 
 def empty_kv_cache(config, batch: int, length: int, dtype):
@@ -24,6 +27,11 @@ class SelfAttention(nnx.Module):
     head_dim = config.resolved_head_dim
     self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, head_dim
     self.scale, self.impl = config.softmax_scale, config.attention_impl
+    self.causal = config.causal
+    self.sliding_window = config.sliding_window or None
+    # Dual Chunk Attention rotates q and k itself, at positions it derives from the tokens'.
+    self.dca_rope = RotaryPositions(config) if config.dca_chunk_size else None
+    self.dca_chunk_size, self.dca_local_size = config.dca_chunk_size, config.dca_local_size
 
     def linear(d_in, d_out, use_bias, init_scale=1.0):
       return Dense(d_in, d_out, use_bias=use_bias, init_std=config.init_std * init_scale,
@@ -41,16 +49,23 @@ class SelfAttention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x_btd, rotate, *, alibi_slopes=None, segment_ids_bt=None, cache=None,
-               cache_index=None):
-    """Causal self-attention; `rotate(x_bthd)` applies the position encoding to q and k, and
-    alibi_slopes [H], when given, a distance bias that the kernel computes from positions.
+  def __call__(self, x_btd, rotate, *, alibi_slopes=None, segment_ids_bt=None,
+               prefix_len_b=None, cache=None, cache_index=None, positions_bt=None):
+    """Causal self-attention (both ways with config.causal=False); `rotate(x_bthd)` applies
+    the position encoding to q and k, and alibi_slopes [H], when given, a distance bias that
+    the kernel computes from positions.
 
-    With segment_ids_bt (packed documents), a token sees only earlier tokens of its segment.
+    With segment_ids_bt (packed documents, or padding), a token sees only earlier tokens of
+    its segment; with prefix_len_b [B] (prefix-LM), the first prefix_len tokens see each
+    other both ways. config.sliding_window limits each token to the last w positions.
 
     Without a cache, attends within x. With a cache (from `empty_kv_cache`), writes this
     call's keys/values at cache_index and attends over the whole cache; the causal mask
     with q_offset=cache_index hides the slots not yet written.
+
+    With config.dca_chunk_size, the attention is Dual Chunk Attention (models/dca.py) of the
+    tokens at positions_bt (default cache_index or 0 onwards), the cache at slots 0..S-1;
+    `rotate` is unused then and the cache holds keys before RoPE.
     Returns (y_btd, updated cache or None).
     """
     b, t, _ = x_btd.shape
@@ -59,7 +74,8 @@ class SelfAttention(nnx.Module):
     v_bthd = self.v_proj(x_btd).reshape(b, t, self.n_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q_bthd, k_bthd = self.q_norm(q_bthd), self.k_norm(k_bthd)
-    q_bthd, k_bthd = rotate(q_bthd), rotate(k_bthd)
+    if self.dca_rope is None:
+      q_bthd, k_bthd = rotate(q_bthd), rotate(k_bthd)
 
     q_offset = 0
     if cache is not None:
@@ -71,7 +87,28 @@ class SelfAttention(nnx.Module):
       k_bthd, v_bthd, q_offset = cache['k'], cache['v'], cache_index
 
     segment_ids = None if segment_ids_bt is None else (segment_ids_bt, segment_ids_bt)
-    y_bthd = kernels.attention(q_bthd, k_bthd, v_bthd, causal=True, scale=self.scale,
-                               segment_ids=segment_ids, alibi_slopes=alibi_slopes,
-                               q_offset=q_offset, impl=self.impl)
+    if self.dca_rope is not None:
+      y_bthd = self._dual_chunk(q_bthd, k_bthd, v_bthd, positions_bt, q_offset,
+                                segment_ids=segment_ids, prefix_len_b=prefix_len_b,
+                                cached=cache is not None)
+    else:
+      y_bthd = kernels.attention(q_bthd, k_bthd, v_bthd, causal=self.causal, scale=self.scale,
+                                 sliding_window=self.sliding_window, segment_ids=segment_ids,
+                                 prefix_len=prefix_len_b, alibi_slopes=alibi_slopes,
+                                 q_offset=q_offset, impl=self.impl)
     return self.o_proj(y_bthd.reshape(b, t, self.n_heads * self.head_dim)), cache
+
+  def _dual_chunk(self, q_bthd, k_bshd, v_bshd, positions_bt, q_offset, *, segment_ids,
+                  prefix_len_b, cached):
+    if prefix_len_b is not None:
+      raise ConfigError('dual chunk attention is causal only; it takes no prefix_len '
+                        '(prefix-LM)')
+    b, t = q_bthd.shape[:2]
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(q_offset + jnp.arange(t), (b, t))
+    # A cache slot's index is its key's position; uncached keys are this call's tokens.
+    k_positions = jnp.arange(k_bshd.shape[1]) if cached else positions_bt
+    return dual_chunk_attention(
+        q_bthd, k_bshd, v_bshd, rotation_at=self.dca_rope.rotation,
+        chunk_size=self.dca_chunk_size, local_size=self.dca_local_size, scale=self.scale,
+        q_positions_bt=positions_bt, k_positions_bs=k_positions, segment_ids=segment_ids)

@@ -9,13 +9,17 @@ and each placement switches some of those norms on:
     deepnorm  sum_norm, alpha=(2N)^(1/4), branch init scaled by beta=(8N)^(-1/4)
               (Wang et al. 2022, DeepNet, decoder-only constants)
 With parallel_block, attention and MLP read the same normed input and are summed.
+A block with cross_attention (the encoder-decoder's decoder) has a third sublayer between
+the two, under the same placement: attention to the encoder's memory.
 """
 import dataclasses
 
 import jax
 from flax import nnx
 
-from models.attention import SelfAttention
+from models.attention import SelfAttention, empty_kv_cache
+from models.cross_attention import CrossAttention
+from models.mla import LatentAttention, empty_latent_cache
 from models.mlp import MLP
 from models.normalization import make_norm
 
@@ -36,6 +40,11 @@ PLACEMENTS = {
 }
 
 
+# Each attention_type: its module and the function that builds one layer's empty cache.
+ATTENTIONS = {'mha': (SelfAttention, empty_kv_cache),
+              'mla': (LatentAttention, empty_latent_cache)}
+
+
 def deepnorm_constants(n_layers: int):
   """(alpha, beta) of DeepNet for a decoder-only stack of n_layers."""
   return (2.0 * n_layers) ** 0.25, (8.0 * n_layers) ** -0.25
@@ -47,7 +56,7 @@ def identity(x):
 
 class Block(nnx.Module):
 
-  def __init__(self, config, *, dtype, param_dtype, rngs):
+  def __init__(self, config, *, dtype, param_dtype, rngs, cross_attention=False):
     placement = PLACEMENTS[config.norm_placement]
     alpha, beta = (deepnorm_constants(config.n_layers) if config.norm_placement == 'deepnorm'
                    else (1.0, 1.0))
@@ -60,36 +69,50 @@ class Block(nnx.Module):
       return make_norm(config.norm, config.d_model, eps=config.norm_eps, dtype=dtype,
                        param_dtype=param_dtype)
 
-    self.attention = SelfAttention(config, out_init_scale=beta, dtype=dtype,
-                                   param_dtype=param_dtype, rngs=rngs)
+    attention_class, _ = ATTENTIONS[config.attention_type]
+    self.attention = attention_class(config, out_init_scale=beta, dtype=dtype,
+                                     param_dtype=param_dtype, rngs=rngs)
+    self.cross_attention = (CrossAttention(config, out_init_scale=beta, dtype=dtype,
+                                           param_dtype=param_dtype, rngs=rngs)
+                            if cross_attention else None)
     self.mlp = MLP(config, init_scale=beta, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attn_in_norm = norm_if(placement.in_norm)
     self.attn_out_norm = norm_if(placement.out_norm)
     self.attn_sum_norm = norm_if(placement.sum_norm)
+    self.cross_in_norm = norm_if(cross_attention and placement.in_norm)
+    self.cross_out_norm = norm_if(cross_attention and placement.out_norm)
+    self.cross_sum_norm = norm_if(cross_attention and placement.sum_norm)
     self.mlp_in_norm = norm_if(placement.in_norm and not self.parallel)
     self.mlp_out_norm = norm_if(placement.out_norm)
     self.mlp_sum_norm = norm_if(placement.sum_norm and not self.parallel)
     self.dropout = nnx.Dropout(config.dropout_rate)
 
-  def __call__(self, x_btd, rotate, *, alibi_slopes=None, segment_ids_bt=None, cache=None,
-               cache_index=None, dropout_key=None):
+  def __call__(self, x_btd, rotate, *, cache=None, cache_index=None, dropout_key=None,
+               memory=None, **mask):
     """Returns (x_btd, the attention layer's updated cache or None).
 
+    `mask` holds the attention's mask arguments (alibi_slopes, segment_ids_bt, prefix_len_b;
+    positions_bt too with dual chunk attention).
+    `memory` is the cross-attention's (CrossAttention.memory) in a block that has one.
     Dropout is on when a dropout_key is given (training) and off otherwise.
     """
-    keys = iter(jax.random.split(dropout_key) if dropout_key is not None else [None, None])
+    n_branches = 2 if self.cross_attention is None else 3
+    keys = iter(jax.random.split(dropout_key, n_branches) if dropout_key is not None
+                else [None] * n_branches)
 
     def branch_output(y_btd, out_norm):
       return self.dropout(out_norm(y_btd), deterministic=dropout_key is None, rngs=next(keys))
 
     h_btd = self.attn_in_norm(x_btd)
-    attn_btd, cache = self.attention(h_btd, rotate, alibi_slopes=alibi_slopes,
-                                     segment_ids_bt=segment_ids_bt, cache=cache,
-                                     cache_index=cache_index)
+    attn_btd, cache = self.attention(h_btd, rotate, cache=cache, cache_index=cache_index, **mask)
     attn_btd = branch_output(attn_btd, self.attn_out_norm)
     if self.parallel:
       mlp_btd = branch_output(self.mlp(h_btd), self.mlp_out_norm)
       return self.attn_sum_norm(self.residual_scale * x_btd + attn_btd + mlp_btd), cache
     x_btd = self.attn_sum_norm(self.residual_scale * x_btd + attn_btd)
+    if self.cross_attention is not None:
+      cross_btd = self.cross_attention(self.cross_in_norm(x_btd), memory)
+      x_btd = self.cross_sum_norm(self.residual_scale * x_btd
+                                  + branch_output(cross_btd, self.cross_out_norm))
     mlp_btd = branch_output(self.mlp(self.mlp_in_norm(x_btd)), self.mlp_out_norm)
     return self.mlp_sum_norm(self.residual_scale * x_btd + mlp_btd), cache

@@ -19,6 +19,15 @@ POSITIONS = ('rope', 'learned', 'sinusoidal', 'alibi', 'none')
 ATTENTION_SCALES = ('inv_sqrt_d', 'inv_d', 'inv_cbrt_d', 'none')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_IMPLS = ('auto', *kernels.IMPLEMENTATIONS)
+ATTENTION_TYPES = ('mha', 'mla')
+HEADS = ('dense', 'normhead')
+FAMILIES = ('decoder', 'encoder', 'encoder_decoder')
+# Fields that only one family reads, and their values when unused.
+FAMILY_FIELDS = {
+    'encoder': dict(type_vocab_size=0, position_offset=0, pooler=False, mlm_head=False,
+                    nsp_head=False, n_labels=0),
+    'encoder_decoder': dict(n_decoder_layers=0, embed_scale=False),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +62,39 @@ class ModelConfig:
   parallel_block: bool = False  # attention and MLP read the same normed input (GPT-J).
   attention_scale: str = 'inv_sqrt_d'
   attention_impl: str = 'auto'  # kernels.attention's impl.
+  sliding_window: int = 0       # > 0: each token sees itself and the w-1 before it (Mistral).
+
+  # 'mha' covers MHA/GQA/MQA through n_kv_heads; 'mla' is DeepSeek-V2's multi-head latent
+  # attention, shaped by the five fields after it (n_kv_heads and head_dim are unused then).
+  attention_type: str = 'mha'
+  kv_lora_rank: int = 0         # d_c: the joint K/V latent, the only K/V state cached.
+  q_lora_rank: int = 0          # 0: queries projected directly, no compression.
+  qk_rope_head_dim: int = 0     # d_h^R: the decoupled RoPE part of q and of the shared key.
+  qk_nope_head_dim: int = 0     # the part of each q/k head without positions.
+  v_head_dim: int = 0
+
+  # Dual Chunk Attention (An et al. 2024) at inference; 0: off.
+  dca_chunk_size: int = 0
+  dca_local_size: int = 0
+
+  head: str = 'dense'           # 'normhead': logits from row-normalised weights (Baichuan 2).
+  embed_norm: bool = False      # a norm right after the token embeddings (BLOOM).
+
+  # What the config builds (models/registry.py): a causal LM 'decoder' (models/decoder.py),
+  # an 'encoder' with BERT's embeddings and heads (models/bert.py), or the 'encoder_decoder'
+  # of Vaswani et al. 2017 (models/seq2seq.py), whose encoder always sees both ways.
+  family: str = 'decoder'
+  causal: bool = True           # False: self-attention sees both ways (a BERT encoder).
+  type_vocab_size: int = 0      # encoder: token type (segment) embeddings; BERT has 2.
+  # encoder: learned positions start here and count only the real tokens of attention_mask
+  # (RoBERTa: padding_idx + 1); 0: positions are 0..T-1 (BERT).
+  position_offset: int = 0
+  pooler: bool = False          # encoder: dense + tanh of the first ([CLS]) token.
+  mlm_head: bool = False        # encoder: masked-LM head, its decoder tied to the embeddings.
+  nsp_head: bool = False        # encoder: next-sentence classifier on the pooled output.
+  n_labels: int = 0             # encoder: a sequence classifier on the pooled output.
+  n_decoder_layers: int = 0     # encoder_decoder: decoder layers; 0: n_layers, as the encoder.
+  embed_scale: bool = False     # encoder_decoder: embeddings times sqrt(d_model).
 
   dtype: str = 'float32'        # compute dtype.
   param_dtype: str = 'float32'
@@ -63,6 +105,18 @@ class ModelConfig:
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def qk_head_dim(self) -> int:
+    """Features per head in the query-key product."""
+    if self.attention_type == 'mla':
+      return self.qk_nope_head_dim + self.qk_rope_head_dim
+    return self.resolved_head_dim
+
+  @property
+  def rope_head_dim(self) -> int:
+    """Features per head that RoPE sees: the decoupled part for MLA, else the whole head."""
+    return self.qk_rope_head_dim if self.attention_type == 'mla' else self.resolved_head_dim
 
   @property
   def rope_scaling_dict(self):
@@ -79,14 +133,15 @@ class ModelConfig:
 
   @property
   def softmax_scale(self) -> float:
-    d = self.resolved_head_dim
+    d = self.qk_head_dim
     return {'inv_sqrt_d': d ** -0.5, 'inv_d': 1.0 / d, 'inv_cbrt_d': d ** (-1.0 / 3.0),
             'none': 1.0}[self.attention_scale]
 
   def validate(self) -> 'ModelConfig':
     choices = {'norm': NORMS, 'norm_placement': NORM_PLACEMENTS, 'mlp': MLPS,
                'position': POSITIONS, 'attention_scale': ATTENTION_SCALES,
-               'dtype': DTYPES, 'param_dtype': DTYPES, 'attention_impl': ATTENTION_IMPLS}
+               'dtype': DTYPES, 'param_dtype': DTYPES, 'attention_impl': ATTENTION_IMPLS,
+               'attention_type': ATTENTION_TYPES, 'head': HEADS, 'family': FAMILIES}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r} is not one of {", ".join(allowed)}')
@@ -99,22 +154,94 @@ class ModelConfig:
     if self.n_heads % self.n_kv_heads:
       raise ConfigError(f'n_heads={self.n_heads} is not divisible by n_kv_heads='
                         f'{self.n_kv_heads}; pick n_kv_heads among the divisors of n_heads')
-    if not self.head_dim and self.d_model % self.n_heads:
+    if self.attention_type == 'mha' and not self.head_dim and self.d_model % self.n_heads:
       raise ConfigError(f'd_model={self.d_model} is not divisible by n_heads={self.n_heads}; '
                         'set head_dim explicitly')
+    if self.attention_type == 'mla':
+      # ALiBi works with MLA: its bias depends on positions only, not on the key features.
+      for name in ('kv_lora_rank', 'qk_rope_head_dim', 'qk_nope_head_dim', 'v_head_dim'):
+        if getattr(self, name) <= 0:
+          raise ConfigError(f'{name}={getattr(self, name)} must be positive with '
+                            'attention_type=mla')
+      if self.q_lora_rank < 0:
+        raise ConfigError(f'q_lora_rank={self.q_lora_rank} must be >= 0 (0: no compression)')
+      if self.position == 'rope' and self.qk_rope_head_dim % 2:
+        raise ConfigError(f'RoPE needs an even qk_rope_head_dim, got {self.qk_rope_head_dim}')
+      if self.qk_norm:
+        raise ConfigError('qk_norm is not defined for attention_type=mla (its latents are '
+                          'normalised already); set qk_norm=false')
+      if self.dca_chunk_size:
+        raise ConfigError('dual chunk attention (dca_chunk_size) is not implemented for '
+                          'attention_type=mla')
     if self.position == 'rope':
-      if self.resolved_head_dim % 2:
-        raise ConfigError(f'RoPE needs an even head_dim, got {self.resolved_head_dim}')
+      if self.rope_head_dim % 2:
+        raise ConfigError(f'RoPE needs an even head_dim, got {self.rope_head_dim}')
       if not 0.0 < self.partial_rotary_factor <= 1.0:
         raise ConfigError(f'partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1]')
-      rope_frequencies(self.resolved_head_dim, self.rope_theta, self.rope_scaling_dict,
+      rope_frequencies(self.rope_head_dim, self.rope_theta, self.rope_scaling_dict,
                        partial_rotary_factor=self.partial_rotary_factor,
                        max_position_embeddings=self.max_seq_len)  # Raises on a bad dict.
     if self.position == 'sinusoidal' and self.d_model % 2:
       raise ConfigError(f'sinusoidal positions need an even d_model, got {self.d_model}')
+    for name in ('sliding_window', 'dca_chunk_size', 'dca_local_size'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'{name}={getattr(self, name)} must be >= 0 (0: off)')
+    self._validate_dca()
+    self._validate_family()
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f'dropout_rate={self.dropout_rate} must be in [0, 1)')
     return self
+
+  def _validate_dca(self):
+    chunk, local = self.dca_chunk_size, self.dca_local_size
+    if not chunk:
+      if local:
+        raise ConfigError(f'dca_local_size={local} needs dca_chunk_size > 0 (0: DCA off)')
+      return
+    if self.position != 'rope':
+      raise ConfigError(f'dca_chunk_size={chunk}: dual chunk attention remaps RoPE positions; '
+                        f'it needs position=rope, not {self.position!r}')
+    if self.sliding_window:
+      raise ConfigError(f'dca_chunk_size={chunk} and sliding_window={self.sliding_window} '
+                        'cannot be combined; set one of them to 0')
+    if 2 * local >= chunk:
+      raise ConfigError(f'dca_local_size={local} must be less than half of dca_chunk_size='
+                        f'{chunk}: chunks hold chunk_size - local_size tokens, and the local '
+                        'window must fit in one (Qwen2.5-1M: 262144 and 8192)')
+
+  def _validate_family(self):
+    for family, unused in FAMILY_FIELDS.items():
+      for name, value in unused.items():
+        if self.family != family and getattr(self, name) != value:
+          raise ConfigError(f'{name}={getattr(self, name)!r} applies to family={family} only, '
+                            f'not {self.family}')
+    for name in ('type_vocab_size', 'position_offset', 'n_labels', 'n_decoder_layers'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'{name}={getattr(self, name)} must be >= 0')
+    if self.family != 'encoder' and not self.causal:
+      raise ConfigError(f'causal=false: the {self.family} would see the token it predicts (an '
+                        'encoder_decoder\'s encoder is bidirectional already)')
+    if self.family != 'decoder':
+      for name, value in (('attention_type', 'mha'), ('dca_chunk_size', 0)):
+        if getattr(self, name) != value:
+          raise ConfigError(f'{name}={getattr(self, name)!r} is implemented for family=decoder '
+                            f'only, not {self.family}')
+    if self.family == 'encoder_decoder' and self.parallel_block:
+      raise ConfigError('parallel_block=true has no place for the decoder\'s cross-attention; '
+                        'set parallel_block=false with family=encoder_decoder')
+    if not self.causal and self.sliding_window:
+      raise ConfigError(f'sliding_window={self.sliding_window} needs causal attention; set '
+                        'sliding_window=0 with causal=false')
+    if (self.nsp_head or self.n_labels) and not self.pooler:
+      raise ConfigError('nsp_head and n_labels classify the pooled output; set pooler=true')
+    if self.position_offset and self.position != 'learned':
+      raise ConfigError(f'position_offset={self.position_offset} indexes a learned position '
+                        f'table; it needs position=learned, not {self.position!r}')
+
+  @property
+  def decoder_layers(self) -> int:
+    """Layers of an encoder_decoder's decoder."""
+    return self.n_decoder_layers or self.n_layers
 
 
 def _llama(**fields) -> ModelConfig:
@@ -125,6 +252,24 @@ def _llama(**fields) -> ModelConfig:
 
 def _qwen2(**fields) -> ModelConfig:
   return _llama(qkv_bias=True, norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, **fields)
+
+
+def _bert(**fields) -> ModelConfig:
+  """BERT's encoder with its pre-training heads (BertForPreTraining)."""
+  base = dict(family='encoder', causal=False, norm='layernorm', norm_eps=1e-12,
+              norm_placement='post', mlp='gelu', position='learned', max_seq_len=512,
+              use_bias=True, qkv_bias=True, tie_embeddings=True, embed_norm=True,
+              type_vocab_size=2, pooler=True, mlm_head=True, nsp_head=True)
+  return ModelConfig(**{**base, **fields})
+
+
+def _transformer(**fields) -> ModelConfig:
+  """The encoder-decoder of Vaswani et al. 2017, one vocabulary shared by source, target
+  and output."""
+  base = dict(family='encoder_decoder', norm='layernorm', norm_eps=1e-6, norm_placement='post',
+              mlp='relu', position='sinusoidal', max_seq_len=1024, use_bias=True,
+              qkv_bias=True, tie_embeddings=True, embed_scale=True)
+  return ModelConfig(**{**base, **fields})
 
 
 PRESETS = {
@@ -142,6 +287,22 @@ PRESETS = {
                          n_kv_heads=2, ffn_dim=8960, tie_embeddings=True),
     'qwen2-7b': _qwen2(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28,
                        n_kv_heads=4, ffn_dim=18944, tie_embeddings=False),
+    # Pre-trains with MLM + NSP on a laptop CPU in minutes (Turc et al. 2019's BERT-Tiny).
+    'bert-tiny': _bert(vocab_size=0, d_model=128, n_layers=2, n_heads=2, n_kv_heads=2,
+                       ffn_dim=512),
+    'bert-base': _bert(vocab_size=30522, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                       ffn_dim=3072, dropout_rate=0.1),
+    'bert-large': _bert(vocab_size=30522, d_model=1024, n_layers=24, n_heads=16,
+                        n_kv_heads=16, ffn_dim=4096, dropout_rate=0.1),
+    # RoBERTa's objective: masked LM only, so no pooler and no next-sentence head.
+    'roberta-tiny': _bert(vocab_size=0, d_model=128, n_layers=2, n_heads=2, n_kv_heads=2,
+                          ffn_dim=512, pooler=False, nsp_head=False),
+    'transformer-tiny': _transformer(vocab_size=0, d_model=128, n_layers=2, n_heads=4,
+                                     n_kv_heads=4, ffn_dim=512, max_seq_len=256),
+    'transformer-base': _transformer(vocab_size=37000, d_model=512, n_layers=6, n_heads=8,
+                                     n_kv_heads=8, ffn_dim=2048, dropout_rate=0.1),
+    'transformer-big': _transformer(vocab_size=37000, d_model=1024, n_layers=6, n_heads=16,
+                                    n_kv_heads=16, ffn_dim=4096, dropout_rate=0.3),
 }
 
 

@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import empty_kv_cache
-from models.block import PLACEMENTS, Block, identity
+from models.block import ATTENTIONS, PLACEMENTS, Block, identity
 from models.config import ConfigError, ModelConfig
 from models.dense import Dense, matmul_last_axis
 from models.normalization import make_norm
 from models.positions import make_position_encoding
+from models.stack import run_blocks, split_keys
 
 
 class DecoderLM(nnx.Module):
@@ -31,6 +31,8 @@ class DecoderLM(nnx.Module):
                                             rngs=rngs)
     self.blocks = nnx.List([Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                             for _ in range(config.n_layers)])
+    self.embed_norm = (make_norm(config.norm, config.d_model, eps=config.norm_eps, dtype=dtype,
+                                 param_dtype=param_dtype) if config.embed_norm else identity)
     self.final_norm = (make_norm(config.norm, config.d_model, eps=config.norm_eps, dtype=dtype,
                                  param_dtype=param_dtype)
                        if PLACEMENTS[config.norm_placement].final_norm else identity)
@@ -40,21 +42,31 @@ class DecoderLM(nnx.Module):
                           rngs=rngs))
     self.dropout = nnx.Dropout(config.dropout_rate)
 
-  def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, dropout_key=None):
+  def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, prefix_len_b=None,
+               attention_mask=None, dropout_key=None):
     """Logits [B, T, V] of the next token at every position.
 
     positions_bt defaults to 0..T-1; with packed documents, pass each token's position in
     its document and the documents' segment_ids_bt so attention stops at their boundaries.
-    Dropout is applied only when a dropout_key is given.
+    attention_mask [B, T] (1 for tokens, 0 for padding, as Hugging Face models take it) is
+    the shortcut for padded batches, left or right: positions count real tokens only and
+    padding is a segment of its own. prefix_len_b [B] makes the first tokens of each row
+    a bidirectional prefix (prefix-LM). Dropout is applied only when a dropout_key is given.
     """
     t = tokens_bt.shape[1]
     if self.config.position == 'learned' and t > self.config.max_seq_len:
       raise ConfigError(f'sequence length {t} exceeds the learned position table '
                         f'(max_seq_len={self.config.max_seq_len})')
+    if attention_mask is not None:
+      if positions_bt is not None or segment_ids_bt is not None:
+        raise ValueError('pass attention_mask or positions_bt/segment_ids_bt, not both')
+      segment_ids_bt = jnp.asarray(attention_mask, jnp.int32)
+      positions_bt = jnp.maximum(jnp.cumsum(segment_ids_bt, axis=1) - 1, 0)
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t), tokens_bt.shape)
     logits, _ = self._forward(tokens_bt, positions_bt, segment_ids_bt=segment_ids_bt,
-                              caches=None, cache_index=None, dropout_key=dropout_key)
+                              prefix_len_b=prefix_len_b, caches=None, cache_index=None,
+                              dropout_key=dropout_key)
     return logits
 
   def init_cache(self, batch: int, length: int):
@@ -62,42 +74,46 @@ class DecoderLM(nnx.Module):
     if self.config.position == 'learned' and length > self.config.max_seq_len:
       raise ConfigError(f'{length} positions exceed the learned position table '
                         f'(max_seq_len={self.config.max_seq_len}); ask for fewer tokens')
-    return [empty_kv_cache(self.config, batch, length, jnp.dtype(self.config.dtype))
+    _, empty_cache = ATTENTIONS[self.config.attention_type]
+    return [empty_cache(self.config, batch, length, jnp.dtype(self.config.dtype))
             for _ in range(self.config.n_layers)]
 
   def decode(self, tokens_bt, caches, cache_index):
     """Runs tokens_bt at positions cache_index.. against the cache; returns (logits, caches)."""
     t = tokens_bt.shape[1]
     positions_bt = jnp.broadcast_to(cache_index + jnp.arange(t), tokens_bt.shape)
-    return self._forward(tokens_bt, positions_bt, segment_ids_bt=None, caches=caches,
-                         cache_index=cache_index, dropout_key=None)
+    return self._forward(tokens_bt, positions_bt, segment_ids_bt=None, prefix_len_b=None,
+                         caches=caches, cache_index=cache_index, dropout_key=None)
 
-  def _forward(self, tokens_bt, positions_bt, *, segment_ids_bt, caches, cache_index,
-               dropout_key):
+  def _forward(self, tokens_bt, positions_bt, *, segment_ids_bt, prefix_len_b, caches,
+               cache_index, dropout_key):
     n_layers = self.config.n_layers
-    keys = (jax.random.split(dropout_key, n_layers + 1) if dropout_key is not None
-            else [None] * (n_layers + 1))
-    x_btd = self.positions.embed(self.embed(tokens_bt), positions_bt)
+    keys = split_keys(dropout_key, n_layers + 1)
+    x_btd = self.embed_norm(self.positions.embed(self.embed(tokens_bt), positions_bt))
     x_btd = self.dropout(x_btd, deterministic=dropout_key is None, rngs=keys[n_layers])
     rotate = self.positions.rotation(positions_bt)
-    slopes = self.positions.alibi_slopes()
-    new_caches = []
-    for i, block in enumerate(self.blocks):
-      if caches is None and self.config.remat:
-        x_btd = nnx.remat(lambda blk, x, segments, key: blk(
-            x, rotate, alibi_slopes=slopes, segment_ids_bt=segments, dropout_key=key)[0])(
-                block, x_btd, segment_ids_bt, keys[i])
-      else:
-        x_btd, cache = block(x_btd, rotate, alibi_slopes=slopes, segment_ids_bt=segment_ids_bt,
-                             cache=None if caches is None else caches[i],
-                             cache_index=cache_index, dropout_key=keys[i])
-        new_caches.append(cache)
-    x_btd = self.final_norm(x_btd)
+    mask = dict(alibi_slopes=self.positions.alibi_slopes(), segment_ids_bt=segment_ids_bt,
+                prefix_len_b=prefix_len_b)
+    if self.config.dca_chunk_size:
+      mask['positions_bt'] = positions_bt  # Dual chunk attention maps them itself.
+    x_btd, new_caches, _ = run_blocks(self.blocks, x_btd, rotate, mask, dropout_keys=keys,
+                                      remat=self.config.remat, caches=caches,
+                                      cache_index=cache_index)
+    return self.logits(self.final_norm(x_btd)), new_caches
+
+  def logits(self, x_btd):
+    """The output head: x times the output embedding (the input one when tied), whose rows
+    are normalised to unit length first with the NormHead of Baichuan 2."""
     if self.lm_head is None:
-      logits_btv = matmul_last_axis(x_btd, self.embed.embedding[...].astype(x_btd.dtype).T)
+      w_dv = self.embed.embedding[...].T
     else:
-      logits_btv = self.lm_head(x_btd)
-    return logits_btv, (new_caches if caches is not None else None)
+      w_dv = self.lm_head.kernel[...]
+    w_dv = w_dv.astype(x_btd.dtype)
+    if self.config.head == 'normhead':
+      w32_dv = w_dv.astype(jnp.float32)
+      w_dv = (w32_dv * jax.lax.rsqrt(jnp.sum(w32_dv * w32_dv, axis=0, keepdims=True)
+                                     + 1e-12)).astype(x_btd.dtype)
+    return matmul_last_axis(x_btd, w_dv)
 
 
 def param_count(config: ModelConfig) -> int:

@@ -8,6 +8,8 @@ Every encoding offers the same three hooks and leaves the others as no-ops:
                               kernels apply from positions (ALiBi), or None.
 `make_position_encoding(config)` picks one; a new encoding is one class and one line there.
 """
+import json
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -114,8 +116,9 @@ class RotaryPositions(NoPositions):
   """RoPE (Su et al. 2021) with any Hugging Face rope scaling; see models/rope_scaling.py."""
 
   def __init__(self, config):
-    self.head_dim, self.theta = config.resolved_head_dim, config.rope_theta
-    self.scaling = config.rope_scaling_dict
+    self.head_dim, self.theta = config.rope_head_dim, config.rope_theta
+    # The JSON text, not the dict: module attributes make up the graphdef, which must hash.
+    self.scaling_json = config.rope_scaling
     self.partial_rotary_factor = config.partial_rotary_factor
     self.max_position_embeddings = config.max_seq_len
     self.interleaved = config.rope_interleaved
@@ -123,7 +126,7 @@ class RotaryPositions(NoPositions):
   def rotation(self, positions_bt):
     # Dynamic NTK and LongRoPE read the length in play, as Hugging Face's max position + 1.
     inv_freq, attention_factor = rope_frequencies(
-        self.head_dim, self.theta, self.scaling,
+        self.head_dim, self.theta, json.loads(self.scaling_json) if self.scaling_json else None,
         partial_rotary_factor=self.partial_rotary_factor,
         max_position_embeddings=self.max_position_embeddings,
         seq_len=jnp.max(positions_bt) + 1)

@@ -130,7 +130,9 @@ TRAINABLE = ([dict(norm_placement=p) for p in config_lib.NORM_PLACEMENTS]
              + [dict(norm='layernorm', parallel_block=True, qk_norm=True, tie_embeddings=True),
                 dict(position='learned', attention_scale='inv_d', dtype='bfloat16'),
                 dict(position='sinusoidal', attention_scale='inv_cbrt_d', dropout_rate=0.1),
-                dict(position='alibi', remat=True)])
+                dict(position='alibi', remat=True),
+                dict(attention_type='mla', kv_lora_rank=16, q_lora_rank=8, qk_rope_head_dim=4,
+                     qk_nope_head_dim=8, v_head_dim=12)])
 
 
 @pytest.mark.parametrize('fields', TRAINABLE, ids=lambda f: ','.join(f'{k}={v}' for k, v in

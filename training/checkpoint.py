@@ -1,16 +1,16 @@
 """Orbax checkpoints of a run: parameters, optimizer state and a JSON record.
 
 The record holds the step, the seed, the data cursor, the resolved config and the
-tokenizer reference, so a checkpoint says by itself how to continue it.
+tokenizer reference, so a checkpoint says by itself how to continue it. A checkpoint
+converted from another format holds parameters only and says so (`params_only` in its
+record); a run continuing it starts a fresh optimizer state.
 """
 import os
 
 import jax
 import orbax.checkpoint as ocp
 
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be read or does not fit this run."""
+from models import CheckpointError
 
 
 class Checkpoints:
@@ -38,6 +38,19 @@ class Checkpoints:
           record=ocp.args.JsonRestore()))['record']
     except Exception as e:  # Orbax raises many kinds; all mean the same to the user.
       raise self._unreadable(step, e) from e
+
+  def restore(self, step: int, abstract_params, init_opt_state):
+    """(params, optimizer state or None, record) of `step`, shaped like abstract_params.
+
+    init_opt_state(params) gives the optimizer state's shapes, and is skipped (None is
+    returned) for a parameters-only checkpoint.
+    """
+    record = self.read_record(step)
+    if record.get('params_only'):
+      return self.restore_state(step, {'params': abstract_params})['params'], None, record
+    state = self.restore_state(step, {'params': abstract_params,
+                                      'opt_state': jax.eval_shape(init_opt_state, abstract_params)})
+    return state['params'], state['opt_state'], record
 
   def restore_state(self, step: int, abstract_state):
     """The saved state, shaped and typed like `abstract_state` (from jax.eval_shape)."""

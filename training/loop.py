@@ -3,6 +3,10 @@
 The batch for step s is a pure function of (seed, s) and dropout keys derive from
 (seed, s), so a run resumed from its checkpoint computes bitwise the same losses as an
 uninterrupted one.
+
+What is trained on is an objective's business (see LanguageModeling, the default):
+BERT's, sequence-to-sequence and classification objectives live in training/objectives.py
+and plug into the same loop.
 """
 import contextlib
 import dataclasses
@@ -21,7 +25,7 @@ from data import corpus as corpus_lib
 from data import token_cache
 from data import tokenizer as tokenizer_lib
 from models.config import ConfigError, ModelConfig
-from models.decoder import DecoderLM
+from models.registry import build
 from training import steps as steps_lib
 from training import workdir as workdir_lib
 from training.checkpoint import Checkpoints
@@ -41,6 +45,9 @@ class Interrupted(Exception):
     self.exit_code = 128 + signum
 
 
+OBJECTIVES = ('lm', 'bert', 'roberta', 'classify', 'seq2seq')
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   workdir: str
@@ -55,6 +62,15 @@ class TrainConfig:
   tokenizer_pattern: str | None = None  # Pre-tokenisation of a .tiktoken file without .json.
   tokenizer_sha256: str | None = None   # Checked against a .tiktoken file when given.
   document_masking: bool = True  # Packed documents do not attend across their boundaries.
+  z_loss: float = 0.0          # Weight of PaLM's log^2 Z penalty (1e-4 in the paper); 0: off.
+  max_z_loss: float = 0.0      # Weight of Baichuan 2's max-logit^2 penalty (2e-4); 0: off.
+  # What is learned (training/objectives.py): lm (next token), bert (masked LM + next
+  # sentence), roberta (masked LM of full-length spans, dynamic masking), classify
+  # (label<TAB>text lines), seq2seq (source<TAB>target pairs or synthetic:<task>).
+  objective: str = 'lm'
+  label_smoothing: float = 0.0  # seq2seq: the target distribution's mass spread uniformly.
+  beam_size: int = 1            # seq2seq eval: > 1 also decodes with beam search.
+  length_penalty: float = 0.6   # seq2seq beam search: Wu et al. 2016's alpha.
   eval_every: int = 200
   eval_batches: int = 16
   save_every: int = 200
@@ -74,6 +90,13 @@ class TrainConfig:
     if self.batch_size % self.grad_accum:
       raise ConfigError(f'--batch_size={self.batch_size} is not divisible by '
                         f'--grad_accum={self.grad_accum}')
+    if self.objective not in OBJECTIVES:
+      raise ConfigError(f'--objective={self.objective!r} is not one of {", ".join(OBJECTIVES)}')
+    if self.beam_size < 1:
+      raise ConfigError(f'--beam_size={self.beam_size} must be at least 1')
+    for name in ('z_loss', 'max_z_loss', 'label_smoothing'):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ConfigError(f'--{name}={getattr(self, name)} must be in [0, 1) (0: off)')
     if not 0.0 < self.val_fraction < 1.0:
       raise ConfigError(f'--val_fraction={self.val_fraction} must be between 0 and 1')
     return self
@@ -130,6 +153,47 @@ def evaluate(eval_step, params, tokens, *, batch_size: int, seq_len: int, max_ba
   return float(np.mean(jax.device_get(losses)))
 
 
+class LanguageModeling:
+  """Next-token prediction on a tokenised corpus: the default objective of `train`.
+
+  An objective prepares a run's data and says how to batch, score and evaluate it:
+    model_config, tokenizer   the model config resolved against the data (vocab_size 0, ...)
+    load_data()               called once the run's config is recorded (tokenising, checks)
+    train_batch(step)         numpy arrays [batch_size, ...], a pure function of (seed, step)
+    loss                      loss(model, batch, dropout_key) -> (loss, metrics with 'loss'),
+                              or None for steps.make_train_step's next-token loss
+    evaluate(graphdef, params) -> {'eval_loss': ..., and other eval metrics}
+  """
+  loss = None
+
+  def __init__(self, train_config: TrainConfig, model_config: ModelConfig, *, log=print):
+    self.config, self.log = train_config, log
+    self.splits = corpus_lib.split_corpus(train_config.data, train_config.val_fraction)
+    self.tokenizer = load_run_tokenizer(train_config, self.splits)
+    self.model_config = resolve_vocab(model_config, self.tokenizer).validate()
+    check_fits(self.model_config, self.tokenizer, train_config.seq_len)
+    self.separator = end_token(train_config, self.tokenizer)
+    self._eval_steps = {}
+
+  def load_data(self):
+    self.data = tokenize(self.config, self.tokenizer, self.splits, log=self.log)
+    batches_lib.check_length(self.data['train'], self.config.seq_len, 'train')
+    batches_lib.check_length(self.data['val'], self.config.seq_len, 'validation')
+
+  def train_batch(self, step: int):
+    return batches_lib.train_batch(self.data['train'], seed=self.config.seed, step=step,
+                                   batch_size=self.config.batch_size,
+                                   seq_len=self.config.seq_len, end_token=self.separator)
+
+  def evaluate(self, graphdef, params):
+    if graphdef not in self._eval_steps:
+      self._eval_steps[graphdef] = steps_lib.make_eval_step(graphdef)
+    loss = evaluate(self._eval_steps[graphdef], params, self.data['val'],
+                    batch_size=self.config.micro_batch_size, seq_len=self.config.seq_len,
+                    max_batches=self.config.eval_batches, end_token=self.separator)
+    return {'eval_loss': loss, 'eval_ppl': math.exp(min(loss, 700))}
+
+
 @contextlib.contextmanager
 def _stop_requests():
   """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
@@ -144,52 +208,54 @@ def _stop_requests():
 
 
 def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: OptimizerConfig,
-          *, print_fn=print):
-  """Trains (or resumes) in train_config.workdir; returns (params, graphdef, tokenizer, summary)."""
+          *, print_fn=print, init_params=None, objective=LanguageModeling):
+  """Trains (or resumes) in train_config.workdir; returns (params, graphdef, tokenizer, summary).
+
+  objective(train_config, model_config, log=print_fn) makes the objective (see
+  LanguageModeling); the summary holds its final eval metrics.
+
+  init_params(params) -> params, when given, replaces the freshly initialised parameters of a
+  new run (another initialisation, or weights to fine-tune); a resumed run ignores it.
+  """
   train_config.validate()
   model_config.validate()
   workdir = train_config.workdir
-  splits = corpus_lib.split_corpus(train_config.data, train_config.val_fraction)
-  tokenizer = load_run_tokenizer(train_config, splits)
-  model_config = resolve_vocab(model_config, tokenizer).validate()
-  check_fits(model_config, tokenizer, train_config.seq_len)
+  task = objective(train_config, model_config, log=print_fn)
+  model_config, tokenizer = task.model_config, task.tokenizer
   resolved = {'model': model_config, **dataclasses.asdict(train_config),
               'optimizer': dataclasses.asdict(opt_config)}
   workdir_lib.record_config(workdir, resolved)
 
-  data = tokenize(train_config, tokenizer, splits, log=print_fn)
-  batches_lib.check_length(data['train'], train_config.seq_len, 'train')
-  batches_lib.check_length(data['val'], train_config.seq_len, 'validation')
+  task.load_data()
 
-  model = DecoderLM(model_config, rngs=nnx.Rngs(params=train_config.seed))
+  model = build(model_config, rngs=nnx.Rngs(params=train_config.seed))
   graphdef, params = nnx.split(model)
+  if init_params is not None:
+    params = init_params(params)
   optimizer = make_optimizer(opt_config)
   opt_state = optimizer.init(params)
   checkpoints = Checkpoints(workdir, keep=train_config.keep_checkpoints)
   record = {'seed': train_config.seed, 'tokenizer': train_config.tokenizer,
             'config': workdir_lib.config_path(workdir)}
 
-  start_step = checkpoints.latest_step() or 0
-  if start_step:
-    state = checkpoints.restore_state(
-        start_step, jax.eval_shape(lambda: {'params': params, 'opt_state': opt_state}))
-    params, opt_state = state['params'], state['opt_state']
-    print_fn(f'resumed from checkpoint {start_step} in {checkpoints.directory}')
+  latest = checkpoints.latest_step()
+  start_step = latest or 0
+  if latest is not None:
+    params, saved_opt_state, _ = checkpoints.restore(latest, jax.eval_shape(lambda: params),
+                                                     optimizer.init)
+    opt_state = optimizer.init(params) if saved_opt_state is None else saved_opt_state
+    print_fn(f'resumed from checkpoint {latest} in {checkpoints.directory}')
 
   train_step = steps_lib.make_train_step(
       graphdef, optimizer, schedule(opt_config), seed=train_config.seed,
-      use_dropout=model_config.dropout_rate > 0)
-  eval_step = steps_lib.make_eval_step(graphdef)
+      use_dropout=model_config.dropout_rate > 0, z_loss=train_config.z_loss,
+      max_z_loss=train_config.max_z_loss, loss_fn=task.loss)
   metrics_log = MetricsLog(workdir)
-  separator = end_token(train_config, tokenizer)
-  eval_kwargs = dict(batch_size=train_config.micro_batch_size,
-                     seq_len=train_config.seq_len, max_batches=train_config.eval_batches,
-                     end_token=separator)
 
   def run_eval(step):
-    loss = evaluate(eval_step, params, data['val'], **eval_kwargs)
-    metrics_log.write(step=step, eval_loss=loss, eval_ppl=math.exp(min(loss, 700)))
-    return loss
+    metrics = task.evaluate(graphdef, params)
+    metrics_log.write(step=step, **metrics)
+    return metrics
 
   def save(step, metrics):
     if metrics is not None and not all(map(math.isfinite, metrics.values())):
@@ -200,22 +266,19 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
                      {**record, 'step': step, 'data_cursor': step})
 
   progress = Progress(train_config.steps)
-  initial_loss = run_eval(start_step) if start_step == 0 else None
+  initial_loss = run_eval(start_step)['eval_loss'] if start_step == 0 else None
   if initial_loss is not None:
     progress.message(f'step 0: validation loss {initial_loss:.4f}')
   tokens_per_step = train_config.batch_size * train_config.seq_len
-  micro_shape = (train_config.grad_accum, -1, train_config.seq_len)
+  accum = train_config.grad_accum
   last_metrics, interval_start, interval_steps = None, time.perf_counter(), 0
   try:
     with _stop_requests() as stop:
       for step in range(start_step, train_config.steps):
-        batch = batches_lib.train_batch(
-            data['train'], seed=train_config.seed, step=step,
-            batch_size=train_config.batch_size, seq_len=train_config.seq_len,
-            end_token=separator)
-        params, opt_state, metrics = train_step(
-            params, opt_state, {k: jnp.asarray(v).reshape(micro_shape) for k, v in batch.items()},
-            jnp.int32(step))
+        micro_batches = {k: jnp.asarray(v).reshape(accum, -1, *v.shape[1:])
+                         for k, v in task.train_batch(step).items()}
+        params, opt_state, metrics = train_step(params, opt_state, micro_batches,
+                                                jnp.int32(step))
         done, interval_steps = step + 1, interval_steps + 1
         is_last = done == train_config.steps
         stopping = bool(stop)  # A signal arriving later is handled after the next step.
@@ -231,7 +294,7 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
           progress.update(done, last_metrics['loss'], rate)
           interval_start, interval_steps = time.perf_counter(), 0
         if done % train_config.eval_every == 0 and not is_last:
-          progress.message(f'step {done}: validation loss {run_eval(done):.4f}')
+          progress.message(f'step {done}: validation loss {run_eval(done)["eval_loss"]:.4f}')
           interval_start = time.perf_counter()
         if will_save:
           save(done, last_metrics)
@@ -240,10 +303,9 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
           raise Interrupted(f'stopped at step {done}; checkpoint saved in '
                             f'{checkpoints.directory}; run the same command to resume', stop[0])
     final_step = max(start_step, train_config.steps)
-    final_loss = run_eval(final_step)
+    final_metrics = run_eval(final_step)
     save(final_step, last_metrics)
   finally:
     checkpoints.close()
-  summary = {'step': final_step, 'eval_loss': final_loss,
-             'eval_ppl': math.exp(min(final_loss, 700)), 'initial_eval_loss': initial_loss}
+  summary = {'step': final_step, **final_metrics, 'initial_eval_loss': initial_loss}
   return params, graphdef, tokenizer, summary

@@ -25,9 +25,10 @@ def _duration(seconds: float) -> str:
 class Progress:
   """`step 120/600 | loss 2.345 | 41.2k tok/s | ETA 1m23s`, redrawn in place on a terminal."""
 
-  def __init__(self, total_steps: int, stream=sys.stdout):
-    self.total, self.stream = total_steps, stream
-    self.live = stream.isatty()
+  def __init__(self, total_steps: int, stream=None):
+    # sys.stdout as it is now, not as it was at import (tests swap it per test).
+    self.total, self.stream = total_steps, stream or sys.stdout
+    self.live = self.stream.isatty()
     self.started = time.perf_counter()
     self.first_step = None
 

@@ -1,8 +1,12 @@
-"""AdamW with linear warmup, cosine decay and global-norm clipping."""
+"""AdamW with linear warmup, cosine decay (or the inverse square root of Vaswani et al.
+2017) and global-norm clipping."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
+
+SCHEDULES = ('cosine', 'inverse_sqrt')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,10 +20,17 @@ class OptimizerConfig:
   beta2: float = 0.95
   eps: float = 1e-8
   clip_norm: float = 1.0
+  schedule: str = 'cosine'  # or 'inverse_sqrt'
 
 
 def schedule(config: OptimizerConfig):
-  """0 -> learning_rate linearly over warmup_steps, then cosine down to final_lr_fraction."""
+  """0 -> learning_rate linearly over warmup_steps, then cosine down to final_lr_fraction;
+  or with schedule='inverse_sqrt', down as 1/sqrt(step): the paper's
+  d^-0.5 min(step^-0.5, step warmup^-1.5) with its peak at learning_rate."""
+  if config.schedule == 'inverse_sqrt':
+    warmup = max(config.warmup_steps, 1)
+    return lambda step: config.learning_rate * jnp.minimum(
+        step / warmup, jnp.sqrt(warmup / jnp.maximum(step, 1)))
   warmup = min(config.warmup_steps, config.total_steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,

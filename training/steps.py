@@ -18,23 +18,58 @@ def cross_entropy(logits_btv, targets_bt):
       logits_btv.astype(jnp.float32), targets_bt).mean()
 
 
-def batch_loss(graphdef, params, batch, dropout_key=None):
-  """Mean next-token loss of a batch dict: 'inputs' and 'targets' [B, T], and for packed
-  documents 'positions' and 'segment_ids' [B, T]."""
+def objective(logits_btv, targets_bt, *, z_loss: float = 0.0, max_z_loss: float = 0.0):
+  """(loss to minimise, metrics): cross-entropy plus optional logit penalties.
+
+  z_loss weighs PaLM's mean log^2 Z (Chowdhery et al. 2022 use 1e-4); max_z_loss weighs
+  Baichuan 2's mean squared largest logit (Yang et al. 2023 use 2e-4). Both keep logits from
+  drifting, which matters most in low precision. The metric 'loss' is the cross-entropy alone.
+  """
+  logits_btv = logits_btv.astype(jnp.float32)
+  log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+  target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+  metrics = {'loss': jnp.mean(log_z_bt - target_logit_bt)}
+  total = metrics['loss']
+  if z_loss:
+    metrics['z_loss'] = jnp.mean(jnp.square(log_z_bt))
+    total = total + z_loss * metrics['z_loss']
+  if max_z_loss:
+    metrics['max_z_loss'] = jnp.mean(jnp.square(jnp.max(logits_btv, axis=-1)))
+    total = total + max_z_loss * metrics['max_z_loss']
+  return total, metrics
+
+
+def batch_logits(graphdef, params, batch, dropout_key=None):
+  """Logits of a batch dict: 'inputs' [B, T], and for packed documents 'positions' and
+  'segment_ids' [B, T]; for a prefix-LM, 'prefix_len' [B]."""
   model = nnx.merge(graphdef, params)
-  logits = model(batch['inputs'], positions_bt=batch.get('positions'),
-                 segment_ids_bt=batch.get('segment_ids'), dropout_key=dropout_key)
-  return cross_entropy(logits, batch['targets'])
+  return model(batch['inputs'], positions_bt=batch.get('positions'),
+               segment_ids_bt=batch.get('segment_ids'), prefix_len_b=batch.get('prefix_len'),
+               dropout_key=dropout_key)
 
 
-def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout: bool):
+def batch_loss(graphdef, params, batch):
+  """Mean next-token cross-entropy of a batch dict (see batch_logits) against 'targets'."""
+  return cross_entropy(batch_logits(graphdef, params, batch), batch['targets'])
+
+
+def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout: bool,
+                    z_loss: float = 0.0, max_z_loss: float = 0.0, loss_fn=None):
   """step(params, opt_state, batch, step) -> (params, opt_state, metrics).
 
   Every array of the batch dict arrives as A micro-batches [A, B, T]; their gradients are
   averaged before one optimizer update (gradient accumulation). Dropout keys derive from
-  (seed, step).
+  (seed, step). z_loss and max_z_loss weigh the logit penalties of `objective`.
+  loss_fn(model, micro_batch, dropout_key) -> (loss, metrics), when given, replaces the
+  next-token objective (BERT's, sequence-to-sequence, classification).
   """
   base_key = jax.random.key(seed)
+
+  def micro_objective(params, micro_batch, key):
+    if loss_fn is not None:
+      return loss_fn(nnx.merge(graphdef, params), micro_batch, key)
+    logits = batch_logits(graphdef, params, micro_batch, key)
+    return objective(logits, micro_batch['targets'], z_loss=z_loss, max_z_loss=max_z_loss)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(params, opt_state, batch, step):
@@ -43,17 +78,17 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
     def accumulate(grad_sum, micro):
       index, micro_batch = micro
       key = jax.random.fold_in(step_key, index) if use_dropout else None
-      loss, grads = jax.value_and_grad(
-          lambda p: batch_loss(graphdef, p, micro_batch, key))(params)
-      return jax.tree.map(jnp.add, grad_sum, grads), loss
+      (_, metrics), grads = jax.value_and_grad(micro_objective, has_aux=True)(
+          params, micro_batch, key)
+      return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
-    n_micro = batch['inputs'].shape[0]
+    n_micro = jax.tree.leaves(batch)[0].shape[0]
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grad_sum, losses = jax.lax.scan(accumulate, zeros, (jnp.arange(n_micro), batch))
+    grad_sum, micro_metrics = jax.lax.scan(accumulate, zeros, (jnp.arange(n_micro), batch))
     grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {'loss': losses.mean(), 'grad_norm': optax.tree.norm(grads),
+    metrics = {**jax.tree.map(jnp.mean, micro_metrics), 'grad_norm': optax.tree.norm(grads),
                'lr': lr_schedule(step)}
     return params, opt_state, metrics
 

@@ -1,0 +1,155 @@
+"""Hugging Face checkpoints in and out, with numpy only (no torch at run time).
+
+  model = models.hf.load('path/to/Qwen2-0.5B')      # config.json + *.safetensors
+  logits_btv = model(input_ids, attention_mask=mask)
+  models.hf.save(model, 'path/to/new_dir')           # a directory transformers loads
+
+The model is our own (DecoderLM, or Bert for the BERT architectures: the config's family
+picks it, models/registry.py); each architecture (models/hf/llama.py, ...) says which of
+our config fields and parameters its config.json and tensors become. Tensors are read one
+at a time from memory-mapped files and placed on the device as they are read, so loading
+holds about one tensor on the host beside the model.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import CheckpointError
+from models.config import ModelConfig
+from models.hf import bert, bloom, deepseek_v2, llama, safetensors_files
+from models.registry import build
+
+# In the order save() tries them: the first that can express a config is chosen.
+ARCHITECTURES = {arch.name: arch for arch in (bloom.BLOOM, llama.QWEN3, llama.QWEN2,
+                                              llama.LLAMA, llama.MISTRAL,
+                                              deepseek_v2.DEEPSEEK_V2, bert.BERT_MODEL,
+                                              bert.BERT_MASKED_LM, bert.BERT_PRETRAINING,
+                                              bert.ROBERTA_MASKED_LM)}
+CONFIG_FILE = 'config.json'
+SHARD_BYTES = 4 << 30
+
+
+def _read_json(path: str) -> dict:
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isdir(path):
+    raise CheckpointError(f'{path} is not a directory; pass a Hugging Face checkpoint folder '
+                          '(config.json and *.safetensors)')
+  if not os.path.exists(config_path):
+    raise CheckpointError(f'{path} has no {CONFIG_FILE}')
+  try:
+    with open(config_path) as f:
+      hf_config = json.load(f)
+  except ValueError as e:
+    raise CheckpointError(f'{config_path} is not JSON ({e})') from None
+  return hf_config
+
+
+def read_config(path: str, **run_fields):
+  """(architecture, ModelConfig) of a checkpoint directory; run_fields (dtype, param_dtype,
+  attention_impl, ...) are ours to choose."""
+  hf_config = _read_json(path)
+  names = hf_config.get('architectures') or []
+  supported = [name for name in names if name in ARCHITECTURES]
+  if not supported:
+    raise CheckpointError(f'{path}: architecture {names or "(none given)"} is not '
+                          f'supported; supported: {", ".join(sorted(ARCHITECTURES))}')
+  architecture = ARCHITECTURES[supported[0]]
+  return architecture, architecture.model_config(hf_config, **run_fields)
+
+
+def end_token_id(path: str):
+  """The checkpoint's end-of-sequence id (the first, if config.json lists several)."""
+  eos = _read_json(path).get('eos_token_id')
+  return eos[0] if isinstance(eos, list) else eos
+
+
+def load(path: str, *, dtype: str = 'float32', param_dtype: str | None = None,
+         **run_fields):
+  """The model stored in a Hugging Face directory, parameters in param_dtype (default:
+  dtype); run_fields set other ModelConfig fields that are not the checkpoint's to decide
+  (attention_impl, DCA at inference)."""
+  architecture, config = read_config(path, dtype=dtype, param_dtype=param_dtype or dtype,
+                                     **run_fields)
+  checkpoint = safetensors_files.Checkpoint(path)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0))))
+  shapes = {path: variable for path, variable in nnx.to_flat_state(abstract)}
+  values, used = {}, set()
+  for link in architecture.links(config):
+    for our_path, array in zip(link.ours, link.to_ours([checkpoint.read(n) for n in link.hf])):
+      expected = shapes[our_path]
+      if tuple(array.shape) != tuple(expected.shape):
+        raise CheckpointError(f'tensor {" / ".join(link.hf)} has shape {tuple(array.shape)}; '
+                              f'config.json implies {tuple(expected.shape)}')
+      values[our_path] = jax.device_put(np.asarray(array, dtype=expected.dtype))
+    used.update(link.hf)
+  unused = sorted(name for name in checkpoint.names() - used
+                  if not name.endswith(architecture.ignored))
+  if unused:
+    raise CheckpointError(f'{len(unused)} checkpoint tensors have no place in {architecture.name} '
+                          f'as config.json describes it, e.g. {unused[0]!r}')
+  state = nnx.from_flat_state([(p, shapes[p].replace(values[p])) for p in shapes])
+  return nnx.merge(graphdef, state)
+
+
+def architecture_for(config: ModelConfig, name: str | None = None):
+  """The architecture `name`, or the first one that can express `config`."""
+  if name is not None:
+    if name not in ARCHITECTURES:
+      raise CheckpointError(f'unknown architecture {name!r}; choose one of '
+                            f'{", ".join(sorted(ARCHITECTURES))}')
+    return ARCHITECTURES[name]
+  reasons = []
+  for architecture in ARCHITECTURES.values():
+    try:
+      architecture.hf_config(config)
+      return architecture
+    except CheckpointError as e:
+      reasons.append(str(e))
+  raise CheckpointError('no Hugging Face architecture expresses this model: '
+                        + '; '.join(reasons))
+
+
+def save(model, path: str, *, architecture: str | None = None,
+         shard_bytes: int = SHARD_BYTES):
+  """Writes config.json and safetensors shards (with an index when there are several) into
+  a new or empty directory `path`; tensors keep the model's parameter dtype."""
+  config = model.config
+  arch = architecture_for(config, architecture)
+  hf_config = arch.hf_config(config)
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise CheckpointError(f'{path} exists and is not an empty directory; choose a new path')
+  params = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  os.makedirs(path, exist_ok=True)
+  written, shard, size = [], {}, 0
+
+  def write_shard():
+    name = f'shard-{len(written)}.partial'
+    safetensors_files.write(os.path.join(path, name), shard)
+    written.append((name, sorted(shard), sum(a.nbytes for a in shard.values())))
+
+  for link in arch.links(config):
+    arrays = link.to_hf([np.asarray(params[p][...]) for p in link.ours])
+    for name, array in zip(link.hf, arrays):
+      if shard and size + array.nbytes > shard_bytes:
+        write_shard()
+        shard, size = {}, 0
+      shard[name], size = array, size + array.nbytes
+  write_shard()
+
+  final = ([safetensors_files.SINGLE_FILE] if len(written) == 1 else
+           [f'model-{i + 1:05d}-of-{len(written):05d}.safetensors' for i in range(len(written))])
+  for (partial, _, _), name in zip(written, final):
+    os.rename(os.path.join(path, partial), os.path.join(path, name))
+  if len(written) > 1:
+    index = {'metadata': {'total_size': sum(nbytes for _, _, nbytes in written)},
+             'weight_map': {tensor: name for (_, tensors, _), name in zip(written, final)
+                            for tensor in tensors}}
+    with open(os.path.join(path, safetensors_files.INDEX_FILE), 'x') as f:
+      json.dump(index, f, indent=2)
+  hf_config['torch_dtype'] = str(jnp.dtype(config.param_dtype))
+  with open(os.path.join(path, CONFIG_FILE), 'x') as f:
+    json.dump(hf_config, f, indent=2)

@@ -1,0 +1,118 @@
+"""The LLaMA family in transformers: Llama, Qwen2, Qwen3 and Mistral.
+
+All four are pre-RMSNorm decoders with SwiGLU MLPs and rotate-half RoPE; they differ in
+biases (Qwen2: q/k/v only), QK-norm (Qwen3), and a sliding window (Mistral).
+"""
+from models import CheckpointError
+from models.hf.architecture import (Architecture, copy, field, linear, refuse, rope_from_hf,
+                                    rope_to_hf)
+
+LLAMA_FIXED = dict(norm='rmsnorm', norm_placement='pre', mlp='swiglu', position='rope',
+                   rope_interleaved=False, parallel_block=False, attention_scale='inv_sqrt_d',
+                   attention_type='mha', head='dense', embed_norm=False, qk_norm=False, sliding_window=0)
+
+
+def common_from_hf(hf_config: dict) -> dict:
+  refuse(hf_config, 'hidden_act', ('silu',), 'the MLP is SwiGLU (silu)')
+  d_model, n_heads = field(hf_config, 'hidden_size'), field(hf_config, 'num_attention_heads')
+  head_dim = field(hf_config, 'head_dim', d_model // n_heads)
+  return dict(vocab_size=field(hf_config, 'vocab_size'), d_model=d_model,
+              n_layers=field(hf_config, 'num_hidden_layers'), n_heads=n_heads,
+              n_kv_heads=field(hf_config, 'num_key_value_heads', n_heads),
+              head_dim=0 if head_dim * n_heads == d_model else head_dim,
+              ffn_dim=field(hf_config, 'intermediate_size'),
+              max_seq_len=field(hf_config, 'max_position_embeddings'),
+              norm_eps=field(hf_config, 'rms_norm_eps'),
+              tie_embeddings=bool(field(hf_config, 'tie_word_embeddings', False)),
+              **rope_from_hf(hf_config))
+
+
+def common_to_hf(config) -> dict:
+  return dict(vocab_size=config.vocab_size, hidden_size=config.d_model,
+              num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+              num_key_value_heads=config.n_kv_heads, head_dim=config.resolved_head_dim,
+              intermediate_size=config.ffn_dim, max_position_embeddings=config.max_seq_len,
+              rms_norm_eps=config.norm_eps, hidden_act='silu',
+              tie_word_embeddings=config.tie_embeddings, **rope_to_hf(config))
+
+
+def llama_from_hf(hf_config: dict) -> dict:
+  attention_bias = bool(field(hf_config, 'attention_bias', False))
+  mlp_bias = bool(field(hf_config, 'mlp_bias', False))
+  if attention_bias != mlp_bias:
+    raise CheckpointError(f'config.json attention_bias={attention_bias} with mlp_bias={mlp_bias} '
+                          'is not supported: the output projection shares the MLP\'s biases')
+  return dict(common_from_hf(hf_config), qkv_bias=attention_bias, use_bias=mlp_bias)
+
+
+def llama_to_hf(config) -> dict:
+  return dict(common_to_hf(config), attention_bias=config.qkv_bias, mlp_bias=config.use_bias)
+
+
+def qwen_from_hf(hf_config: dict) -> dict:
+  """Qwen's long-context checkpoints ask for Dual Chunk Attention at inference."""
+  refuse(hf_config, 'use_sliding_window', (False,), 'Qwen layers with a sliding window')
+  dca = hf_config.get('dual_chunk_attention_config') or {}
+  return dict(common_from_hf(hf_config), dca_chunk_size=dca.get('chunk_size', 0),
+              dca_local_size=dca.get('local_size', 0))
+
+
+def qwen2_to_hf(config) -> dict:
+  fields = dict(common_to_hf(config), use_sliding_window=False)
+  if config.dca_chunk_size:
+    fields['dual_chunk_attention_config'] = {'chunk_size': config.dca_chunk_size,
+                                             'local_size': config.dca_local_size}
+  return fields
+
+
+def qwen3_from_hf(hf_config: dict) -> dict:
+  attention_bias = bool(field(hf_config, 'attention_bias', False))
+  return dict(qwen_from_hf(hf_config), qkv_bias=attention_bias, use_bias=attention_bias)
+
+
+def qwen3_to_hf(config) -> dict:
+  return dict(qwen2_to_hf(config), attention_bias=config.qkv_bias)
+
+
+def mistral_from_hf(hf_config: dict) -> dict:
+  return dict(common_from_hf(hf_config), sliding_window=field(hf_config, 'sliding_window', 0))
+
+
+def mistral_to_hf(config) -> dict:
+  return dict(common_to_hf(config), sliding_window=config.sliding_window or None)
+
+
+def llama_links(config) -> list:
+  links = [copy('model.embed_tokens.weight', ('embed', 'embedding')),
+           copy('model.norm.weight', ('final_norm', 'scale'))]
+  if not config.tie_embeddings:
+    links += linear('lm_head', ('lm_head',), bias=False)
+  for i in range(config.n_layers):
+    hf, ours = f'model.layers.{i}.', ('blocks', i)
+    for name in ('q_proj', 'k_proj', 'v_proj'):
+      links += linear(hf + 'self_attn.' + name, ours + ('attention', name), bias=config.qkv_bias)
+    links += linear(hf + 'self_attn.o_proj', ours + ('attention', 'o_proj'), bias=config.use_bias)
+    for hf_name, name in (('gate_proj', 'gate'), ('up_proj', 'up'), ('down_proj', 'down')):
+      links += linear(hf + 'mlp.' + hf_name, ours + ('mlp', name), bias=config.use_bias)
+    links += [copy(hf + 'input_layernorm.weight', ours + ('attn_in_norm', 'scale')),
+              copy(hf + 'post_attention_layernorm.weight', ours + ('mlp_in_norm', 'scale'))]
+    if config.qk_norm:
+      links += [copy(hf + 'self_attn.q_norm.weight', ours + ('attention', 'q_norm', 'scale')),
+                copy(hf + 'self_attn.k_norm.weight', ours + ('attention', 'k_norm', 'scale'))]
+  return links
+
+
+def _without(fixed: dict, *names) -> dict:
+  return {k: v for k, v in fixed.items() if k not in names}
+
+
+LLAMA = Architecture('LlamaForCausalLM', 'llama', LLAMA_FIXED, llama_from_hf, llama_to_hf,
+                     llama_links)
+QWEN2 = Architecture('Qwen2ForCausalLM', 'qwen2', dict(LLAMA_FIXED, qkv_bias=True, use_bias=False),
+                     qwen_from_hf, qwen2_to_hf, llama_links)
+QWEN3 = Architecture('Qwen3ForCausalLM', 'qwen3', dict(LLAMA_FIXED, qk_norm=True), qwen3_from_hf,
+                     qwen3_to_hf, llama_links)
+MISTRAL = Architecture('MistralForCausalLM', 'mistral',
+                       dict(_without(LLAMA_FIXED, 'sliding_window'), qkv_bias=False,
+                            use_bias=False),
+                       mistral_from_hf, mistral_to_hf, llama_links)

@@ -1,0 +1,24 @@
+"""The module class a ModelConfig builds, chosen by its `family`."""
+import jax
+from flax import nnx
+
+from models.bert import Bert
+from models.config import ModelConfig
+from models.decoder import DecoderLM
+from models.seq2seq import EncoderDecoder
+
+FAMILY_CLASSES = {'decoder': DecoderLM, 'encoder': Bert, 'encoder_decoder': EncoderDecoder}
+
+
+def model_class(config: ModelConfig):
+  return FAMILY_CLASSES[config.family]
+
+
+def build(config: ModelConfig, *, rngs: nnx.Rngs):
+  return model_class(config)(config, rngs=rngs)
+
+
+def param_count(config: ModelConfig) -> int:
+  """Number of parameters, from shapes alone (nothing is allocated)."""
+  abstract = nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0)))
+  return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

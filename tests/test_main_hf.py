@@ -1,0 +1,77 @@
+"""main.py with --hf_checkpoint: sampling, evaluation and conversion both ways, against the
+transformers model the checkpoint came from."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from test_hf import hf_logits, hf_model
+from test_main import corpus_dir, run_main  # noqa: F401 (a fixture)
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+BYTES_VOCAB = 257  # The byte tokenizer: 256 bytes and <|endoftext|>.
+
+
+@pytest.fixture
+def llama_dir(rng, tmp_path):
+  model = hf_model('Llama', dict(vocab_size=BYTES_VOCAB, max_position_embeddings=128),
+                   int(rng.integers(1 << 30)))
+  model.save_pretrained(tmp_path / 'hf')
+  return model, str(tmp_path / 'hf')
+
+
+def test_greedy_sample_from_a_checkpoint_matches_transformers(llama_dir, tmp_path):
+  from data.tokenizer import byte_tokenizer
+  model, path = llama_dir
+  tokenizer = byte_tokenizer()
+  prompt = 'def f(x):'
+  out = run_main('--mode=generate', f'--hf_checkpoint={path}', '--tokenizer=bytes',
+                 f'--workdir={tmp_path / "run"}', f'--prompt={prompt}', '--temperature=0',
+                 '--max_new_tokens=12').stdout
+  ids = torch.tensor([tokenizer.encode_ordinary(prompt)])
+  with torch.no_grad():
+    new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=12)[0, ids.shape[1]:].tolist()
+  eos = model.config.eos_token_id
+  new = new[:new.index(eos)] if eos in new else new
+  assert out.rstrip('\n') == prompt + tokenizer.decode(new, errors='replace')
+
+
+def test_convert_to_a_workdir_and_back(llama_dir, tmp_path, corpus_dir, rng):  # noqa: F811
+  model, path = llama_dir
+  workdir, exported = str(tmp_path / 'run'), str(tmp_path / 'exported')
+  common = ['--tokenizer=bytes', f'--data={corpus_dir}', '--seq_len=32', '--batch_size=2',
+            '--eval_batches=2']
+  run_main('--mode=convert', f'--hf_checkpoint={path}', f'--workdir={workdir}', *common)
+  from_hf = run_main('--mode=eval', f'--hf_checkpoint={path}', f'--workdir={tmp_path / "e"}',
+                     *common).stdout
+  from_workdir = run_main('--mode=eval', f'--workdir={workdir}', f'--data={corpus_dir}').stdout
+  assert from_hf.split(': loss')[1] == from_workdir.split(': loss')[1]
+
+  run_main('--mode=convert', f'--workdir={workdir}', f'--hf_out={exported}')
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+  ids = rng.integers(0, BYTES_VOCAB, (2, 10))
+  np.testing.assert_array_equal(hf_logits(reloaded, ids), hf_logits(model, ids))
+
+  again = run_main('--mode=convert', f'--workdir={workdir}', f'--hf_out={exported}', check=False)
+  assert again.returncode == 1 and 'not an empty directory' in again.stderr
+
+
+def test_hf_checkpoint_errors(llama_dir, tmp_path):
+  _, path = llama_dir
+  changed = run_main('--mode=generate', f'--hf_checkpoint={path}', '--tokenizer=bytes',
+                     '--set', 'n_layers=3', check=False)
+  assert changed.returncode == 1 and 'n_layers' in changed.stderr
+  no_tokenizer = run_main('--mode=generate', f'--hf_checkpoint={path}', check=False)
+  assert no_tokenizer.returncode == 1 and 'tokenizer.json' in no_tokenizer.stderr
+  with open(os.path.join(path, 'config.json')) as f:
+    config = json.load(f)
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump({**config, 'architectures': ['T5ForConditionalGeneration']}, f)
+  unsupported = run_main('--mode=eval', f'--hf_checkpoint={path}', '--tokenizer=bytes',
+                         check=False)
+  assert unsupported.returncode == 1
+  assert unsupported.stderr.count('\n') == 1 and 'not supported' in unsupported.stderr
