@@ -40,10 +40,7 @@ def run():
 
   records = grid.run(settings, settings.cells(axes), configure)
   shown = settings.shown_axes(axes)
-  plots = [report.loss_curves(settings, records, line_axes=shown),
-           report.bar_plot_of(settings, records, shown, 'final_eval_loss',
-                              ylabel='validation loss', title='Final validation loss',
-                              file='final_loss.png')]
+  plots = report.curves_and_final_loss(settings, records, shown)
   report.write(
       settings, records, title='Feed-forward activations at matched parameters',
       intro='ReLU/GELU FFNs have a hidden width of 4 d, gated ones (SwiGLU, GeGLU) 8/3 d, so '

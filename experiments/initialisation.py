@@ -94,10 +94,7 @@ def run():
 
   records = grid.run(settings, settings.cells(axes), configure, measure)
   shown = settings.shown_axes(axes)
-  plots = [report.loss_curves(settings, records, line_axes=shown),
-           report.bar_plot_of(settings, records, shown, 'final_eval_loss',
-                              ylabel='validation loss', title='Final validation loss',
-                              file='final_loss.png')]
+  plots = report.curves_and_final_loss(settings, records, shown)
   report.write(
       settings, records, title='Initialisation of the q, k and v projections', axes=shown,
       intro='Only the q/k/v kernels change; every other weight keeps the model\'s N(0, 0.02^2).',

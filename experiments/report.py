@@ -205,3 +205,10 @@ def bar_plot_of(settings, records: list[dict], axes: list[str], key: str, *, yla
     stds.append(std)
   bar_plot(os.path.join(settings.out, file), labels, means, stds, ylabel=ylabel, title=title)
   return file, title
+
+
+def curves_and_final_loss(settings, records: list[dict], axes: list[str]):
+  """The two plots of a script whose only comparison is the loss: curves and final values."""
+  return [loss_curves(settings, records, line_axes=axes),
+          bar_plot_of(settings, records, axes, 'final_eval_loss', ylabel='validation loss',
+                      title='Final validation loss', file='final_loss.png')]

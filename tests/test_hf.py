@@ -167,17 +167,24 @@ def test_newer_rope_parameters_form_is_read(rng, tmp_path):
                              atol=1e-4, rtol=0)
 
 
-def test_bad_checkpoints_are_named_errors(rng, tmp_path):
-  model = hf_model('Llama', {}, int(rng.integers(1 << 30)))
-  model.save_pretrained(tmp_path / 'hf')
-  path = str(tmp_path / 'hf')
+def saved_with_config_editor(model, folder):
+  """(path, write_config): the saved checkpoint, and a function that rewrites its
+  config.json as the saved one with some fields changed."""
+  model.save_pretrained(folder)
+  path = str(folder)
   with open(os.path.join(path, 'config.json')) as f:
-    good = json.load(f)
+    saved = json.load(f)
 
   def write_config(**changes):
     with open(os.path.join(path, 'config.json'), 'w') as f:
-      json.dump({**good, **changes}, f)
+      json.dump({**saved, **changes}, f)
 
+  return path, write_config
+
+
+def test_bad_checkpoints_are_named_errors(rng, tmp_path):
+  model = hf_model('Llama', {}, int(rng.integers(1 << 30)))
+  path, write_config = saved_with_config_editor(model, tmp_path / 'hf')
   write_config(architectures=['GPTNeoXForCausalLM'])
   with pytest.raises(CheckpointError, match='GPTNeoXForCausalLM.*not supported'):
     hf.load(path)

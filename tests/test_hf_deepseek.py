@@ -1,15 +1,12 @@
 """DeepseekV2ForCausalLM beyond the parity cases of tests/test_hf.py: the refusal of
 mixture-of-experts layers, and null experts read as dense layers."""
-import json
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from models import CheckpointError
 from models import hf
-from test_hf import hf_logits, hf_model
+from test_hf import hf_logits, hf_model, saved_with_config_editor
 
 pytest.importorskip('torch')
 pytest.importorskip('transformers')
@@ -17,14 +14,7 @@ pytest.importorskip('transformers')
 
 def test_mixture_of_experts_layers_are_refused_and_no_experts_is_dense(rng, tmp_path):
   model = hf_model('DeepseekV2', {}, int(rng.integers(1 << 30)))
-  model.save_pretrained(tmp_path / 'hf')
-  path = str(tmp_path / 'hf')
-  with open(os.path.join(path, 'config.json')) as f:
-    good = json.load(f)
-
-  def write_config(**changes):
-    with open(os.path.join(path, 'config.json'), 'w') as f:
-      json.dump({**good, **changes}, f)
+  path, write_config = saved_with_config_editor(model, tmp_path / 'hf')
 
   write_config(first_k_dense_replace=1, n_routed_experts=8)
   with pytest.raises(CheckpointError, match='first_k_dense_replace=1 .*mixture-of-experts'):
