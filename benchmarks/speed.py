@@ -91,7 +91,7 @@ def measured_matmul_flops(n: int = 2048) -> float:
 
 def train_flops_per_token(config, seq_len: int):
   """(FLOPs per trained token, N the parameters used in matmuls); see the docstring."""
-  from models.decoder import param_count
+  from models.registry import param_count
   lookup_tables = ((0 if config.tie_embeddings else config.vocab_size * config.d_model) +
                    (config.max_seq_len * config.d_model if config.position == 'learned' else 0))
   n_matmul = param_count(config) - lookup_tables

@@ -61,12 +61,7 @@ class MaskedLMHead(nnx.Module):
 class Bert(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    config.validate()
-    if config.family != 'encoder':
-      raise ConfigError(f'Bert builds family=encoder configs, not {config.family}')
-    if not config.vocab_size:
-      raise ConfigError('vocab_size=0 (take it from the tokenizer) must be resolved before a '
-                        'model is built; see training.loop.resolve_vocab')
+    config.buildable('encoder')
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     d = config.d_model

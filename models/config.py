@@ -137,6 +137,16 @@ class ModelConfig:
     return {'inv_sqrt_d': d ** -0.5, 'inv_d': 1.0 / d, 'inv_cbrt_d': d ** (-1.0 / 3.0),
             'none': 1.0}[self.attention_scale]
 
+  def buildable(self, family: str) -> 'ModelConfig':
+    """The validated config, checked to be one a model of `family` can be built from."""
+    self.validate()
+    if self.family != family:
+      raise ConfigError(f'a {family} model cannot be built from a family={self.family} config')
+    if not self.vocab_size:
+      raise ConfigError('vocab_size=0 (take it from the tokenizer or data) must be resolved '
+                        'before a model is built; see training.loop.resolve_vocab')
+    return self
+
   def validate(self) -> 'ModelConfig':
     choices = {'norm': NORMS, 'norm_placement': NORM_PLACEMENTS, 'mlp': MLPS,
                'position': POSITIONS, 'attention_scale': ATTENTION_SCALES,

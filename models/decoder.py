@@ -18,10 +18,7 @@ from models.stack import run_blocks, split_keys
 class DecoderLM(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    config.validate()
-    if not config.vocab_size:
-      raise ConfigError('vocab_size=0 (take it from the tokenizer) must be resolved before a '
-                        'model is built; see training.loop.resolve_vocab')
+    config.buildable('decoder')
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
@@ -114,9 +111,3 @@ class DecoderLM(nnx.Module):
       w_dv = (w32_dv * jax.lax.rsqrt(jnp.sum(w32_dv * w32_dv, axis=0, keepdims=True)
                                      + 1e-12)).astype(x_btd.dtype)
     return matmul_last_axis(x_btd, w_dv)
-
-
-def param_count(config: ModelConfig) -> int:
-  """Number of parameters, from shapes alone (nothing is allocated)."""
-  abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
-  return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -30,13 +30,7 @@ from models.stack import run_blocks, split_keys
 class EncoderDecoder(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    config.validate()
-    if config.family != 'encoder_decoder':
-      raise ConfigError(f'EncoderDecoder builds family=encoder_decoder configs, not '
-                        f'{config.family}')
-    if not config.vocab_size:
-      raise ConfigError('vocab_size=0 (take it from the data) must be resolved before a '
-                        'model is built')
+    config.buildable('encoder_decoder')
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     d = config.d_model

@@ -12,7 +12,7 @@ from absl import flags
 from experiments import (activations, attention_scale, attention_types, initialisation,
                          norm_placement, position_extrapolation)
 from models.config import ModelConfig
-from models.decoder import param_count
+from models.registry import param_count
 
 TINY = ['--steps=2', '--d_model=16', '--n_heads=2', '--n_layers=1', '--batch_size=2',
         '--seq_len=16', '--eval_every=1', '--eval_batches=1', '--log_every=1', '--save_every=1',

@@ -13,7 +13,7 @@ from conftest import small_config
 from test_model import build, random_tokens
 from models import config as config_lib
 from models.cache_size import kv_cache_bytes_per_token, kv_cache_elements_per_token
-from models.decoder import param_count
+from models.registry import param_count
 from models.mla import LatentAttention, latent_softmax_scale
 
 MLA = dict(attention_type='mla', kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8,

@@ -12,7 +12,8 @@ from flax import nnx
 from conftest import small_config
 from models import config as config_lib
 from models.block import deepnorm_constants
-from models.decoder import DecoderLM, param_count
+from models.decoder import DecoderLM
+from models.registry import param_count
 from models.mlp import ACTIVATIONS
 from models.normalization import LayerNorm, RMSNorm
 from models.positions import (alibi_slopes, apply_rope, make_position_encoding,
