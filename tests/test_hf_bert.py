@@ -6,6 +6,7 @@ Each case builds a tiny random model with transformers itself, so the oracle is 
 Face's implementation, not ours.
 """
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +125,91 @@ def test_bert_refuses_what_it_does_not_implement(rng, tmp_path):
   model.save_pretrained(tmp_path / 'hf')
   with pytest.raises(CheckpointError, match='position_embedding_type'):
     hf.load(str(tmp_path / 'hf'))
+
+
+def test_tensorflow_era_layer_norm_names_load(rng, tmp_path):
+  """The original BERT releases name LayerNorm parameters gamma/beta; transformers reads them
+  as weight/bias, and so must we. Saving writes today's names."""
+  from safetensors.torch import load_file, save_file
+  model = hf_model('BertForPreTraining', 'Bert', {}, int(rng.integers(1 << 30)))
+  model.save_pretrained(tmp_path / 'hf')
+  weights = tmp_path / 'hf' / 'model.safetensors'
+  renamed = {}
+  for name, tensor in load_file(weights).items():
+    for today, legacy in (('LayerNorm.weight', 'LayerNorm.gamma'),
+                          ('LayerNorm.bias', 'LayerNorm.beta')):
+      if name.endswith(today):
+        name = name[:-len(today)] + legacy
+    renamed[name] = tensor
+  assert sum(name.endswith(('.gamma', '.beta')) for name in renamed) == 2 * (1 + 2 * 2 + 1)
+  save_file(renamed, weights, metadata={'format': 'pt'})
+
+  ids, types, mask = padded_batch(rng, model.config)
+  expected = hf_outputs(model, ids, types, mask)
+  ours = hf.load(str(tmp_path / 'hf'))
+  got = ours(jnp.asarray(ids), jnp.asarray(types), jnp.asarray(mask))
+  real = mask == 1
+  np.testing.assert_allclose(np.asarray(got.mlm_logits)[real], expected['mlm_logits'][real],
+                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(got.nsp_logits)[real[:, 0]],
+                             expected['nsp_logits'][real[:, 0]], atol=1e-4, rtol=0)
+
+  hf.save(ours, str(tmp_path / 'ours'))
+  written = load_file(tmp_path / 'ours' / 'model.safetensors')
+  assert not any(name.endswith(('.gamma', '.beta')) for name in written)
+  assert 'bert.embeddings.LayerNorm.weight' in written
+
+  renamed['bert.embeddings.LayerNorm.weight'] = renamed['bert.embeddings.LayerNorm.gamma'].clone()
+  save_file(renamed, weights, metadata={'format': 'pt'})
+  with pytest.raises(CheckpointError, match='both'):
+    hf.load(str(tmp_path / 'hf'))
+
+
+def test_eval_of_a_checkpoint_reports_its_masked_lm_and_next_sentence_losses(rng, tmp_path):
+  """main.py --mode=eval --hf_checkpoint scores BERT's pre-training objective on held-out
+  pairs; transformers, given the same batches, computes the same losses and accuracies."""
+  from test_main import run_main
+  from training.loop import TrainConfig
+  from training.objectives import BertPretraining, mlm_capacity
+  words = ['alpha', 'beta', 'gamma', 'delta', 'def', 'return', 'value', 'list']
+  vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '.', *words]
+  model = hf_model('BertForPreTraining', 'Bert', dict(vocab_size=len(vocab)),
+                   int(rng.integers(1 << 30)))
+  path = str(tmp_path / 'hf')
+  model.save_pretrained(path)
+  with open(os.path.join(path, 'vocab.txt'), 'w') as f:
+    f.write('\n'.join(vocab) + '\n')
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(4):
+    (corpus / f'doc{i}.txt').write_text(' '.join(rng.choice(words[:5 + i], 300)) + '.')
+  run = TrainConfig(workdir=str(tmp_path / 'eval'), data=str(corpus), seq_len=32, batch_size=4,
+                    eval_batches=2, tokenizer=os.path.join(path, 'vocab.txt'), objective='bert')
+  out = run_main('--mode=eval', f'--hf_checkpoint={path}', f'--workdir={run.workdir}',
+                 f'--data={corpus}', '--seq_len=32', '--batch_size=4', '--eval_batches=2').stdout
+  reported = {name: float(value) for name, value in
+              (item.split(' ') for item in out.strip().rpartition(': ')[2].split(', '))}
+
+  task = BertPretraining(run, hf.read_config(path)[1])
+  task.load_data()
+  expected = {}
+  for i in range(run.eval_batches):
+    batch = task.val_batches.batch(i)
+    with torch.no_grad():
+      outputs = model(input_ids=torch.tensor(batch['inputs']),
+                      token_type_ids=torch.tensor(batch['token_type_ids']),
+                      attention_mask=torch.tensor(batch['attention_mask']))
+    selected = batch['labels'] >= 0
+    scored = selected & (np.cumsum(selected, axis=1) <= mlm_capacity(run.seq_len))
+    for name, logits, labels in (
+        ('mlm', outputs.prediction_logits.numpy()[scored], batch['labels'][scored]),
+        ('nsp', outputs.seq_relationship_logits.numpy(), batch['is_random_next'])):
+      log_probs = torch.log_softmax(torch.tensor(logits), -1).numpy()
+      batch_metrics = {f'eval_{name}_loss': -log_probs[np.arange(len(labels)), labels].mean(),
+                       f'eval_{name}_accuracy': (logits.argmax(-1) == labels).mean()}
+      for key, value in batch_metrics.items():
+        expected[key] = expected.get(key, 0.0) + value / run.eval_batches
+  expected['eval_loss'] = expected['eval_mlm_loss'] + expected['eval_nsp_loss']
+  assert set(reported) == set(expected)
+  for name, value in expected.items():
+    assert abs(reported[name] - value) < 2e-4, (name, reported[name], value)

@@ -81,6 +81,23 @@ def test_pairs_have_the_bert_layout_and_balanced_labels(rng):
   assert within(sum(labels), len(labels), 0.5)
 
 
+def test_a_random_next_sentence_comes_from_another_document(rng):
+  """Each document draws from tokens of its own, so every token names its document."""
+  vocabularies = np.array_split(ORDINARY, 6)  # Few documents: a slip to A's is likely.
+  docs = [rng.choice(tokens, int(rng.integers(2, 80))) for tokens in vocabularies]
+  owner = {int(token): i for i, tokens in enumerate(vocabularies) for token in tokens}
+  batches = make_batches(docs)
+  for step in rng.integers(1 << 20, size=3):
+    batch = batches.batch(int(step))
+    original = np.where(batch['labels'] != NOT_SELECTED, batch['labels'], batch['inputs'])
+    for row, tokens in enumerate(original):
+      a_end, b_end = np.flatnonzero(tokens == SPECIALS.sep)
+      a_docs = {owner[int(t)] for t in tokens[1:a_end]}
+      b_docs = {owner[int(t)] for t in tokens[a_end + 1:b_end]}
+      assert len(a_docs) == len(b_docs) == 1
+      assert (a_docs != b_docs) == bool(batch['is_random_next'][row])
+
+
 def test_dynamic_masking_changes_and_static_masking_keeps_a_samples_mask(rng):
   docs = documents(rng)
   for dynamic in (True, False):

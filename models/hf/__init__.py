@@ -30,6 +30,9 @@ ARCHITECTURES = {arch.name: arch for arch in (bloom.BLOOM, llama.QWEN3, llama.QW
                                               bert.BERT_MASKED_LM, bert.BERT_PRETRAINING,
                                               bert.ROBERTA_MASKED_LM)}
 CONFIG_FILE = 'config.json'
+# Names of TensorFlow-era checkpoints (the original BERT releases) that transformers still
+# reads as today's LayerNorm names; save() writes only today's.
+LEGACY_SUFFIXES = {'LayerNorm.gamma': 'LayerNorm.weight', 'LayerNorm.beta': 'LayerNorm.bias'}
 SHARD_BYTES = 4 << 30
 
 
@@ -61,6 +64,19 @@ def read_config(path: str, **run_fields):
   return architecture, architecture.model_config(hf_config, **run_fields)
 
 
+def _stored_names(checkpoint) -> dict:
+  """{today's tensor name: the name stored in the checkpoint}."""
+  stored = {}
+  for name in sorted(checkpoint.names()):
+    modern = next((name[:-len(old)] + new for old, new in LEGACY_SUFFIXES.items()
+                   if name.endswith(old)), name)
+    if modern in stored:
+      raise CheckpointError(f'the checkpoint holds both {stored[modern]!r} and {name!r}, '
+                            'two names of one tensor')
+    stored[modern] = name
+  return stored
+
+
 def end_token_id(path: str):
   """The checkpoint's end-of-sequence id (the first, if config.json lists several)."""
   eos = _read_json(path).get('eos_token_id')
@@ -75,18 +91,20 @@ def load(path: str, *, dtype: str = 'float32', param_dtype: str | None = None,
   architecture, config = read_config(path, dtype=dtype, param_dtype=param_dtype or dtype,
                                      **run_fields)
   checkpoint = safetensors_files.Checkpoint(path)
+  stored = _stored_names(checkpoint)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0))))
   shapes = {path: variable for path, variable in nnx.to_flat_state(abstract)}
   values, used = {}, set()
   for link in architecture.links(config):
-    for our_path, array in zip(link.ours, link.to_ours([checkpoint.read(n) for n in link.hf])):
+    arrays = link.to_ours([checkpoint.read(stored.get(name, name)) for name in link.hf])
+    for our_path, array in zip(link.ours, arrays):
       expected = shapes[our_path]
       if tuple(array.shape) != tuple(expected.shape):
         raise CheckpointError(f'tensor {" / ".join(link.hf)} has shape {tuple(array.shape)}; '
                               f'config.json implies {tuple(expected.shape)}')
       values[our_path] = jax.device_put(np.asarray(array, dtype=expected.dtype))
     used.update(link.hf)
-  unused = sorted(name for name in checkpoint.names() - used
+  unused = sorted(stored[name] for name in stored.keys() - used
                   if not name.endswith(architecture.ignored))
   if unused:
     raise CheckpointError(f'{len(unused)} checkpoint tensors have no place in {architecture.name} '
