@@ -76,11 +76,24 @@ flags.DEFINE_integer('eval_batches', 16, 'Validation batches per evaluation.')
 flags.DEFINE_integer('save_every', 100, 'Checkpoint every N steps.')
 flags.DEFINE_integer('keep_checkpoints', 3, 'Checkpoints kept.')
 flags.DEFINE_integer('log_every', 10, 'Log a metrics line every N steps.')
+flags.DEFINE_string('mesh', 'data:-1', 'Device mesh: sizes of the data, fsdp and tensor axes, '
+                    'e.g. data:2,fsdp:2,tensor:2 (-1: the devices left; unnamed axes: 1).')
+flags.DEFINE_string('logical_rules', '', 'Changes to the logical-axis rules (models/sharding.py),'
+                    ' e.g. embed:none,batch:data+fsdp,length:tensor.')
+flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s of one device for the MFU metric; 0: from the '
+                   'table of known GPUs and TPUs (training/mfu.py).')
+flags.DEFINE_bool('distributed', False, 'Join a multi-process run (jax.distributed.initialize); '
+                  'the three flags below, where not given, come from the environment.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (implies '
+                    '--distributed).')
+flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+flags.DEFINE_integer('process_id', None, 'This process\'s index, 0..num_processes-1.')
 flags.DEFINE_string('hf_checkpoint', None, 'A Hugging Face folder (config.json, *.safetensors): '
                     '--mode=eval/generate run it instead of a workdir checkpoint, and '
-                    '--mode=convert turns it into a --workdir checkpoint. Its tokenizer.json is '
-                    'the tokenizer unless --tokenizer is given; --set may change only run '
-                    'settings (dtype, param_dtype, attention_impl, dca_chunk_size, ...).')
+                    '--mode=convert turns it into a --workdir checkpoint. Its tokenizer.json '
+                    '(BERT: vocab.txt) is the tokenizer unless --tokenizer is given; eval of BERT '
+                    'reports the masked-LM loss. --set may change only run settings (dtype, '
+                    'param_dtype, attention_impl, dca_chunk_size, ...).')
 flags.DEFINE_string('hf_out', None, '--mode=convert: write the --workdir\'s latest checkpoint to '
                     'this new folder in Hugging Face format.')
 flags.DEFINE_string('prompt', '', 'Prompt for generation (empty: start of a document).')
@@ -123,7 +136,8 @@ def _train_config(tokenizer=None, objective='lm'):
       document_masking=FLAGS.document_masking, z_loss=FLAGS.z_loss,
       max_z_loss=FLAGS.max_z_loss, eval_every=FLAGS.eval_every,
       eval_batches=FLAGS.eval_batches, save_every=FLAGS.save_every,
-      keep_checkpoints=FLAGS.keep_checkpoints, log_every=FLAGS.log_every)
+      keep_checkpoints=FLAGS.keep_checkpoints, log_every=FLAGS.log_every, mesh=FLAGS.mesh,
+      logical_rules=FLAGS.logical_rules, peak_flops=FLAGS.peak_flops)
 
 
 def _sampling_config():
@@ -188,11 +202,13 @@ def _hf_model():
                       f'--hf_checkpoint only {", ".join(RUN_FIELDS)} can be set')
   tokenizer = FLAGS.tokenizer if FLAGS['tokenizer'].present else None
   if tokenizer is None:
-    tokenizer = os.path.join(FLAGS.hf_checkpoint, 'tokenizer.json')
+    # BERT's WordPiece vocabulary is its vocab.txt (our reader of tokenizer.json is BPE's).
+    name = 'vocab.txt' if config.family == 'encoder' else 'tokenizer.json'
+    tokenizer = os.path.join(FLAGS.hf_checkpoint, name)
     if not os.path.exists(tokenizer):
-      raise DataError(f'{FLAGS.hf_checkpoint} has no tokenizer.json; pass --tokenizer')
+      raise DataError(f'{FLAGS.hf_checkpoint} has no {name}; pass --tokenizer')
   model = hf.load(FLAGS.hf_checkpoint, **{name: getattr(changed, name) for name in RUN_FIELDS})
-  return model, _train_config(tokenizer)
+  return model, _train_config(tokenizer, _default_objective(config))
 
 
 def _checkpoint_or_hf():
@@ -259,17 +275,21 @@ def train():
   params, graphdef, tokenizer, summary = train_loop(
       _train_config(tokenizer, objective), model_config, opt_config, init_params=init_params,
       objective=OBJECTIVES[objective])
+  import jax
+  # Every process takes part in the sampling below (the parameters span them all); one
+  # reports.
+  report = print if jax.process_index() == 0 else (lambda *args: None)
   initial = summary['initial_eval_loss']
-  print(f'validation loss {summary["eval_loss"]:.4f}' +
-        (f', perplexity {summary["eval_ppl"]:.2f}' if 'eval_ppl' in summary else '') +
-        f' after {summary["step"]} steps' +
-        (f' (step 0: {initial:.4f})' if initial is not None else ''))
+  report(f'validation loss {summary["eval_loss"]:.4f}' +
+         (f', perplexity {summary["eval_ppl"]:.2f}' if 'eval_ppl' in summary else '') +
+         f' after {summary["step"]} steps' +
+         (f' (step 0: {initial:.4f})' if initial is not None else ''))
   others = [f'{k} {v:.4f}' for k, v in summary.items()
             if k.startswith('eval_') and k not in ('eval_loss', 'eval_ppl')]
   if others:
-    print(', '.join(others))
+    report(', '.join(others))
   if objective == 'lm':
-    print('sample:\n' + _sample(graphdef, params, tokenizer))
+    report('sample:\n' + _sample(graphdef, params, tokenizer))
 
 
 def evaluate():
@@ -284,6 +304,9 @@ def evaluate():
   graphdef, params, tokenizer, run, loaded = _checkpoint_or_hf()
   model_config = nnx.merge(graphdef, params).config
   if run.objective != 'lm':  # The run's own held-out data and metrics.
+    if run.objective in ('bert', 'roberta') and not model_config.mlm_head:
+      raise ConfigError(f'{loaded} has no masked-LM head to evaluate; --mode=eval of an encoder '
+                        'needs BertForMaskedLM, BertForPreTraining or RobertaForMaskedLM')
     task = OBJECTIVES[run.objective](run, model_config)
     task.load_data()
     metrics = task.evaluate(graphdef, params)
@@ -381,6 +404,9 @@ def main(argv):
   from models import CheckpointError, ConfigError
   from training.loop import Interrupted, TrainingError
   from training.workdir import WorkdirError
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    from training.parallel import initialize_distributed
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     {'train': train, 'eval': evaluate, 'generate': generate, 'tokenizer': train_tokenizer,
      'convert': convert}[FLAGS.mode]()
@@ -394,7 +420,7 @@ def main(argv):
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
     print(f'error: out of memory ({str(e).splitlines()[0][:160]}); lower --batch_size or '
-          '--seq_len, or --set attention_impl=chunked, --set remat=true, --grad_accum=N',
+          '--seq_len, or --set attention_impl=chunked, --set remat=full, --grad_accum=N',
           file=sys.stderr)
     sys.exit(1)
 

@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
-from models import ConfigError
+from models import ConfigError, sharding
 from models.dca import dual_chunk_attention
 from models.dense import Dense
 from models.normalization import RMSNorm
 from models.positions import RotaryPositions
+from models.sharding import BATCH, EMBED, HEADS, KV_HEADS, LENGTH, constrain
 
 
 def empty_kv_cache(config, batch: int, length: int, dtype):
@@ -33,16 +33,19 @@ class SelfAttention(nnx.Module):
     self.dca_rope = RotaryPositions(config) if config.dca_chunk_size else None
     self.dca_chunk_size, self.dca_local_size = config.dca_chunk_size, config.dca_local_size
 
-    def linear(d_in, d_out, use_bias, init_scale=1.0):
-      return Dense(d_in, d_out, use_bias=use_bias, init_std=config.init_std * init_scale,
-                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def linear(d_in, d_out, axes, use_bias, init_scale=1.0):
+      return Dense(d_in, d_out, axes=axes, use_bias=use_bias,
+                   init_std=config.init_std * init_scale, dtype=dtype, param_dtype=param_dtype,
+                   rngs=rngs)
 
-    self.q_proj = linear(config.d_model, config.n_heads * head_dim, config.qkv_bias)
-    self.k_proj = linear(config.d_model, config.n_kv_heads * head_dim, config.qkv_bias)
-    self.v_proj = linear(config.d_model, config.n_kv_heads * head_dim, config.qkv_bias,
-                         out_init_scale)
-    self.o_proj = linear(config.n_heads * head_dim, config.d_model, config.use_bias,
-                         out_init_scale)
+    self.q_proj = linear(config.d_model, config.n_heads * head_dim, (EMBED, HEADS),
+                         config.qkv_bias)
+    self.k_proj = linear(config.d_model, config.n_kv_heads * head_dim, (EMBED, KV_HEADS),
+                         config.qkv_bias)
+    self.v_proj = linear(config.d_model, config.n_kv_heads * head_dim, (EMBED, KV_HEADS),
+                         config.qkv_bias, out_init_scale)
+    self.o_proj = linear(config.n_heads * head_dim, config.d_model, (HEADS, EMBED),
+                         config.use_bias, out_init_scale)
     if config.qk_norm:
       self.q_norm = RMSNorm(head_dim, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
       self.k_norm = RMSNorm(head_dim, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -69,9 +72,12 @@ class SelfAttention(nnx.Module):
     Returns (y_btd, updated cache or None).
     """
     b, t, _ = x_btd.shape
-    q_bthd = self.q_proj(x_btd).reshape(b, t, self.n_heads, self.head_dim)
-    k_bthd = self.k_proj(x_btd).reshape(b, t, self.n_kv_heads, self.head_dim)
-    v_bthd = self.v_proj(x_btd).reshape(b, t, self.n_kv_heads, self.head_dim)
+    q_bthd = constrain(self.q_proj(x_btd).reshape(b, t, self.n_heads, self.head_dim),
+                       (BATCH, LENGTH, HEADS, None))
+    k_bthd = constrain(self.k_proj(x_btd).reshape(b, t, self.n_kv_heads, self.head_dim),
+                       (BATCH, LENGTH, KV_HEADS, None))
+    v_bthd = constrain(self.v_proj(x_btd).reshape(b, t, self.n_kv_heads, self.head_dim),
+                       (BATCH, LENGTH, KV_HEADS, None))
     if self.q_norm is not None:
       q_bthd, k_bthd = self.q_norm(q_bthd), self.k_norm(k_bthd)
     if self.dca_rope is None:
@@ -92,10 +98,11 @@ class SelfAttention(nnx.Module):
                                 segment_ids=segment_ids, prefix_len_b=prefix_len_b,
                                 cached=cache is not None)
     else:
-      y_bthd = kernels.attention(q_bthd, k_bthd, v_bthd, causal=self.causal, scale=self.scale,
+      y_bthd = sharding.attention(q_bthd, k_bthd, v_bthd, causal=self.causal, scale=self.scale,
                                  sliding_window=self.sliding_window, segment_ids=segment_ids,
                                  prefix_len=prefix_len_b, alibi_slopes=alibi_slopes,
                                  q_offset=q_offset, impl=self.impl)
+    y_bthd = constrain(y_bthd, (BATCH, LENGTH, HEADS, None))
     return self.o_proj(y_bthd.reshape(b, t, self.n_heads * self.head_dim)), cache
 
   def _dual_chunk(self, q_bthd, k_bshd, v_bshd, positions_bt, q_offset, *, segment_ids,

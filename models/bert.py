@@ -22,6 +22,7 @@ from models.dense import Dense, matmul_last_axis
 from models.mlp import ACTIVATIONS
 from models.normalization import make_norm
 from models.positions import make_position_encoding
+from models.sharding import EMBED, VOCAB, initializer, param
 from models.stack import run_blocks, split_keys
 
 
@@ -43,14 +44,15 @@ class MaskedLMHead(nnx.Module):
   def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs):
     d, vocab = config.d_model, config.vocab_size
     self.activation = config.mlp
-    self.dense = Dense(d, d, use_bias=True, init_std=config.init_std, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+    self.dense = Dense(d, d, axes=(EMBED, None), use_bias=True, init_std=config.init_std,
+                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = make_norm(config.norm, d, eps=config.norm_eps, dtype=dtype,
                           param_dtype=param_dtype)
     self.decoder = (None if config.tie_embeddings else
-                    Dense(d, vocab, use_bias=False, init_std=config.init_std, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs))
-    self.bias = nnx.Param(jnp.zeros((vocab,), param_dtype))
+                    Dense(d, vocab, axes=(EMBED, VOCAB), use_bias=False,
+                          init_std=config.init_std, dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs))
+    self.bias = param(jnp.zeros((vocab,), param_dtype), (VOCAB,))
 
   def __call__(self, x_btd, embedding_vd):
     h_btd = self.norm(ACTIVATIONS[self.activation](self.dense(x_btd)))
@@ -66,20 +68,22 @@ class Bert(nnx.Module):
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     d = config.d_model
 
-    def embedding(rows):
-      return nnx.Embed(rows, d, dtype=dtype, param_dtype=param_dtype,
-                       embedding_init=nnx.initializers.normal(config.init_std), rngs=rngs)
+    def embedding(rows, rows_axis):
+      return nnx.Embed(rows, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                       embedding_init=initializer(nnx.initializers.normal(config.init_std),
+                                                  (rows_axis, EMBED)))
 
     def dense(d_out):
-      return Dense(d, d_out, use_bias=True, init_std=config.init_std, dtype=dtype,
-                   param_dtype=param_dtype, rngs=rngs)
+      return Dense(d, d_out, axes=(EMBED, None), use_bias=True, init_std=config.init_std,
+                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def norm_if(wanted):
       return (make_norm(config.norm, d, eps=config.norm_eps, dtype=dtype,
                         param_dtype=param_dtype) if wanted else identity)
 
-    self.embed = embedding(config.vocab_size)
-    self.token_types = embedding(config.type_vocab_size) if config.type_vocab_size else None
+    self.embed = embedding(config.vocab_size, VOCAB)
+    self.token_types = (embedding(config.type_vocab_size, None) if config.type_vocab_size
+                        else None)
     self.positions = make_position_encoding(config, dtype=dtype, param_dtype=param_dtype,
                                             rngs=rngs)
     self.embed_norm = norm_if(config.embed_norm)

@@ -22,6 +22,10 @@ ATTENTION_IMPLS = ('auto', *kernels.IMPLEMENTATIONS)
 ATTENTION_TYPES = ('mha', 'mla')
 HEADS = ('dense', 'normhead')
 FAMILIES = ('decoder', 'encoder', 'encoder_decoder')
+# Rematerialisation of each block in training: none; full (keep only the block's input,
+# recompute the rest in the backward pass); matmuls (keep the outputs of the projection
+# matmuls too and recompute the cheap elementwise work and the attention in between).
+REMATS = ('none', 'full', 'matmuls')
 # Fields that only one family reads, and their values when unused.
 FAMILY_FIELDS = {
     'encoder': dict(type_vocab_size=0, position_offset=0, pooler=False, mlm_head=False,
@@ -98,7 +102,7 @@ class ModelConfig:
 
   dtype: str = 'float32'        # compute dtype.
   param_dtype: str = 'float32'
-  remat: bool = False
+  remat: str = 'none'           # one of REMATS.
   dropout_rate: float = 0.0     # on embeddings and on each sublayer's output.
   init_std: float = 0.02
 
@@ -151,7 +155,8 @@ class ModelConfig:
     choices = {'norm': NORMS, 'norm_placement': NORM_PLACEMENTS, 'mlp': MLPS,
                'position': POSITIONS, 'attention_scale': ATTENTION_SCALES,
                'dtype': DTYPES, 'param_dtype': DTYPES, 'attention_impl': ATTENTION_IMPLS,
-               'attention_type': ATTENTION_TYPES, 'head': HEADS, 'family': FAMILIES}
+               'attention_type': ATTENTION_TYPES, 'head': HEADS, 'family': FAMILIES,
+               'remat': REMATS}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r} is not one of {", ".join(allowed)}')
@@ -291,6 +296,9 @@ PRESETS = {
     'llama3-8b': _llama(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
                         n_kv_heads=8, ffn_dim=14336, max_seq_len=8192, norm_eps=1e-5,
                         rope_theta=500000.0),
+    # GPT-2 small's parameter count (124M) as a LLaMA: a model for one GPU's throughput.
+    'llama-125m': _llama(vocab_size=32000, d_model=768, n_layers=12, n_heads=12,
+                         n_kv_heads=12, ffn_dim=2560, max_seq_len=2048, tie_embeddings=True),
     'qwen2-0.5b': _qwen2(vocab_size=151936, d_model=896, n_layers=24, n_heads=14,
                          n_kv_heads=2, ffn_dim=4864, tie_embeddings=True),
     'qwen2-1.5b': _qwen2(vocab_size=151936, d_model=1536, n_layers=28, n_heads=12,
@@ -363,4 +371,6 @@ def from_dict(fields: dict) -> ModelConfig:
   unknown = set(fields) - known
   if unknown:
     raise ConfigError(f'unknown config fields {sorted(unknown)}')
+  if isinstance(fields.get('remat'), bool):  # Configs saved before remat named a policy.
+    fields = {**fields, 'remat': 'full' if fields['remat'] else 'none'}
   return ModelConfig(**fields)

@@ -7,7 +7,7 @@ source padding.
 """
 import jax.numpy as jnp
 
-import kernels
+from models import sharding
 from models.attention import SelfAttention
 
 
@@ -32,6 +32,6 @@ class CrossAttention(SelfAttention):
       q_bthd = self.q_norm(q_bthd)
     # Source padding is segment 0 and every query segment 1, so padding is never seen.
     segments = (jnp.ones((b, t), jnp.int32), memory['mask'])
-    y_bthd = kernels.attention(q_bthd, memory['k'], memory['v'], causal=False,
+    y_bthd = sharding.attention(q_bthd, memory['k'], memory['v'], causal=False,
                                scale=self.scale, segment_ids=segments, impl=self.impl)
     return self.o_proj(y_bthd.reshape(b, t, self.n_heads * self.head_dim))

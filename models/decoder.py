@@ -12,6 +12,7 @@ from models.config import ConfigError, ModelConfig
 from models.dense import Dense, matmul_last_axis
 from models.normalization import make_norm
 from models.positions import make_position_encoding
+from models.sharding import BATCH, EMBED, LENGTH, VOCAB, constrain, initializer
 from models.stack import run_blocks, split_keys
 
 
@@ -22,8 +23,9 @@ class DecoderLM(nnx.Module):
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
-                           param_dtype=param_dtype,
-                           embedding_init=nnx.initializers.normal(config.init_std), rngs=rngs)
+                           param_dtype=param_dtype, rngs=rngs,
+                           embedding_init=initializer(nnx.initializers.normal(config.init_std),
+                                                      (VOCAB, EMBED)))
     self.positions = make_position_encoding(config, dtype=dtype, param_dtype=param_dtype,
                                             rngs=rngs)
     self.blocks = nnx.List([Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -34,7 +36,7 @@ class DecoderLM(nnx.Module):
                                  param_dtype=param_dtype)
                        if PLACEMENTS[config.norm_placement].final_norm else identity)
     self.lm_head = (None if config.tie_embeddings else
-                    Dense(config.d_model, config.vocab_size, use_bias=False,
+                    Dense(config.d_model, config.vocab_size, axes=(EMBED, VOCAB), use_bias=False,
                           init_std=config.init_std, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs))
     self.dropout = nnx.Dropout(config.dropout_rate)
@@ -87,6 +89,7 @@ class DecoderLM(nnx.Module):
     n_layers = self.config.n_layers
     keys = split_keys(dropout_key, n_layers + 1)
     x_btd = self.embed_norm(self.positions.embed(self.embed(tokens_bt), positions_bt))
+    x_btd = constrain(x_btd, (BATCH, LENGTH, None))
     x_btd = self.dropout(x_btd, deterministic=dropout_key is None, rngs=keys[n_layers])
     rotate = self.positions.rotation(positions_bt)
     mask = dict(alibi_slopes=self.positions.alibi_slopes(), segment_ids_bt=segment_ids_bt,
@@ -110,4 +113,4 @@ class DecoderLM(nnx.Module):
       w32_dv = w_dv.astype(jnp.float32)
       w_dv = (w32_dv * jax.lax.rsqrt(jnp.sum(w32_dv * w32_dv, axis=0, keepdims=True)
                                      + 1e-12)).astype(x_btd.dtype)
-    return matmul_last_axis(x_btd, w_dv)
+    return constrain(matmul_last_axis(x_btd, w_dv), (BATCH, LENGTH, VOCAB))

@@ -7,6 +7,8 @@ costs nothing on other backends.
 import jax.numpy as jnp
 from flax import nnx
 
+from models import sharding
+
 
 def matmul_last_axis(x, w):
   """x [..., D] @ w [D, F] -> [..., F], computed as a 2-D product."""
@@ -16,12 +18,14 @@ def matmul_last_axis(x, w):
 
 class Dense(nnx.Module):
 
-  def __init__(self, d_in: int, d_out: int, *, use_bias: bool, init_std: float, dtype,
+  def __init__(self, d_in: int, d_out: int, *, axes, use_bias: bool, init_std: float, dtype,
                param_dtype, rngs: nnx.Rngs):
+    """axes: the logical names of (d_in, d_out); see models/sharding.py."""
     self.dtype = dtype
-    self.kernel = nnx.Param(nnx.initializers.normal(init_std)(rngs.params(), (d_in, d_out),
-                                                              param_dtype))
-    self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if use_bias else None
+    self.kernel = sharding.param(
+        nnx.initializers.normal(init_std)(rngs.params(), (d_in, d_out), param_dtype), axes)
+    self.bias = (sharding.param(jnp.zeros((d_out,), param_dtype), axes[1:]) if use_bias
+                 else None)
 
   def __call__(self, x):
     y = matmul_last_axis(x.astype(self.dtype), self.kernel[...].astype(self.dtype))

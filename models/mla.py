@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
+from models import sharding
 from models.dense import Dense
 from models.normalization import RMSNorm
+from models.sharding import EMBED, HEADS
 
 # DeepSeek-V2 normalises both latents with this epsilon, whatever the model's norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -65,9 +66,11 @@ class LatentAttention(nnx.Module):
     self.dtype = dtype
     qk_dim = config.qk_head_dim
 
-    def linear(d_in, d_out, use_bias, init_scale=1.0):
-      return Dense(d_in, d_out, use_bias=use_bias, init_std=config.init_std * init_scale,
-                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # Latent dimensions (the LoRA ranks) are small and stay whole on every device.
+    def linear(d_in, d_out, axes, use_bias, init_scale=1.0):
+      return Dense(d_in, d_out, axes=axes, use_bias=use_bias,
+                   init_std=config.init_std * init_scale, dtype=dtype, param_dtype=param_dtype,
+                   rngs=rngs)
 
     def latent_norm(dim):
       return RMSNorm(dim, eps=LATENT_NORM_EPS, dtype=dtype, param_dtype=param_dtype)
@@ -76,18 +79,19 @@ class LatentAttention(nnx.Module):
     # Hugging Face's DeepseekV2 (its q_proj, q_b_proj and kv_b_proj have none).
     if config.q_lora_rank:
       self.q_proj = None
-      self.q_a_proj = linear(config.d_model, config.q_lora_rank, config.qkv_bias)
+      self.q_a_proj = linear(config.d_model, config.q_lora_rank, (EMBED, None), config.qkv_bias)
       self.q_a_layernorm = latent_norm(config.q_lora_rank)
-      self.q_b_proj = linear(config.q_lora_rank, self.n_heads * qk_dim, False)
+      self.q_b_proj = linear(config.q_lora_rank, self.n_heads * qk_dim, (None, HEADS), False)
     else:
-      self.q_proj = linear(config.d_model, self.n_heads * qk_dim, False)
+      self.q_proj = linear(config.d_model, self.n_heads * qk_dim, (EMBED, HEADS), False)
       self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
     self.kv_a_proj_with_mqa = linear(config.d_model, self.kv_lora_rank + self.rope_dim,
-                                     config.qkv_bias)
+                                     (EMBED, None), config.qkv_bias)
     self.kv_a_layernorm = latent_norm(self.kv_lora_rank)
-    self.kv_b_proj = linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), False)
-    self.o_proj = linear(self.n_heads * self.v_dim, config.d_model, config.use_bias,
-                         out_init_scale)
+    self.kv_b_proj = linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim),
+                            (None, HEADS), False)
+    self.o_proj = linear(self.n_heads * self.v_dim, config.d_model, (HEADS, EMBED),
+                         config.use_bias, out_init_scale)
     if out_init_scale != 1.0:
       # DeepNet scales the value projection's init as well as the output's; here W^UV is the
       # value half of each head's columns of kv_b_proj.
@@ -144,7 +148,7 @@ class LatentAttention(nnx.Module):
     # kernels.attention takes one head_dim for q, k and v. Zero features change neither the
     # scores (the scale is explicit) nor the output's first v_head_dim features.
     width = max(q_bthk.shape[-1], self.v_dim)
-    y_bthk = kernels.attention(_pad_last(q_bthk, width), _pad_last(k_bshk, width),
+    y_bthk = sharding.attention(_pad_last(q_bthk, width), _pad_last(k_bshk, width),
                                _pad_last(v_bshv, width), **mask)
     return y_bthk[..., :self.v_dim]
 
@@ -158,5 +162,5 @@ class LatentAttention(nnx.Module):
     # One key head [c_kv, k_rope]; passing it as the value too gives sum_s p_s c_kv_s in the
     # output's first kv_lora_rank features (the rest, the same sum of k_rope, is dropped).
     kv_bs1l = jnp.concatenate([c_kv_bsc, k_rope_bsr], axis=-1)[:, :, None, :].astype(q_bthl.dtype)
-    o_bthl = kernels.attention(q_bthl, kv_bs1l, kv_bs1l, **mask)
+    o_bthl = sharding.attention(q_bthl, kv_bs1l, kv_bs1l, **mask)
     return jnp.einsum('bthc,chv->bthv', o_bthl[..., :self.kv_lora_rank], w_uv_chv)

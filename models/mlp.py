@@ -3,6 +3,7 @@ import jax
 from flax import nnx
 
 from models.dense import Dense
+from models.sharding import BATCH, EMBED, LENGTH, MLP as HIDDEN, constrain
 
 ACTIVATIONS = {
     'relu': jax.nn.relu,
@@ -18,15 +19,16 @@ class MLP(nnx.Module):
   """down(act(up(x))), or down(act(gate(x)) * up(x)) for gated units (Shazeer 2020)."""
 
   def __init__(self, config, *, init_scale: float, dtype, param_dtype, rngs):
-    def linear(d_in, d_out):
-      return Dense(d_in, d_out, use_bias=config.use_bias, init_std=config.init_std * init_scale,
-                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def linear(d_in, d_out, axes):
+      return Dense(d_in, d_out, axes=axes, use_bias=config.use_bias,
+                   init_std=config.init_std * init_scale, dtype=dtype, param_dtype=param_dtype,
+                   rngs=rngs)
 
     self.kind = config.mlp
     if self.kind in GATED:
-      self.gate = linear(config.d_model, config.ffn_dim)
-    self.up = linear(config.d_model, config.ffn_dim)
-    self.down = linear(config.ffn_dim, config.d_model)
+      self.gate = linear(config.d_model, config.ffn_dim, (EMBED, HIDDEN))
+    self.up = linear(config.d_model, config.ffn_dim, (EMBED, HIDDEN))
+    self.down = linear(config.ffn_dim, config.d_model, (HIDDEN, EMBED))
 
   def __call__(self, x_btd):
     activation = ACTIVATIONS[self.kind]
@@ -34,4 +36,4 @@ class MLP(nnx.Module):
       hidden_btf = activation(self.gate(x_btd)) * self.up(x_btd)
     else:
       hidden_btf = activation(self.up(x_btd))
-    return self.down(hidden_btf)
+    return self.down(constrain(hidden_btf, (BATCH, LENGTH, HIDDEN)))

@@ -3,13 +3,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.sharding import NORM, param
+
 
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale (Zhang & Sennrich 2019); no mean subtraction, no bias."""
 
   def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
     self.eps, self.dtype = eps, dtype
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.scale = param(jnp.ones((dim,), param_dtype), (NORM,))
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
@@ -22,8 +24,8 @@ class LayerNorm(nnx.Module):
 
   def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
     self.eps, self.dtype = eps, dtype
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
-    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+    self.scale = param(jnp.ones((dim,), param_dtype), (NORM,))
+    self.bias = param(jnp.zeros((dim,), param_dtype), (NORM,))
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.rope_scaling import rope_frequencies
+from models.sharding import EMBED, initializer
 
 
 def sinusoidal_table(positions, dim: int):
@@ -96,8 +97,9 @@ class LearnedPositions(NoPositions):
 
   def __init__(self, max_len: int, dim: int, *, init_std: float, dtype, param_dtype, rngs):
     self.max_len = max_len
-    self.table = nnx.Embed(max_len, dim, dtype=dtype, param_dtype=param_dtype,
-                           embedding_init=nnx.initializers.normal(init_std), rngs=rngs)
+    self.table = nnx.Embed(max_len, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                           embedding_init=initializer(nnx.initializers.normal(init_std),
+                                                      (None, EMBED)))
 
   def embed(self, x_btd, positions_bt):
     return x_btd + self.table(positions_bt)

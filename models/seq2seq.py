@@ -24,6 +24,7 @@ from models.config import ConfigError, ModelConfig
 from models.dense import Dense, matmul_last_axis
 from models.normalization import make_norm
 from models.positions import make_position_encoding
+from models.sharding import EMBED, VOCAB, initializer
 from models.stack import run_blocks, split_keys
 
 
@@ -36,8 +37,9 @@ class EncoderDecoder(nnx.Module):
     d = config.d_model
 
     def embedding():
-      return nnx.Embed(config.vocab_size, d, dtype=dtype, param_dtype=param_dtype,
-                       embedding_init=nnx.initializers.normal(config.init_std), rngs=rngs)
+      return nnx.Embed(config.vocab_size, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                       embedding_init=initializer(nnx.initializers.normal(config.init_std),
+                                                  (VOCAB, EMBED)))
 
     def final_norm():
       return (make_norm(config.norm, d, eps=config.norm_eps, dtype=dtype,
@@ -47,8 +49,9 @@ class EncoderDecoder(nnx.Module):
     self.embed = embedding()  # the target's, and with tie_embeddings the source's and output's
     self.source_embed = None if config.tie_embeddings else embedding()
     self.lm_head = (None if config.tie_embeddings else
-                    Dense(d, config.vocab_size, use_bias=False, init_std=config.init_std,
-                          dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+                    Dense(d, config.vocab_size, axes=(EMBED, VOCAB), use_bias=False,
+                          init_std=config.init_std, dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs))
     self.positions = make_position_encoding(config, dtype=dtype, param_dtype=param_dtype,
                                             rngs=rngs)
     encoder_config = dataclasses.replace(config, causal=False)

@@ -3,19 +3,47 @@ import dataclasses
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from models.config import ModelConfig  # noqa: E402
 
+# tests/multi_device needs 8 CPU devices, which JAX must be told of before it starts:
+# tests/test_sharding.py runs it in a process of its own, with this variable set.
+MULTI_DEVICE_RUN = 'LMLAB_MULTI_DEVICE_TESTS'
+collect_ignore = [] if os.environ.get(MULTI_DEVICE_RUN) else ['multi_device']
+
 
 def small_config(**fields) -> ModelConfig:
   base = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                      ffn_dim=48, max_seq_len=64)
   return dataclasses.replace(base, **fields).validate()
+
+
+def jit_call(model, **static):
+  """model(*args, **kwargs, **static) as one jitted function of args and kwargs: running a
+  whole model op by op is slow on a CPU."""
+  graphdef, state = nnx.split(model)
+  run = jax.jit(lambda state, *args, **kwargs: nnx.merge(graphdef, state)(*args, **kwargs,
+                                                                          **static))
+  return lambda *args, **kwargs: run(state, *args, **kwargs)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def subprocess_compilation_cache(tmp_path_factory):
+  """Processes the tests start (main.py runs, mostly of the same tiny models) share one
+  persistent JAX compilation cache, fresh per session, instead of each compiling the same
+  steps again. This process read its JAX configuration at import and is unaffected."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.mktemp('jax_cache')))
+    patch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+    patch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+    yield
 
 
 @pytest.fixture

@@ -13,6 +13,12 @@ import orbax.checkpoint as ocp
 from models import CheckpointError
 
 
+def _on_first_device(abstract_state):
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                      abstract_state)
+
+
 class Checkpoints:
 
   def __init__(self, workdir: str, *, keep: int = 3):
@@ -39,17 +45,20 @@ class Checkpoints:
     except Exception as e:  # Orbax raises many kinds; all mean the same to the user.
       raise self._unreadable(step, e) from e
 
-  def restore(self, step: int, abstract_params, init_opt_state):
+  def restore(self, step: int, abstract_params, init_opt_state, *, place=None):
     """(params, optimizer state or None, record) of `step`, shaped like abstract_params.
 
     init_opt_state(params) gives the optimizer state's shapes, and is skipped (None is
-    returned) for a parameters-only checkpoint.
+    returned) for a parameters-only checkpoint. place(abstract state) adds the shardings to
+    restore onto (training.parallel.Layout.abstract), whatever mesh the checkpoint was saved
+    from; by default every array goes whole to the first device.
     """
     record = self.read_record(step)
+    place = place or _on_first_device
     if record.get('params_only'):
-      return self.restore_state(step, {'params': abstract_params})['params'], None, record
-    state = self.restore_state(step, {'params': abstract_params,
-                                      'opt_state': jax.eval_shape(init_opt_state, abstract_params)})
+      return self.restore_state(step, place({'params': abstract_params}))['params'], None, record
+    state = self.restore_state(step, place({
+        'params': abstract_params, 'opt_state': jax.eval_shape(init_opt_state, abstract_params)}))
     return state['params'], state['opt_state'], record
 
   def restore_state(self, step: int, abstract_state):

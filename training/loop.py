@@ -19,13 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from data import batches as batches_lib
 from data import corpus as corpus_lib
 from data import token_cache
 from data import tokenizer as tokenizer_lib
+from models import sharding
 from models.config import ConfigError, ModelConfig
 from models.registry import build
+from training import mfu as mfu_lib
+from training import parallel
 from training import steps as steps_lib
 from training import workdir as workdir_lib
 from training.checkpoint import Checkpoints
@@ -76,6 +80,9 @@ class TrainConfig:
   save_every: int = 200
   keep_checkpoints: int = 3
   log_every: int = 10
+  mesh: str = 'data:-1'         # Device mesh axes (training/parallel.py): data:2,fsdp:2,tensor:2.
+  logical_rules: str = ''       # Changes to models/sharding.py's rules: embed:none,batch:data.
+  peak_flops: float = 0.0       # One device's peak FLOP/s for MFU; 0: training/mfu.py's table.
 
   @property
   def micro_batch_size(self) -> int:
@@ -97,6 +104,8 @@ class TrainConfig:
     for name in ('z_loss', 'max_z_loss', 'label_smoothing'):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ConfigError(f'--{name}={getattr(self, name)} must be in [0, 1) (0: off)')
+    if self.peak_flops < 0:
+      raise ConfigError(f'--peak_flops={self.peak_flops} must be >= 0 (0: the known devices)')
     if not 0.0 < self.val_fraction < 1.0:
       raise ConfigError(f'--val_fraction={self.val_fraction} must be between 0 and 1')
     return self
@@ -145,9 +154,11 @@ def end_token(train_config: TrainConfig, tokenizer):
 
 
 def evaluate(eval_step, params, tokens, *, batch_size: int, seq_len: int, max_batches: int,
-             end_token):
-  """Mean cross-entropy over evenly spaced windows of `tokens`."""
-  losses = [eval_step(params, jax.tree.map(jnp.asarray, batch))
+             end_token, put_batch=None):
+  """Mean cross-entropy over evenly spaced windows of `tokens`; put_batch places a numpy
+  batch on the devices (default: jnp.asarray)."""
+  put_batch = put_batch or (lambda batch: jax.tree.map(jnp.asarray, batch))
+  losses = [eval_step(params, put_batch(batch))
             for batch in batches_lib.eval_batches(tokens, batch_size=batch_size, seq_len=seq_len,
                                                   max_batches=max_batches, end_token=end_token)]
   return float(np.mean(jax.device_get(losses)))
@@ -163,8 +174,10 @@ class LanguageModeling:
     loss                      loss(model, batch, dropout_key) -> (loss, metrics with 'loss'),
                               or None for steps.make_train_step's next-token loss
     evaluate(graphdef, params) -> {'eval_loss': ..., and other eval metrics}
+    put_batch(numpy batch)    places a batch on the devices; `train` sets the run's
   """
   loss = None
+  put_batch = None
 
   def __init__(self, train_config: TrainConfig, model_config: ModelConfig, *, log=print):
     self.config, self.log = train_config, log
@@ -190,7 +203,8 @@ class LanguageModeling:
       self._eval_steps[graphdef] = steps_lib.make_eval_step(graphdef)
     loss = evaluate(self._eval_steps[graphdef], params, self.data['val'],
                     batch_size=self.config.micro_batch_size, seq_len=self.config.seq_len,
-                    max_batches=self.config.eval_batches, end_token=self.separator)
+                    max_batches=self.config.eval_batches, end_token=self.separator,
+                    put_batch=self.put_batch)
     return {'eval_loss': loss, 'eval_ppl': math.exp(min(loss, 700))}
 
 
@@ -207,6 +221,32 @@ def _stop_requests():
       signal.signal(s, h)
 
 
+def _process_zero_first(name: str, fn):
+  """fn() on process 0, then on the others, which find the files it wrote (tokenizer,
+  token cache) instead of writing them at the same time."""
+  if jax.process_count() == 1:
+    return fn()
+  if jax.process_index() == 0:
+    result = fn()
+  multihost_utils.sync_global_devices(f'lmlab: {name}')
+  if jax.process_index() != 0:
+    result = fn()
+  return result
+
+
+def _compiled_memory(compiled) -> dict:
+  """The compiled step's memory (bytes per device), where the backend reports it."""
+  try:
+    analysis = compiled.memory_analysis()
+  except (NotImplementedError, jax.errors.JaxRuntimeError):
+    analysis = None
+  if analysis is None:
+    return {}
+  return {f'step_{name}_bytes': int(getattr(analysis, f'{name}_size_in_bytes'))
+          for name in ('argument', 'output', 'temp', 'generated_code')
+          if hasattr(analysis, f'{name}_size_in_bytes')}
+
+
 def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: OptimizerConfig,
           *, print_fn=print, init_params=None, objective=LanguageModeling):
   """Trains (or resumes) in train_config.workdir; returns (params, graphdef, tokenizer, summary).
@@ -216,45 +256,104 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
 
   init_params(params) -> params, when given, replaces the freshly initialised parameters of a
   new run (another initialisation, or weights to fine-tune); a resumed run ignores it.
+
+  The state lives on the mesh of train_config.mesh (training/parallel.py); with several
+  processes, only process 0 writes the config, metrics and progress, and every process
+  takes part in each checkpoint.
   """
   train_config.validate()
   model_config.validate()
   workdir = train_config.workdir
-  task = objective(train_config, model_config, log=print_fn)
+  layout = parallel.Layout.create(train_config.mesh, train_config.logical_rules, model_config)
+  if train_config.micro_batch_size % layout.batch_ways():
+    raise ConfigError(f'a micro-batch of {train_config.micro_batch_size} sequences does not '
+                      f'split over the {layout.batch_ways()} devices of the batch axes of '
+                      f'--mesh={train_config.mesh}; make --batch_size / --grad_accum a '
+                      'multiple of them')
+  lead = jax.process_index() == 0
+  if not lead:
+    print_fn = lambda *args, **kwargs: None
+  task = _process_zero_first('objective', lambda: objective(train_config, model_config,
+                                                                log=print_fn))
   model_config, tokenizer = task.model_config, task.tokenizer
   resolved = {'model': model_config, **dataclasses.asdict(train_config),
               'optimizer': dataclasses.asdict(opt_config)}
-  workdir_lib.record_config(workdir, resolved)
+  if lead:
+    workdir_lib.record_config(workdir, resolved)
+  _process_zero_first('data', task.load_data)
+  task.put_batch = layout.put_batch
 
-  task.load_data()
+  with sharding.activation_rules(layout.rules):
+    return _train(train_config, model_config, opt_config, task, layout, print_fn=print_fn,
+                  init_params=init_params, lead=lead)
 
-  model = build(model_config, rngs=nnx.Rngs(params=train_config.seed))
-  graphdef, params = nnx.split(model)
-  if init_params is not None:
-    params = init_params(params)
+
+def _train(train_config, model_config, opt_config, task, layout, *, print_fn, init_params,
+           lead):
+  workdir = train_config.workdir
+
+  def new_params():
+    return nnx.split(build(model_config, rngs=nnx.Rngs(params=train_config.seed)))[1]
+
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build(model_config, rngs=nnx.Rngs(0))))
+  abstract_params = jax.eval_shape(new_params)
+  params_at = layout.state_shardings(abstract_params)
   optimizer = make_optimizer(opt_config)
-  opt_state = optimizer.init(params)
+  opt_state_at = layout.state_shardings(jax.eval_shape(optimizer.init, abstract_params))
   checkpoints = Checkpoints(workdir, keep=train_config.keep_checkpoints)
   record = {'seed': train_config.seed, 'tokenizer': train_config.tokenizer,
             'config': workdir_lib.config_path(workdir)}
 
   latest = checkpoints.latest_step()
   start_step = latest or 0
-  if latest is not None:
-    params, saved_opt_state, _ = checkpoints.restore(latest, jax.eval_shape(lambda: params),
-                                                     optimizer.init)
-    opt_state = optimizer.init(params) if saved_opt_state is None else saved_opt_state
+  if latest is None:
+    params = jax.jit(new_params, out_shardings=params_at)()
+    if init_params is not None:
+      params = jax.device_put(init_params(params), params_at)
+    opt_state = None
+  else:
+    params, opt_state, _ = checkpoints.restore(latest, abstract_params, optimizer.init,
+                                               place=layout.abstract)
     print_fn(f'resumed from checkpoint {latest} in {checkpoints.directory}')
+  if opt_state is None:
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_state_at)(params)
+  param_bytes = parallel.bytes_per_device(params)
+  print_fn(f'mesh {dict(layout.mesh.shape)} on {jax.device_count()} devices '
+           f'({jax.process_count()} processes); parameters: {param_bytes / 2**20:.1f} MiB '
+           'on the fullest device')
 
+  accum = train_config.grad_accum
+
+  def step_batch(step):
+    micro_batches = {k: np.asarray(v).reshape(accum, -1, *np.shape(v)[1:])
+                     for k, v in task.train_batch(step).items()}
+    return layout.put_batch(micro_batches, batch_axis=1)
+
+  first_batch = step_batch(start_step)
   train_step = steps_lib.make_train_step(
       graphdef, optimizer, schedule(opt_config), seed=train_config.seed,
       use_dropout=model_config.dropout_rate > 0, z_loss=train_config.z_loss,
-      max_z_loss=train_config.max_z_loss, loss_fn=task.loss)
-  metrics_log = MetricsLog(workdir)
+      max_z_loss=train_config.max_z_loss, loss_fn=task.loss,
+      shardings=(params_at, opt_state_at, {k: v.sharding for k, v in first_batch.items()},
+                 layout.replicated))
+  train_step = train_step.lower(params, opt_state, first_batch,
+                                layout.put_replicated(np.int32(start_step))).compile()
+  metrics_log = MetricsLog(workdir) if lead else None
+  flops_per_token = (mfu_lib.train_flops_per_token(model_config, train_config.seq_len)
+                     if model_config.family == 'decoder' else None)
+  peak = train_config.peak_flops or mfu_lib.peak_flops(jax.devices()[0].device_kind)
+  memory = _compiled_memory(train_step)
+  if 'step_temp_bytes' in memory:
+    print_fn(f'compiled step: {memory["step_temp_bytes"] / 2**20:.1f} MiB of temporaries per '
+             'device')
+  if lead:
+    metrics_log.write(step=start_step, param_bytes_per_device=param_bytes,
+                      devices=jax.device_count(), **memory)
 
   def run_eval(step):
     metrics = task.evaluate(graphdef, params)
-    metrics_log.write(step=step, **metrics)
+    if lead:
+      metrics_log.write(step=step, **metrics)
     return metrics
 
   def save(step, metrics):
@@ -265,20 +364,18 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
     checkpoints.save(step, {'params': params, 'opt_state': opt_state},
                      {**record, 'step': step, 'data_cursor': step})
 
-  progress = Progress(train_config.steps)
+  progress = Progress(train_config.steps) if lead else None
   initial_loss = run_eval(start_step)['eval_loss'] if start_step == 0 else None
-  if initial_loss is not None:
+  if initial_loss is not None and lead:
     progress.message(f'step 0: validation loss {initial_loss:.4f}')
   tokens_per_step = train_config.batch_size * train_config.seq_len
-  accum = train_config.grad_accum
   last_metrics, interval_start, interval_steps = None, time.perf_counter(), 0
   try:
     with _stop_requests() as stop:
       for step in range(start_step, train_config.steps):
-        micro_batches = {k: jnp.asarray(v).reshape(accum, -1, *v.shape[1:])
-                         for k, v in task.train_batch(step).items()}
-        params, opt_state, metrics = train_step(params, opt_state, micro_batches,
-                                                jnp.int32(step))
+        batch = first_batch if step == start_step else step_batch(step)
+        params, opt_state, metrics = train_step(params, opt_state, batch,
+                                                layout.put_replicated(np.int32(step)))
         done, interval_steps = step + 1, interval_steps + 1
         is_last = done == train_config.steps
         stopping = bool(stop)  # A signal arriving later is handled after the next step.
@@ -288,18 +385,26 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
           last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           elapsed = time.perf_counter() - interval_start
           rate = tokens_per_step * interval_steps / elapsed
-          metrics_log.write(step=done, **last_metrics, tokens_per_sec=rate)
+          throughput = {'tokens_per_sec': rate}
+          if flops_per_token and peak:
+            throughput['mfu'] = rate * flops_per_token / (peak * jax.device_count())
+          if lead:
+            metrics_log.write(step=done, **last_metrics, **throughput)
           if not math.isfinite(last_metrics['loss']):
             save(done, last_metrics)  # Raises: nothing non-finite is ever saved.
-          progress.update(done, last_metrics['loss'], rate)
+          if lead:
+            progress.update(done, last_metrics['loss'], rate)
           interval_start, interval_steps = time.perf_counter(), 0
         if done % train_config.eval_every == 0 and not is_last:
-          progress.message(f'step {done}: validation loss {run_eval(done)["eval_loss"]:.4f}')
+          eval_loss = run_eval(done)['eval_loss']
+          if lead:
+            progress.message(f'step {done}: validation loss {eval_loss:.4f}')
           interval_start = time.perf_counter()
         if will_save:
           save(done, last_metrics)
         if stopping:
-          progress.message('')
+          if lead:
+            progress.message('')
           raise Interrupted(f'stopped at step {done}; checkpoint saved in '
                             f'{checkpoints.directory}; run the same command to resume', stop[0])
     final_step = max(start_step, train_config.steps)
@@ -308,4 +413,4 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
   finally:
     checkpoints.close()
   summary = {'step': final_step, **final_metrics, 'initial_eval_loss': initial_loss}
-  return params, graphdef, tokenizer, summary
+  return params, graphdef, task.tokenizer, summary

@@ -54,7 +54,8 @@ def batch_loss(graphdef, params, batch):
 
 
 def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout: bool,
-                    z_loss: float = 0.0, max_z_loss: float = 0.0, loss_fn=None):
+                    z_loss: float = 0.0, max_z_loss: float = 0.0, loss_fn=None,
+                    shardings=None):
   """step(params, opt_state, batch, step) -> (params, opt_state, metrics).
 
   Every array of the batch dict arrives as A micro-batches [A, B, T]; their gradients are
@@ -62,6 +63,8 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
   (seed, step). z_loss and max_z_loss weigh the logit penalties of `objective`.
   loss_fn(model, micro_batch, dropout_key) -> (loss, metrics), when given, replaces the
   next-token objective (BERT's, sequence-to-sequence, classification).
+  shardings, when given, is (params', optimizer state's, batch's, replicated) shardings,
+  which the step takes its inputs in and returns its outputs in.
   """
   base_key = jax.random.key(seed)
 
@@ -71,7 +74,6 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
     logits = batch_logits(graphdef, params, micro_batch, key)
     return objective(logits, micro_batch['targets'], z_loss=z_loss, max_z_loss=max_z_loss)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(params, opt_state, batch, step):
     step_key = jax.random.fold_in(base_key, step)
 
@@ -92,7 +94,12 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
                'lr': lr_schedule(step)}
     return params, opt_state, metrics
 
-  return train_step
+  if shardings is None:
+    return jax.jit(train_step, donate_argnums=(0, 1))
+  params_at, opt_state_at, batch_at, replicated = shardings
+  return jax.jit(train_step, donate_argnums=(0, 1),
+                 in_shardings=(params_at, opt_state_at, batch_at, replicated),
+                 out_shardings=(params_at, opt_state_at, replicated))
 
 
 def make_eval_step(graphdef):

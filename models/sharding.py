@@ -1,0 +1,169 @@
+"""Logical axis names on parameters and activations, and the rules that map them to a mesh.
+
+Every parameter carries `logical_axes` metadata, one name (or None: never sharded) per
+dimension, e.g. a query projection [d_model, heads * head_dim] is (EMBED, HEADS). The model
+also names the axes of its main activations through `constrain`. Rules decide which mesh
+axes each name is sharded over; the defaults give data parallelism over 'data', ZeRO-3
+style FSDP over 'fsdp' (parameters split along d_model) and Megatron tensor parallelism over
+'tensor' (heads, the MLP's hidden units and the vocabulary split):
+
+    batch -> (data, fsdp)   embed -> fsdp   heads, kv_heads, mlp, vocab -> tensor
+
+A dimension is split only as far as it divides evenly, in whole units (a head is never cut
+in two): with fewer KV heads than the tensor axis has devices, KV projections stay whole on
+each device (replicated), which is what Megatron-style GQA does. A mesh axis is used at most
+once per array.
+"""
+import contextlib
+import contextvars
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+import kernels
+from models import ConfigError
+
+BATCH, LENGTH = 'batch', 'length'
+EMBED, MLP, HEADS, KV_HEADS, VOCAB = 'embed', 'mlp', 'heads', 'kv_heads', 'vocab'
+NORM = 'norm'  # norm scales and biases: small, kept whole by default.
+LOGICAL_AXES = (BATCH, LENGTH, EMBED, MLP, HEADS, KV_HEADS, VOCAB, NORM)
+
+DEFAULT_RULES = {BATCH: ('data', 'fsdp'), LENGTH: (), EMBED: ('fsdp',), MLP: ('tensor',),
+                 HEADS: ('tensor',), KV_HEADS: ('tensor',), VOCAB: ('tensor',), NORM: ()}
+
+
+def param(value, axes):
+  """An nnx.Param whose dimensions are named `axes`."""
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def initializer(init, axes):
+  """`init` for a Flax layer (nnx.Embed's embedding_init) that names the dimensions."""
+  return nnx.with_metadata(init, logical_axes=tuple(axes))
+
+
+def logical_axes(variable) -> tuple | None:
+  return variable.get_metadata().get('logical_axes')
+
+
+def parse_rules(text: str) -> dict:
+  """'embed:fsdp,mlp:tensor,batch:data+fsdp,length:none' -> DEFAULT_RULES with those
+  names changed; '' gives the defaults."""
+  rules = dict(DEFAULT_RULES)
+  for item in filter(None, (part.strip() for part in text.split(','))):
+    name, sep, axes = item.partition(':')
+    if not sep or name not in LOGICAL_AXES:
+      raise ConfigError(f'--logical_rules entry {item!r} is not <name>:<mesh axes>, with the '
+                        f'name one of {", ".join(LOGICAL_AXES)} (e.g. embed:fsdp, '
+                        'batch:data+fsdp, length:none)')
+    rules[name] = () if axes in ('', 'none') else tuple(axes.split('+'))
+  return rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """Logical names -> mesh axes, on `mesh`. units says how many indivisible pieces a named
+  dimension holds where it flattens them (heads of a [heads * head_dim] projection); a
+  dimension whose size is not a multiple of that count is made of size pieces."""
+  mesh: jax.sharding.Mesh
+  rules: dict
+  units: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    for name, axes in self.rules.items():
+      unknown = [a for a in axes if a not in self.mesh.shape]
+      if unknown:
+        raise ConfigError(f'logical axis {name!r} maps to {"+".join(unknown)}, not an axis of '
+                          f'the mesh ({", ".join(self.mesh.axis_names)})')
+
+  def spec(self, axes, shape) -> PartitionSpec:
+    """The PartitionSpec of an array of `shape` whose dimensions are named `axes`."""
+    used, entries = set(), []
+    for name, size in zip(axes, shape):
+      units = self.units.get(name, size)
+      units = units if size % units == 0 else size
+      chosen = []
+      for axis in self.rules.get(name, ()) if name else ():
+        split = math.prod(self.mesh.shape[a] for a in chosen) * self.mesh.shape[axis]
+        if axis not in used and units % split == 0:
+          chosen.append(axis)
+      used.update(chosen)
+      entries.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+    return PartitionSpec(*entries)
+
+  def sharding(self, axes, shape) -> NamedSharding:
+    return NamedSharding(self.mesh, self.spec(axes, shape))
+
+  def tree_shardings(self, tree):
+    """NamedShardings for a tree of nnx Variables (parameters, optimizer moments), shaped
+    like it; arrays outside a named Variable (step counters) are replicated."""
+    def leaf_sharding(leaf):
+      if isinstance(leaf, nnx.Variable):
+        axes = logical_axes(leaf)
+        value = leaf.get_value()
+        return leaf.replace(self.sharding(axes or (None,) * value.ndim, value.shape))
+      return NamedSharding(self.mesh, PartitionSpec())
+    return jax.tree.map(leaf_sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+_ACTIVE = contextvars.ContextVar('lmlab_activation_rules', default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(rules: Rules):
+  """Within this block, `constrain` shards the activations of models being traced."""
+  token = _ACTIVE.set(rules)
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x, axes):
+  """x with its dimensions named `axes` sharded by the active rules; x itself outside
+  `activation_rules`."""
+  rules = _ACTIVE.get()
+  if rules is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, rules.sharding(axes, x.shape))
+
+
+def attention(q_bthd, k_bshd, v_bshd, *, impl='auto', segment_ids=None, prefix_len=None,
+              alibi_slopes=None, q_offset=0, **static):
+  """kernels.attention, split by batch and heads under the active rules.
+
+  XLA's partitioner splits the plain and chunked implementations like any other jnp code,
+  but sees a Pallas or cuDNN kernel as one opaque call that it would run whole on every
+  device; such kernels run here shard by shard instead (jax.shard_map). Heads are split only
+  when the KV heads split the same way; otherwise each device computes all heads of its
+  batch rows.
+  """
+  rules = _ACTIVE.get()
+  name = kernels.auto_implementation(q_bthd, k_bshd) if impl == 'auto' else impl
+  arrays = dict(segment_ids=segment_ids, prefix_len=prefix_len, alibi_slopes=alibi_slopes,
+                q_offset=q_offset)
+  if rules is None or rules.mesh.size == 1 or name in ('xla', 'chunked'):
+    return kernels.attention(q_bthd, k_bshd, v_bshd, impl=name, **arrays, **static)
+  q_spec = rules.spec((BATCH, None, HEADS, None), q_bthd.shape)
+  kv_spec = rules.spec((BATCH, None, KV_HEADS, None), k_bshd.shape)
+  batch_axes, head_axes = q_spec[0], q_spec[2] if q_spec[2] == kv_spec[2] else None
+  if kv_spec[0] != batch_axes:
+    batch_axes = None
+  q_spec = kv_spec = PartitionSpec(batch_axes, None, head_axes, None)
+  specs = dict(segment_ids=(PartitionSpec(batch_axes, None),) * 2,
+               prefix_len=PartitionSpec(batch_axes), alibi_slopes=PartitionSpec(head_axes),
+               q_offset=PartitionSpec(batch_axes) if jnp.ndim(q_offset) else PartitionSpec())
+  given = {key: value for key, value in arrays.items()
+           if value is not None and not isinstance(value, int)}
+  fixed = {key: value for key, value in arrays.items() if key not in given}
+
+  def per_shard(q, k, v, shard_arrays):
+    return kernels.attention(q, k, v, impl=name, **shard_arrays, **fixed, **static)
+
+  return jax.shard_map(per_shard, mesh=rules.mesh,
+                       in_specs=(q_spec, kv_spec, kv_spec, {k: specs[k] for k in given}),
+                       out_specs=q_spec, check_vma=False)(q_bthd, k_bshd, v_bshd, given)
