@@ -84,8 +84,8 @@ flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s of one device for the MFU met
                    'table of known GPUs and TPUs (training/mfu.py).')
 flags.DEFINE_bool('distributed', False, 'Join a multi-process run (jax.distributed.initialize); '
                   'the three flags below, where not given, come from the environment.')
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (implies '
-                    '--distributed).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (this flag and the '
+                    'two below imply --distributed).')
 flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 flags.DEFINE_integer('process_id', None, 'This process\'s index, 0..num_processes-1.')
 flags.DEFINE_string('hf_checkpoint', None, 'A Hugging Face folder (config.json, *.safetensors): '
@@ -404,10 +404,11 @@ def main(argv):
   from models import CheckpointError, ConfigError
   from training.loop import Interrupted, TrainingError
   from training.workdir import WorkdirError
-  if FLAGS.distributed or FLAGS.coordinator_address:
-    from training.parallel import initialize_distributed
-    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
+    if FLAGS.distributed or any(FLAGS[name].present for name in
+                                ('coordinator_address', 'num_processes', 'process_id')):
+      from training.parallel import initialize_distributed
+      initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     {'train': train, 'eval': evaluate, 'generate': generate, 'tokenizer': train_tokenizer,
      'convert': convert}[FLAGS.mode]()
   except (ConfigError, DataError, CheckpointError, TrainingError, WorkdirError) as e:

@@ -61,6 +61,8 @@ def parse_rules(text: str) -> dict:
                         f'name one of {", ".join(LOGICAL_AXES)} (e.g. embed:fsdp, '
                         'batch:data+fsdp, length:none)')
     rules[name] = () if axes in ('', 'none') else tuple(axes.split('+'))
+    if len(set(rules[name])) != len(rules[name]):
+      raise ConfigError(f'--logical_rules entry {item!r} names a mesh axis twice')
   return rules
 
 

@@ -150,3 +150,30 @@ def test_two_processes_train_as_one(tmp_path, rng):
   assert [step for step, _ in two] == [1, 2, 3]  # Written once, by process 0.
   np.testing.assert_allclose([loss for _, loss in two], [loss for _, loss in one], rtol=1e-5)
   assert os.path.isdir(tmp_path / 'two' / 'checkpoints' / '3')
+
+  # Bad input seen by process 0 (another model in the same workdir) stops both processes
+  # with one error line, rather than leaving process 1 waiting for it.
+  port = free_port()
+  runs = [subprocess.Popen([*common, '--set', 'd_model=64', f'--workdir={tmp_path / "two"}',
+                            f'--coordinator_address=localhost:{port}', '--num_processes=2',
+                            f'--process_id={i}'], env=cpu_devices_env(2), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
+  errors = [run.communicate(timeout=300)[1] for run in runs]
+  assert [run.returncode for run in runs] == [1, 1]
+  assert errors[0].strip().splitlines()[-1].startswith('error: ') and 'd_model' in errors[0]
+  assert 'error: process 0 stopped' in errors[1] and 'd_model' in errors[1]
+
+
+def test_resume_accepts_configs_of_earlier_versions(tmp_path):
+  """config.json written when remat was a bool; remat and attention_impl may change."""
+  from training.workdir import WorkdirError, record_config
+  config = small_config()
+  record_config(str(tmp_path), {'model': config, 'data': None})
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  saved['model']['remat'] = False
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  record_config(str(tmp_path), {'model': small_config(remat='full', attention_impl='xla'),
+                                'data': None})
+  with pytest.raises(WorkdirError, match='d_model'):
+    record_config(str(tmp_path), {'model': small_config(d_model=64), 'data': None})

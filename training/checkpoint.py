@@ -14,7 +14,7 @@ from models import CheckpointError
 
 
 def _on_first_device(abstract_state):
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
                       abstract_state)
 
@@ -51,7 +51,7 @@ class Checkpoints:
     init_opt_state(params) gives the optimizer state's shapes, and is skipped (None is
     returned) for a parameters-only checkpoint. place(abstract state) adds the shardings to
     restore onto (training.parallel.Layout.abstract), whatever mesh the checkpoint was saved
-    from; by default every array goes whole to the first device.
+    from; by default every array goes whole to this process's first device.
     """
     record = self.read_record(step)
     place = place or _on_first_device

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from data import DataError
 from data import batches as batches_lib
 from data import corpus as corpus_lib
 from data import token_cache
@@ -174,7 +175,8 @@ class LanguageModeling:
     loss                      loss(model, batch, dropout_key) -> (loss, metrics with 'loss'),
                               or None for steps.make_train_step's next-token loss
     evaluate(graphdef, params) -> {'eval_loss': ..., and other eval metrics}
-    put_batch(numpy batch)    places a batch on the devices; `train` sets the run's
+    put_batch(numpy batch)    places a batch on the devices; `train` sets it to the
+                              run's (training.parallel.Layout.put_batch)
   """
   loss = None
   put_batch = None
@@ -221,17 +223,36 @@ def _stop_requests():
       signal.signal(s, h)
 
 
-def _process_zero_first(name: str, fn):
+def _process_zero_first(fn):
   """fn() on process 0, then on the others, which find the files it wrote (tokenizer,
-  token cache) instead of writing them at the same time."""
+  token cache) instead of writing them at the same time. An error of process 0 (bad
+  input) stops every process with the same message, rather than leaving them waiting."""
   if jax.process_count() == 1:
     return fn()
+  message = ''
   if jax.process_index() == 0:
-    result = fn()
-  multihost_utils.sync_global_devices(f'lmlab: {name}')
-  if jax.process_index() != 0:
-    result = fn()
-  return result
+    try:
+      result = fn()
+    except (ConfigError, DataError, workdir_lib.WorkdirError) as e:
+      failure, message = e, str(e)
+  encoded = np.zeros(4096, np.uint8)
+  encoded[:len(message.encode()[:4096])] = np.frombuffer(message.encode()[:4096], np.uint8)
+  shared = bytes(multihost_utils.broadcast_one_to_all(encoded)).rstrip(b'\0').decode(
+      errors='replace')
+  if jax.process_index() == 0:
+    if message:
+      raise failure
+    return result
+  if shared:
+    raise ConfigError(f'process 0 stopped: {shared}')
+  return fn()
+
+
+def _agree(flag: bool) -> bool:
+  """True on every process when it is true on any (a stop request)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _compiled_memory(compiled) -> dict:
@@ -242,9 +263,12 @@ def _compiled_memory(compiled) -> dict:
     analysis = None
   if analysis is None:
     return {}
-  return {f'step_{name}_bytes': int(getattr(analysis, f'{name}_size_in_bytes'))
-          for name in ('argument', 'output', 'temp', 'generated_code')
-          if hasattr(analysis, f'{name}_size_in_bytes')}
+  # Donated inputs are aliased to outputs: peak, where reported, counts them once.
+  fields = {f'step_{name}_bytes': f'{name}_size_in_bytes'
+            for name in ('argument', 'output', 'alias', 'temp', 'generated_code')}
+  fields['step_peak_bytes'] = 'peak_memory_in_bytes'
+  return {key: int(getattr(analysis, attribute)) for key, attribute in fields.items()
+          if getattr(analysis, attribute, None) is not None}
 
 
 def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: OptimizerConfig,
@@ -273,14 +297,18 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
   lead = jax.process_index() == 0
   if not lead:
     print_fn = lambda *args, **kwargs: None
-  task = _process_zero_first('objective', lambda: objective(train_config, model_config,
-                                                                log=print_fn))
-  model_config, tokenizer = task.model_config, task.tokenizer
-  resolved = {'model': model_config, **dataclasses.asdict(train_config),
-              'optimizer': dataclasses.asdict(opt_config)}
-  if lead:
-    workdir_lib.record_config(workdir, resolved)
-  _process_zero_first('data', task.load_data)
+
+  def prepare():
+    task = objective(train_config, model_config, log=print_fn)
+    resolved = {'model': task.model_config, **dataclasses.asdict(train_config),
+                'optimizer': dataclasses.asdict(opt_config)}
+    if lead:
+      workdir_lib.record_config(workdir, resolved)
+    task.load_data()
+    return task
+
+  task = _process_zero_first(prepare)
+  model_config = task.model_config
   task.put_batch = layout.put_batch
 
   with sharding.activation_rules(layout.rules):
@@ -378,7 +406,10 @@ def _train(train_config, model_config, opt_config, task, layout, *, print_fn, in
                                                 layout.put_replicated(np.int32(step)))
         done, interval_steps = step + 1, interval_steps + 1
         is_last = done == train_config.steps
-        stopping = bool(stop)  # A signal arriving later is handled after the next step.
+        # A signal arriving later is handled after the next step; with several processes,
+        # at a log step, where they all stop together.
+        stopping = (bool(stop) if jax.process_count() == 1 else
+                    done % train_config.log_every == 0 and _agree(bool(stop)))
         will_save = done % train_config.save_every == 0 or stopping
         if (done % train_config.log_every == 0 or is_last or will_save
             or done == start_step + 1):
@@ -399,14 +430,15 @@ def _train(train_config, model_config, opt_config, task, layout, *, print_fn, in
           eval_loss = run_eval(done)['eval_loss']
           if lead:
             progress.message(f'step {done}: validation loss {eval_loss:.4f}')
-          interval_start = time.perf_counter()
+          interval_start, interval_steps = time.perf_counter(), 0
         if will_save:
           save(done, last_metrics)
         if stopping:
           if lead:
             progress.message('')
           raise Interrupted(f'stopped at step {done}; checkpoint saved in '
-                            f'{checkpoints.directory}; run the same command to resume', stop[0])
+                            f'{checkpoints.directory}; run the same command to resume',
+                            stop[0] if stop else signal.SIGTERM)
     final_step = max(start_step, train_config.steps)
     final_metrics = run_eval(final_step)
     save(final_step, last_metrics)

@@ -13,14 +13,15 @@ from flax import nnx
 
 from models.registry import build
 
-# Dense bfloat16 peak FLOP/s of one chip (vendor data sheets), by a piece of
-# jax.Device.device_kind; the first match wins, so longer names come first.
+# Dense bfloat16 peak FLOP/s of one JAX device (vendor data sheets; a TPU v2/v3 chip is two
+# devices, so half the chip's), by a piece of jax.Device.device_kind; the first match wins,
+# so the more specific names come first.
 PEAK_FLOPS = (
-    ('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('GH200', 989e12),
-    ('B200', 2250e12), ('A100', 312e12), ('L40S', 362e12), ('L4', 121e12),
-    ('A10G', 70e12), ('TPU v6 lite', 918e12), ('TPU v6e', 918e12), ('TPU v5 lite', 197e12),
-    ('TPU v5e', 197e12), ('TPU v5p', 459e12), ('TPU v5', 459e12), ('TPU v4', 275e12),
-    ('TPU v3', 123e12), ('TPU v2', 45e12),
+    ('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('GH200', 989e12),
+    ('H200', 989e12), ('B200', 2250e12), ('A100', 312e12), ('L40S', 362e12),
+    ('L40', 181e12), ('L4', 121e12), ('A10G', 70e12), ('TPU v6 lite', 918e12),
+    ('TPU v6e', 918e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5p', 459e12),
+    ('TPU v5', 459e12), ('TPU v4', 275e12), ('TPU v3', 61.5e12), ('TPU v2', 22.5e12),
 )
 
 

@@ -27,9 +27,12 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 def mesh_shape(text: str, n_devices: int) -> dict:
   """{'data': ..., 'fsdp': ..., 'tensor': ...} from 'data:2,fsdp:-1'; the sizes multiply to
   n_devices."""
-  sizes, rest = dict.fromkeys(MESH_AXES, 1), None
+  sizes, rest, named = dict.fromkeys(MESH_AXES, 1), None, set()
   for item in filter(None, (part.strip() for part in text.split(','))):
     name, sep, size = item.partition(':')
+    if name in named:
+      raise ConfigError(f'--mesh={text} names {name} twice')
+    named.add(name)
     if not sep or name not in MESH_AXES or not size.lstrip('-').isdigit():
       raise ConfigError(f'--mesh entry {item!r} is not <axis>:<size> with the axis one of '
                         f'{", ".join(MESH_AXES)} (e.g. --mesh=data:2,fsdp:-1)')
@@ -62,8 +65,12 @@ def make_mesh(text: str, devices=None) -> jax.sharding.Mesh:
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
   """Joins this process to a multi-process run; arguments left None are read by JAX from
   the environment (TPU VMs, SLURM, Open MPI) where it knows how."""
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  except (ValueError, RuntimeError) as e:
+    raise ConfigError(f'cannot join the multi-process run ({str(e).splitlines()[0][:200]}); '
+                      'give --coordinator_address, --num_processes and --process_id') from None
 
 
 @dataclasses.dataclass(frozen=True)

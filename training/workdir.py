@@ -11,6 +11,8 @@ from models import config as model_config_lib
 CONFIG_FILE = 'config.json'
 # What a checkpoint means depends on these; the training schedule may change on resume.
 MUST_MATCH = ('model', 'tokenizer', 'tokenizer_pattern', 'data', 'val_fraction')
+# Model fields that change how a step runs, not what a checkpoint holds.
+MAY_CHANGE = ('remat', 'attention_impl')
 
 
 class WorkdirError(RuntimeError):
@@ -39,6 +41,8 @@ def _differences(old: dict, new: dict):
     before, after = old.get(key), new.get(key)
     if isinstance(before, dict) and isinstance(after, dict):
       for field in sorted(set(before) | set(after)):
+        if key == 'model' and field in MAY_CHANGE:
+          continue
         if before.get(field) != after.get(field):
           yield f'{key}.{field}: {before.get(field)!r} -> {after.get(field)!r}'
     elif before != after:
@@ -55,6 +59,10 @@ def record_config(workdir: str, resolved: dict):
         previous = json.load(f)
       except ValueError:
         raise WorkdirError(f'{path} is not valid JSON; use a new --workdir') from None
+    try:  # Written by an earlier version: compare in today's form.
+      previous['model'] = model_config_lib.to_dict(model_config_lib.from_dict(previous['model']))
+    except (KeyError, TypeError, model_config_lib.ConfigError) as e:
+      raise WorkdirError(f'{path} is not a valid run config ({e}); use a new --workdir') from None
     changed = list(_differences(previous, resolved))
     if changed:
       raise WorkdirError(f'{workdir} holds a run with a different config ({"; ".join(changed)});'
