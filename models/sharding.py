@@ -134,15 +134,30 @@ def constrain(x, axes):
   return jax.lax.with_sharding_constraint(x, rules.sharding(axes, x.shape))
 
 
+def _head_axes_split(q_spec, kv_spec, n_heads, n_kv_heads, mesh):
+  """(mesh axes over which query heads are split, KV heads each shard keeps, and whether
+  those are a slice of whole-on-every-device KV heads)."""
+  head_axes = q_spec[2]
+  if head_axes is None or kv_spec[2] == head_axes:
+    return head_axes, None, False
+  axes = head_axes if isinstance(head_axes, tuple) else (head_axes,)
+  local_heads, group = n_heads // math.prod(mesh.shape[a] for a in axes), n_heads // n_kv_heads
+  if local_heads % group == 0:
+    return head_axes, local_heads // group, True
+  if group % local_heads == 0:
+    return head_axes, 1, True
+  return None, None, False
+
+
 def attention(q_bthd, k_bshd, v_bshd, *, impl='auto', segment_ids=None, prefix_len=None,
               alibi_slopes=None, q_offset=0, **static):
   """kernels.attention, split by batch and heads under the active rules.
 
   XLA's partitioner splits the plain and chunked implementations like any other jnp code,
   but sees a Pallas or cuDNN kernel as one opaque call that it would run whole on every
-  device; such kernels run here shard by shard instead (jax.shard_map). Heads are split only
-  when the KV heads split the same way; otherwise each device computes all heads of its
-  batch rows.
+  device; such kernels run here shard by shard instead (jax.shard_map). Query heads are
+  split as the rules say; when the KV heads are whole on every device (fewer KV heads than
+  the tensor axis), each shard slices out the KV heads of its query heads' groups.
   """
   rules = _ACTIVE.get()
   name = kernels.auto_implementation(q_bthd, k_bshd) if impl == 'auto' else impl
@@ -152,18 +167,23 @@ def attention(q_bthd, k_bshd, v_bshd, *, impl='auto', segment_ids=None, prefix_l
     return kernels.attention(q_bthd, k_bshd, v_bshd, impl=name, **arrays, **static)
   q_spec = rules.spec((BATCH, None, HEADS, None), q_bthd.shape)
   kv_spec = rules.spec((BATCH, None, KV_HEADS, None), k_bshd.shape)
-  batch_axes, head_axes = q_spec[0], q_spec[2] if q_spec[2] == kv_spec[2] else None
-  if kv_spec[0] != batch_axes:
-    batch_axes = None
-  q_spec = kv_spec = PartitionSpec(batch_axes, None, head_axes, None)
+  batch_axes = q_spec[0] if kv_spec[0] == q_spec[0] else None
+  head_axes, kv_per_shard, slice_kv = _head_axes_split(
+      q_spec, kv_spec, q_bthd.shape[2], k_bshd.shape[2], rules.mesh)
+  q_spec = PartitionSpec(batch_axes, None, head_axes, None)
+  kv_spec = PartitionSpec(batch_axes, None, None if slice_kv else head_axes, None)
   specs = dict(segment_ids=(PartitionSpec(batch_axes, None),) * 2,
                prefix_len=PartitionSpec(batch_axes), alibi_slopes=PartitionSpec(head_axes),
                q_offset=PartitionSpec(batch_axes) if jnp.ndim(q_offset) else PartitionSpec())
   given = {key: value for key, value in arrays.items()
            if value is not None and not isinstance(value, int)}
   fixed = {key: value for key, value in arrays.items() if key not in given}
+  group = q_bthd.shape[2] // k_bshd.shape[2]
 
   def per_shard(q, k, v, shard_arrays):
+    if slice_kv:
+      first = jax.lax.axis_index(head_axes) * q.shape[2] // group
+      k, v = (jax.lax.dynamic_slice_in_dim(x, first, kv_per_shard, axis=2) for x in (k, v))
     return kernels.attention(q, k, v, impl=name, **shard_arrays, **fixed, **static)
 
   return jax.shard_map(per_shard, mesh=rules.mesh,

@@ -176,11 +176,12 @@ def test_checkpoint_restores_onto_other_topologies(tmp_path, rng):
     assert restored.sharding == wanted
 
 
-@pytest.mark.parametrize('fields, mesh', [
-    (dict(n_kv_heads=4, position='alibi'), 'data:2,tensor:4'),  # heads split with KV heads
-    (dict(n_kv_heads=2), 'fsdp:2,tensor:4'),                     # 2 KV heads: batch only
+@pytest.mark.parametrize('fields, mesh, rules', [
+    (dict(n_kv_heads=4, position='alibi'), 'data:2,tensor:4', ''),  # KV heads split alike
+    (dict(n_kv_heads=2), 'fsdp:2,tensor:4', ''),  # KV heads whole: each shard slices 1
+    (dict(n_heads=8, n_kv_heads=4), 'data:4,tensor:2', 'kv_heads:none'),  # slices 2 of 4
 ])
-def test_pallas_kernel_runs_per_shard(rng, fields, mesh):
+def test_pallas_kernel_runs_per_shard(rng, fields, mesh, rules):
   """A custom kernel (Pallas, interpreted on CPU) under a mesh runs shard by shard in
   shard_map; the logits equal the plain implementation's on one device."""
   config = small_config(attention_impl='pallas', **fields)
@@ -190,7 +191,7 @@ def test_pallas_kernel_runs_per_shard(rng, fields, mesh):
   plain = nnx.merge(graphdef, params)
   plain.set_attributes(impl='xla')
   expected = plain(tokens, segment_ids_bt=segments)
-  layout = parallel.Layout.create(mesh, '', config)
+  layout = parallel.Layout.create(mesh, rules, config)
   placed = jax.device_put(jax.tree.map(np.asarray, params), layout.state_shardings(params))
   batch = layout.put_batch({'tokens': tokens, 'segments': segments})
   with sharding.activation_rules(layout.rules):
