@@ -11,6 +11,15 @@ from flax import nnx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# The models here are tiny, so compiling takes most of the suite's time, and LLVM's
+# optimisation passes half of compiling; they make code faster (and round differently in the
+# last bits), not compute something else. This process and those it starts (main.py runs,
+# the multi-device tests) skip them. XLA reads the flag when JAX first starts its CPU
+# backend, which nothing has done yet.
+if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                             + ' --xla_backend_optimization_level=0').strip()
+
 from models.config import ModelConfig  # noqa: E402
 
 # tests/multi_device needs 8 CPU devices, which JAX must be told of before it starts:

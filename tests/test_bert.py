@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import jit_call
 from models.config import ConfigError, preset
 from models.registry import build, param_count
 
@@ -68,14 +69,14 @@ def test_every_token_sees_every_real_token_and_no_padding(fields, rng):
     out = model(tokens, attention_mask=mask)
     return out.last_hidden_state[0, query].sum() + out.mlm_logits[0, query].sum()
 
-  grad_td = np.asarray(jax.grad(output_at_query)(jnp.zeros((1, t, config.d_model)))[0])
+  grad_td = np.asarray(jax.jit(jax.grad(output_at_query))(jnp.zeros((1, t, config.d_model)))[0])
   assert np.all(np.any(grad_td[:n_real] != 0.0, axis=-1))  # before and after the query
   assert np.all(grad_td[n_real:] == 0.0)
 
 
 def test_heads_follow_the_config(rng):
   tokens = jnp.asarray(rng.integers(0, 61, (2, 7)), jnp.int32)
-  out = build_bert(bert_config(), rng)(tokens, output_hidden_states=True)
+  out = jit_call(build_bert(bert_config(), rng), output_hidden_states=True)(tokens)
   assert out.last_hidden_state.shape == (2, 7, 32)
   assert out.pooler_output.shape == (2, 32) and out.nsp_logits.shape == (2, 2)
   assert out.mlm_logits.shape == (2, 7, 61) and out.classifier_logits is None
@@ -83,13 +84,13 @@ def test_heads_follow_the_config(rng):
   np.testing.assert_array_equal(np.asarray(out.hidden_states[-1]),
                                 np.asarray(out.last_hidden_state))  # post-LN: no final norm
   classifier = bert_config(mlm_head=False, nsp_head=False, n_labels=5)
-  out = build_bert(classifier, rng)(tokens)
+  out = jit_call(build_bert(classifier, rng))(tokens)
   assert out.mlm_logits is None and out.nsp_logits is None and out.hidden_states is None
   assert out.classifier_logits.shape == (2, 5)
 
 
 def test_dropout_only_with_a_key(rng):
-  model = build_bert(bert_config(dropout_rate=0.5, n_labels=3), rng)
+  model = jit_call(build_bert(bert_config(dropout_rate=0.5, n_labels=3), rng))
   tokens = jnp.asarray(rng.integers(0, 61, (2, 7)), jnp.int32)
   plain, again = model(tokens), model(tokens)
   key = jax.random.key(int(rng.integers(1 << 30)))
@@ -114,7 +115,7 @@ def test_bad_encoder_configs_are_config_errors(fields, match):
 
 
 def test_longer_than_the_position_table_is_a_config_error(rng):
-  model = build_bert(bert_config(max_seq_len=8, position_offset=2), rng)
+  model = jit_call(build_bert(bert_config(max_seq_len=8, position_offset=2), rng))
   model(jnp.zeros((1, 6), jnp.int32))
   with pytest.raises(ConfigError, match='position table'):
     model(jnp.zeros((1, 7), jnp.int32))

@@ -195,7 +195,7 @@ def test_decoder_remat_changes_nothing(rng):
   config = small_config(dca_chunk_size=8, dca_local_size=3)
   seed = int(rng.integers(1 << 30))
   tokens = jnp.asarray(rng.integers(0, config.vocab_size, (1, 20)), jnp.int32)
-  remat = build(dataclasses.replace(config, remat=True), seed)[0]
+  remat = build(dataclasses.replace(config, remat='full'), seed)[0]
   np.testing.assert_allclose(np.asarray(remat(tokens)), np.asarray(build(config, seed)[0](tokens)),
                              rtol=1e-6, atol=1e-6)
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import small_config
-from test_model import build, random_tokens
+from conftest import jit_call, small_config
+from test_model import build, decode_in_steps, random_tokens
 from models import config as config_lib
 from models.cache_size import kv_cache_bytes_per_token, kv_cache_elements_per_token
 from models.registry import param_count
@@ -108,29 +108,18 @@ def test_forward_equals_the_papers_equations(q_lora_rank, mask, rng):
   expected = paper_mla(np.asarray(x_btd), params, config, angles_bti, segments_bt, prefix_b)
 
   rotate = rotation_by_angles(jnp.asarray(angles_bti, jnp.float32))
-  full, _ = attention(x_btd, rotate,
-                      segment_ids_bt=None if segments_bt is None else jnp.asarray(segments_bt),
-                      prefix_len_b=None if prefix_b is None else jnp.asarray(prefix_b))
+  graphdef, state = nnx.split(attention)
+  attend = jax.jit(lambda state, x_btd, kwargs: nnx.merge(graphdef, state)(x_btd, rotate,
+                                                                           **kwargs))
+  full, _ = attend(state, x_btd, dict(
+      segment_ids_bt=None if segments_bt is None else jnp.asarray(segments_bt),
+      prefix_len_b=None if prefix_b is None else jnp.asarray(prefix_b)))
   np.testing.assert_allclose(np.asarray(full), expected, rtol=1e-4, atol=1e-4)
   if mask == 'causal':  # The absorbed path, prefilling an empty cache with the whole input.
     cache = {'c_kv': jnp.zeros((b, t + 3, config.kv_lora_rank)),
              'k_rope': jnp.zeros((b, t + 3, config.qk_rope_head_dim))}
-    cached, _ = attention(x_btd, rotate, cache=cache, cache_index=0)
+    cached, _ = attend(state, x_btd, dict(cache=cache, cache_index=0))
     np.testing.assert_allclose(np.asarray(cached), expected, rtol=1e-4, atol=1e-4)
-
-
-def decode_in_steps(model, tokens, prefill, cache_length):
-  """Logits of a prefill of `prefill` tokens, then of one token at a time."""
-  graphdef, state = nnx.split(model)
-  decode = jax.jit(lambda st, tokens_bt, caches, i: nnx.merge(graphdef, st).decode(
-      tokens_bt, caches, i))
-  caches = model.init_cache(tokens.shape[0], cache_length)
-  logits, caches = decode(state, tokens[:, :prefill], caches, 0)
-  steps = [logits]
-  for i in range(prefill, tokens.shape[1]):
-    logits, caches = decode(state, tokens[:, i:i + 1], caches, i)
-    steps.append(logits)
-  return jnp.concatenate(steps, axis=1), caches
 
 
 @pytest.mark.parametrize('fields', [
@@ -143,7 +132,7 @@ def test_cached_decoding_equals_full_forward(fields, rng):
   model = build(config, rng)
   t = 10
   tokens = random_tokens(rng, config, (2, t))
-  full = model(tokens)
+  full = jit_call(model)(tokens)
   steps, _ = decode_in_steps(model, tokens, int(rng.integers(1, t)), t + 3)
   np.testing.assert_allclose(np.asarray(steps), np.asarray(full), rtol=1e-5, atol=1e-5)
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import small_config
+from conftest import jit_call, small_config
 from models import config as config_lib
 from models.block import deepnorm_constants
 from models.decoder import DecoderLM
@@ -30,10 +30,24 @@ def build(config, rng):
   return DecoderLM(config, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
 
 
+def decode_in_steps(model, tokens, prefill, cache_length):
+  """Logits of a prefill of `prefill` tokens, then of one token at a time (jitted)."""
+  graphdef, state = nnx.split(model)
+  decode = jax.jit(lambda st, tokens_bt, caches, i: nnx.merge(graphdef, st).decode(
+      tokens_bt, caches, i))
+  caches = model.init_cache(tokens.shape[0], cache_length)
+  logits, caches = decode(state, tokens[:, :prefill], caches, 0)
+  steps = [logits]
+  for i in range(prefill, tokens.shape[1]):
+    logits, caches = decode(state, tokens[:, i:i + 1], caches, i)
+    steps.append(logits)
+  return jnp.concatenate(steps, axis=1), caches
+
+
 def test_logits_shape_and_dtype(rng):
   config = small_config(dtype='bfloat16')
   tokens = random_tokens(rng, config, (3, 7))
-  logits = build(config, rng)(tokens)
+  logits = jit_call(build(config, rng))(tokens)
   assert logits.shape == (3, 7, config.vocab_size)
   assert logits.dtype == jnp.bfloat16
 
@@ -64,7 +78,7 @@ def test_causal_gradient_is_exactly_zero(fields, rng):
     model.embed = ShiftedEmbedding(model.embed, offset_btd)
     return model(tokens)[0, t].sum()
 
-  grad_btd = jax.grad(output_at_t)(jnp.zeros((1, 9, config.d_model)))
+  grad_btd = jax.jit(jax.grad(output_at_t))(jnp.zeros((1, 9, config.d_model)))
   assert np.all(np.asarray(grad_btd[0, t + 1:]) == 0.0)
   assert np.any(np.asarray(grad_btd[0, :t + 1]) != 0.0)
 
@@ -81,16 +95,9 @@ def test_cached_decoding_equals_full_forward(fields, rng):
   model = build(config, rng)
   t = 10
   tokens = random_tokens(rng, config, (2, t))
-  full = model(tokens)
-  prefill = int(rng.integers(1, t))
-  caches = model.init_cache(2, t + 3)
-  logits, caches = model.decode(tokens[:, :prefill], caches, 0)
-  steps = [logits]
-  for i in range(prefill, t):
-    logits, caches = model.decode(tokens[:, i:i + 1], caches, i)
-    steps.append(logits)
-  np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full),
-                             rtol=1e-5, atol=1e-5)
+  full = jit_call(model)(tokens)
+  steps, _ = decode_in_steps(model, tokens, int(rng.integers(1, t)), t + 3)
+  np.testing.assert_allclose(np.asarray(steps), np.asarray(full), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('position', ['rope', 'learned'])
@@ -103,35 +110,40 @@ def test_packed_documents_do_not_see_each_other(position, rng):
   packed = jnp.concatenate(documents, axis=1)
   segment_ids = jnp.concatenate([jnp.full((1, int(n)), i) for i, n in enumerate(lengths)], 1)
   positions = jnp.concatenate([jnp.arange(int(n))[None] for n in lengths], 1)
-  logits = model(packed, positions_bt=positions, segment_ids_bt=segment_ids)
-  alone = jnp.concatenate([model(doc) for doc in documents], axis=1)
+  forward = jit_call(model)
+  logits = forward(packed, positions_bt=positions, segment_ids_bt=segment_ids)
+  alone = jnp.concatenate([forward(doc) for doc in documents], axis=1)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(alone), rtol=1e-5, atol=1e-5)
 
 
 def test_remat_gives_equal_gradients(rng):
   config = small_config(dropout_rate=0.1)
   graphdef, params = nnx.split(build(config, rng))
-  graphdef_remat, _ = nnx.split(DecoderLM(dataclasses.replace(config, remat=True),
-                                          rngs=nnx.Rngs(0)))
   tokens = random_tokens(rng, config, (2, 8))
   key = jax.random.key(int(rng.integers(1 << 30)))
 
   def grads(graph):
     loss = lambda p: steps_lib.cross_entropy(nnx.merge(graph, p)(tokens, dropout_key=key),
                                              tokens)
-    return jax.grad(loss)(params)
+    return jax.jit(jax.grad(loss))(params)
 
-  plain, remat = grads(graphdef), grads(graphdef_remat)
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  plain = grads(graphdef)
+  for policy in [p for p in config_lib.REMATS if p != 'none']:
+    graphdef_remat, _ = nnx.split(DecoderLM(dataclasses.replace(config, remat=policy),
+                                            rngs=nnx.Rngs(0)))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(grads(graphdef_remat))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7,
+                                 err_msg=policy)
 
 
-TRAINABLE = ([dict(norm_placement=p) for p in config_lib.NORM_PLACEMENTS]
-             + [dict(mlp=m) for m in config_lib.MLPS]
+MLPS, PLACEMENTS = config_lib.MLPS, config_lib.NORM_PLACEMENTS
+# Every MLP and every norm placement trains, two at a time (one compilation per pair).
+TRAINABLE = ([dict(mlp=MLPS[i % len(MLPS)], norm_placement=PLACEMENTS[i % len(PLACEMENTS)])
+              for i in range(max(len(MLPS), len(PLACEMENTS)))]
              + [dict(norm='layernorm', parallel_block=True, qk_norm=True, tie_embeddings=True),
                 dict(position='learned', attention_scale='inv_d', dtype='bfloat16'),
                 dict(position='sinusoidal', attention_scale='inv_cbrt_d', dropout_rate=0.1),
-                dict(position='alibi', remat=True),
+                dict(position='alibi', remat='matmuls'),
                 dict(attention_type='mla', kv_lora_rank=16, q_lora_rank=8, qk_rope_head_dim=4,
                      qk_nope_head_dim=8, v_head_dim=12)])
 

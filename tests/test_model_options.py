@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conftest import small_config
+from conftest import jit_call, small_config
 from test_model import ShiftedEmbedding, build, random_tokens
 from training import steps as steps_lib
 
@@ -19,7 +19,7 @@ def depends_on(model, tokens, t, **kwargs):
     shifted.embed = ShiftedEmbedding(shifted.embed, offset_btd)
     return shifted(tokens, **kwargs)[0, t].sum()
 
-  grad_btd = jax.grad(output_at_t)(jnp.zeros((*tokens.shape, model.config.d_model)))
+  grad_btd = jax.jit(jax.grad(output_at_t))(jnp.zeros((*tokens.shape, model.config.d_model)))
   return np.any(np.asarray(grad_btd[0]) != 0.0, axis=-1)
 
 
@@ -47,6 +47,7 @@ def test_prefix_lm_is_bidirectional_in_the_prefix_and_causal_after(rng):
 def test_left_and_right_padding_give_the_unpadded_logits(rng):
   config = small_config()
   model = build(config, rng)
+  forward = jit_call(model)
   lengths = rng.integers(3, 9, 2)
   width = int(lengths.max()) + 2
   rows = [random_tokens(rng, config, (int(n),)) for n in lengths]
@@ -57,10 +58,10 @@ def test_left_and_right_padding_give_the_unpadded_logits(rng):
       padded.append(jnp.concatenate([pad, row] if left else [row, pad]))
       ones, zeros = jnp.ones(row.shape[0], jnp.int32), jnp.zeros_like(pad)
       mask.append(jnp.concatenate([zeros, ones] if left else [ones, zeros]))
-    logits = model(jnp.stack(padded), attention_mask=jnp.stack(mask))
+    logits = forward(jnp.stack(padded), attention_mask=jnp.stack(mask))
     for b, row in enumerate(rows):
       real = np.asarray(mask[b]) == 1
-      np.testing.assert_allclose(np.asarray(logits[b][real]), np.asarray(model(row[None])[0]),
+      np.testing.assert_allclose(np.asarray(logits[b][real]), np.asarray(forward(row[None])[0]),
                                  rtol=1e-5, atol=1e-5)
 
 
@@ -73,8 +74,8 @@ def test_normhead_uses_unit_length_output_embeddings(rng):
   kernel_dv = np.asarray(plain.lm_head.kernel[...])
   plain.lm_head.kernel[...] = jnp.asarray(kernel_dv / np.linalg.norm(kernel_dv, axis=0))
   plain.config = small_config()
-  np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(plain(tokens)),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(jit_call(model)(tokens)),
+                             np.asarray(jit_call(plain)(tokens)), rtol=1e-5, atol=1e-5)
 
 
 def test_z_loss_and_max_z_loss_follow_their_formulas(rng):
