@@ -17,7 +17,7 @@ def test_round_trip_is_exact(tmp_path, rng):
   optimizer = make_optimizer(OptimizerConfig())
   opt_state = optimizer.init(params)
   grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
-  _, opt_state = optimizer.update(grads, opt_state, params)  # Non-trivial moments.
+  _, opt_state = jax.jit(optimizer.update)(grads, opt_state, params)  # Non-trivial moments.
   state = {'params': params, 'opt_state': opt_state}
   record = {'step': 7, 'seed': 3}
 

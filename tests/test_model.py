@@ -136,16 +136,24 @@ def test_remat_gives_equal_gradients(rng):
                                  err_msg=policy)
 
 
-MLPS, PLACEMENTS = config_lib.MLPS, config_lib.NORM_PLACEMENTS
-# Every MLP and every norm placement trains, two at a time (one compilation per pair).
-TRAINABLE = ([dict(mlp=MLPS[i % len(MLPS)], norm_placement=PLACEMENTS[i % len(PLACEMENTS)])
-              for i in range(max(len(MLPS), len(PLACEMENTS)))]
-             + [dict(norm='layernorm', parallel_block=True, qk_norm=True, tie_embeddings=True),
-                dict(position='learned', attention_scale='inv_d', dtype='bfloat16'),
-                dict(position='sinusoidal', attention_scale='inv_cbrt_d', dropout_rate=0.1),
-                dict(position='alibi', remat='matmuls'),
-                dict(attention_type='mla', kv_lora_rank=16, q_lora_rank=8, qk_rope_head_dim=4,
-                     qk_nope_head_dim=8, v_head_dim=12)])
+# Several options per model (one compilation each); every MLP and every norm placement is
+# among them (test_every_mlp_and_norm_placement_trains).
+TRAINABLE = [
+    dict(mlp='relu', norm_placement='pre', norm='layernorm', parallel_block=True,
+         qk_norm=True, tie_embeddings=True),
+    dict(mlp='gelu', norm_placement='post', position='learned', attention_scale='inv_d',
+         dtype='bfloat16'),
+    dict(mlp='swiglu', norm_placement='sandwich'),
+    dict(mlp='gelu_tanh', norm_placement='deepnorm', position='alibi', remat='matmuls'),
+    dict(mlp='geglu', position='sinusoidal', attention_scale='inv_cbrt_d', dropout_rate=0.1),
+    dict(attention_type='mla', kv_lora_rank=16, q_lora_rank=8, qk_rope_head_dim=4,
+         qk_nope_head_dim=8, v_head_dim=12)]
+
+
+def test_every_mlp_and_norm_placement_trains():
+  trained = [small_config(**fields) for fields in TRAINABLE]
+  assert {config.mlp for config in trained} == set(config_lib.MLPS)
+  assert {config.norm_placement for config in trained} == set(config_lib.NORM_PLACEMENTS)
 
 
 @pytest.mark.parametrize('fields', TRAINABLE, ids=lambda f: ','.join(f'{k}={v}' for k, v in

@@ -34,7 +34,7 @@ def test_weight_decay_spares_norms_and_biases(rng):
   opt = OptimizerConfig(learning_rate=0.5, warmup_steps=0, total_steps=10, weight_decay=0.1)
   optimizer = make_optimizer(opt)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+  updates, _ = jax.jit(optimizer.update)(zero_grads, optimizer.init(params), params)
   flat_params = dict(nnx.to_flat_state(params))
   for path, update in nnx.to_flat_state(updates):
     name, value = '/'.join(map(str, path)), np.asarray(flat_params[path][...])
