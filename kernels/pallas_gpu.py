@@ -68,6 +68,17 @@ def _split(refs):
   return mask_refs, refs.pop('slope', None), refs.pop('kv_seg', None)
 
 
+def _key_block(j, block_k, q_blk, k, kv_seg, slope, rows, settings):
+  """(key slice, key block, masked logits of the query block against it) for key block j."""
+  keys = pl.ds(j * block_k, block_k)
+  k_blk = k[keys, :]
+  logits = common.block_logits(
+      common.dot_nt(q_blk, k_blk), j * block_k + jnp.arange(block_k)[None, :],
+      scale=settings.scale, causal=settings.causal, slope=slope,
+      kv_seg=None if kv_seg is None else kv_seg[keys][None, :], **rows)
+  return keys, k_blk, logits
+
+
 def _forward_kernel(*, q, k, v, first, last, out, lse, settings, **refs):
   mask_refs, slope, kv_seg = _split(refs)
   block_k = settings.blocks.k
@@ -77,12 +88,7 @@ def _forward_kernel(*, q, k, v, first, last, out, lse, settings, **refs):
 
   def visit(j, carry):
     acc, m, l = carry
-    keys = pl.ds(j * block_k, block_k)
-    k_blk = k[keys, :]
-    logits = common.block_logits(
-        common.dot_nt(q_blk, k_blk), j * block_k + jnp.arange(block_k)[None, :],
-        scale=settings.scale, causal=settings.causal, slope=slope,
-        kv_seg=None if kv_seg is None else kv_seg[keys][None, :], **rows)
+    keys, _, logits = _key_block(j, block_k, q_blk, k, kv_seg, slope, rows, settings)
     m_new = jnp.maximum(m, jnp.max(logits, axis=1))
     shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     probs = jnp.exp2(logits - shift[:, None])
@@ -138,12 +144,7 @@ def _dq_kernel(*, q, k, v, d_out, lse, delta, first, last, dq, settings, **refs)
   slope = None if slope is None else slope[...]
 
   def visit(j, dq_acc):
-    keys = pl.ds(j * block_k, block_k)
-    k_blk = k[keys, :]
-    logits = common.block_logits(
-        common.dot_nt(q_blk, k_blk), j * block_k + jnp.arange(block_k)[None, :],
-        scale=settings.scale, causal=settings.causal, slope=slope,
-        kv_seg=None if kv_seg is None else kv_seg[keys][None, :], **rows)
+    keys, k_blk, logits = _key_block(j, block_k, q_blk, k, kv_seg, slope, rows, settings)
     _, d_logits = common.softmax_grad(logits, lse_q1, common.dot_nt(do_blk, v[keys, :]),
                                       delta_q1, settings.scale)
     return dq_acc + common.dot_nn(d_logits.astype(k_blk.dtype), k_blk)
