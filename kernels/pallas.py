@@ -299,7 +299,8 @@ def runs_here(dtype, head_dim: int) -> bool:
   head_dim) on a small problem with every mask feature, causal and not; compiled ahead of
   time and run on concrete arrays, so it also works while a caller is being traced.
   """
-  b, t, s, hq, hkv = 2, 40, 72, 4, 2
+  # Long enough for the full default blocks: a real run's blocks, and its shared memory.
+  b, t, s, hq, hkv = 2, 130, 200, 4, 2
   rng = np.random.default_rng(0)
   q = rng.standard_normal((b, t, hq, head_dim)).astype(dtype)
   k, v = rng.standard_normal((2, b, s, hkv, head_dim)).astype(dtype)

@@ -267,6 +267,25 @@ def test_impl_pallas_through_kernels_attention(rng):
     assert kernels.auto_implementation(q, q) == 'pallas'
 
 
+def test_auto_probe_accepts_the_kernels_and_refuses_wrong_or_failing_ones(monkeypatch):
+  """pallas.runs_here, which impl='auto' trusts off CPU, run here in interpret mode."""
+  real = pallas.attention
+
+  def off_by_one_percent(q, k, v, **mask):
+    return reference.attention(q, k, v, **{**mask, 'scale': mask['scale'] * 1.01})
+
+  def failing(q, k, v, **mask):
+    raise RuntimeError('out of resource: shared memory')
+
+  try:
+    for kernel, runs in ((real, True), (off_by_one_percent, False), (failing, False)):
+      pallas.runs_here.cache_clear()
+      monkeypatch.setattr(pallas, 'attention', kernel)
+      assert pallas.runs_here(jnp.float32, 8) is runs, kernel
+  finally:
+    pallas.runs_here.cache_clear()
+
+
 def test_pallas_rejects_what_it_cannot_run():
   q = jnp.zeros((1, 4, 2, 8), jnp.int32)
   with pytest.raises(ValueError, match='dtypes'):
