@@ -17,7 +17,7 @@ from models.registry import param_count
 # One checkpoint per run, the one at its end (what a rerun resumes from): each costs a second.
 TINY = ['--steps=2', '--d_model=16', '--n_heads=2', '--n_layers=1', '--batch_size=2',
         '--seq_len=16', '--eval_every=1', '--eval_batches=1', '--log_every=1',
-        '--save_every=100', '--warmup_steps=0', '--seeds=1']
+        '--save_every=100', '--warmup_steps=0', '--learning_rate=1e-2', '--seeds=1']
 
 
 @pytest.fixture(scope='module')
