@@ -11,6 +11,8 @@ kernels, each writing its own output blocks (deterministic, no atomics):
 Triton wants power-of-two tiles, so head_dim is zero-padded to one (at least 16) and the
 block sizes are powers of two. On a CPU backend the same kernels run in interpret mode.
 """
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -23,6 +25,21 @@ MIN_BLOCK = 16
 
 def padded_head_dim(d: int) -> int:
   return max(16, pl.next_power_of_2(d))
+
+
+def lowering_target(device_kind: str = 'NVIDIA H100 80GB HBM3'):
+  """A context in which JAX lowers the kernels for a `device_kind` GPU that is not present.
+
+  JAX 0.11 and later read the target's compute capability while lowering to Triton, and
+  fail without a GPU unless an abstract one is given. Releases whose AbstractDevice has no
+  platform (before 0.10.1) lower for sm_90 regardless, so there this does nothing.
+  """
+  try:
+    gpu = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform='gpu')
+  except (AttributeError, TypeError):
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=gpu))
 
 
 def default_blocks(head_dim: int) -> common.BlockSizes:

@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 
 import kernels
 from conftest import ROOT, small_config
-from kernels import cudnn, masks, pallas, reference
+from kernels import cudnn, masks, pallas, pallas_gpu, pallas_tpu, reference
 from models.decoder import DecoderLM
 from training import steps as steps_lib
 
@@ -219,12 +219,7 @@ def test_kernels_lower_for_the_accelerator(variant, platform):
     return pallas.attention(q, k, v, **mask, variant=variant, interpret=False).sum()
 
   step = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
-  # Triton's lowering reads the GPU's compute capability, from an abstract H100 here.
-  h100 = jax.sharding.AbstractDevice(device_kind='NVIDIA H100 80GB HBM3', num_cores=132,
-                                     platform='gpu')
-  gpu_target = jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h100)
-  with (jax.sharding.use_abstract_mesh(gpu_target) if platform == 'cuda'
-        else contextlib.nullcontext()):
+  with pallas_gpu.lowering_target() if platform == 'cuda' else contextlib.nullcontext():
     text = step.trace(q, k, k).lower(lowering_platforms=(platform,)).as_text()
   target = '__gpu$xla.gpu.triton' if variant == 'gpu' else 'tpu_custom_call'
   assert text.count(f'custom_call @{target}') == 3  # forward, dQ, dK/dV
@@ -269,7 +264,11 @@ def test_impl_pallas_through_kernels_attention(rng):
 
 def test_auto_probe_accepts_the_kernels_and_refuses_wrong_or_failing_ones(monkeypatch):
   """pallas.runs_here, which impl='auto' trusts off CPU, run here in interpret mode."""
-  real = pallas.attention
+  lengths, kernels_under_test = [], pallas.attention
+
+  def real(q, k, v, **mask):
+    lengths.append((q.shape[1], k.shape[1]))
+    return kernels_under_test(q, k, v, **mask)
 
   def off_by_one_percent(q, k, v, **mask):
     return reference.attention(q, k, v, **{**mask, 'scale': mask['scale'] * 1.01})
@@ -284,6 +283,12 @@ def test_auto_probe_accepts_the_kernels_and_refuses_wrong_or_failing_ones(monkey
       assert pallas.runs_here(jnp.float32, 8) is runs, kernel
   finally:
     pallas.runs_here.cache_clear()
+  # The probe's blocks are those of a long run, so its shared memory is too.
+  t, s = lengths[0]
+  for variant in (pallas_gpu, pallas_tpu):
+    for head_dim in (64, 128, 256):
+      blocks = variant.default_blocks(head_dim)
+      assert blocks.fitted(t, s, variant.MIN_BLOCK) == blocks
 
 
 def test_pallas_rejects_what_it_cannot_run():
