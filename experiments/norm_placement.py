@@ -47,9 +47,22 @@ SCALE_DEFAULTS = {
     'quick': dict(d_model=32, steps=120, n_layers=[2, 8], learning_rate=[1e-2, 1e-1],
                   warmup_steps=[0, 30], norms=['layernorm'], eval_every=40, eval_batches=4,
                   target_loss=2.8),
+    # 96 cells, 288 runs of 3000 steps with the full scale's 3 seeds.
     'full': dict(n_layers=[6, 24, 48], learning_rate=[1e-3, 5e-3], warmup_steps=[0, 1000],
                  norms=['layernorm', 'rmsnorm'], steps=3000),
 }
+
+
+PLACEMENT_NAMES = {'post': 'Post-LN (Vaswani et al. 2017)', 'pre': 'Pre-LN (Xiong et al. 2020)',
+                   'sandwich': 'Sandwich (Ding et al. 2021)',
+                   'deepnorm': 'DeepNorm (Wang et al. 2022)'}
+NORM_NAMES = {'layernorm': 'LayerNorm', 'rmsnorm': 'RMSNorm'}
+
+
+def _listed(names) -> str:
+  """'a', 'a and b', 'a, b and c'."""
+  names = list(names)
+  return ' and '.join(filter(None, [', '.join(names[:-1]), names[-1]]))
 
 
 def measure(trained):
@@ -108,8 +121,8 @@ def run():
            plot_loss_vs_depth(settings, records, list(axes))]
   report.write(
       settings, records, title='Norm placement and norm type', axes=shown, plots=plots,
-      intro='Post-LN (Vaswani et al. 2017), Pre-LN (Xiong et al. 2020), Sandwich (Ding et al. '
-            '2021) and DeepNorm (Wang et al. 2022), each with LayerNorm and RMSNorm.',
+      intro=f'{_listed(PLACEMENT_NAMES[p] for p in axes["placement"])}, each with '
+            f'{_listed(NORM_NAMES[n] for n in axes["norm"])}.',
       columns=[report.Column('final_eval_loss', 'validation loss'),
                report.Column('diverged', 'diverged'),
                report.Column('steps_to_target', 'steps to target loss', 0),
