@@ -52,10 +52,12 @@ def _lowering_hook():
   """The module whose lower_jaxpr_to_triton_module JAX's pallas_call lowering calls."""
   try:
     from jax._src.pallas.triton import pallas_call_registration as registration
-    registration.lowering.lower_jaxpr_to_triton_module  # noqa: B018 (checks it is there)
-  except (ImportError, AttributeError) as error:
-    raise CompileError(f'this JAX has no Triton lowering entry point to hook ({error})') from None
-  return registration.lowering
+  except ImportError as error:
+    raise CompileError(f'this JAX has no Triton lowering to hook ({error})') from None
+  hook = getattr(registration, 'lowering', None)
+  if not hasattr(hook, 'lower_jaxpr_to_triton_module'):
+    raise CompileError('this JAX has no lowering.lower_jaxpr_to_triton_module to hook')
+  return hook
 
 
 def triton_modules(dtype, head_dim: int, device_kind: str):

@@ -235,8 +235,9 @@ def _process_zero_first(fn):
       result = fn()
     except (ConfigError, DataError, workdir_lib.WorkdirError) as e:
       failure, message = e, str(e)
+  message_bytes = message.encode()[:4096]
   encoded = np.zeros(4096, np.uint8)
-  encoded[:len(message.encode()[:4096])] = np.frombuffer(message.encode()[:4096], np.uint8)
+  encoded[:len(message_bytes)] = np.frombuffer(message_bytes, np.uint8)
   shared = bytes(multihost_utils.broadcast_one_to_all(encoded)).rstrip(b'\0').decode(
       errors='replace')
   if jax.process_index() == 0:
