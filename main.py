@@ -109,7 +109,7 @@ POST_LN_LEARNING_RATE = 1e-3
 
 
 def _model_config():
-  from models import config as config_lib
+  from lmlab.models import config as config_lib
   return config_lib.with_overrides(config_lib.preset(FLAGS.model), FLAGS.set).validate()
 
 
@@ -122,7 +122,7 @@ def _workdir():
 
 
 def _train_config(tokenizer=None, objective='lm'):
-  from training.loop import TrainConfig
+  from lmlab.training.loop import TrainConfig
   smoothing = FLAGS.label_smoothing
   if smoothing is None:
     smoothing = 0.1 if objective == 'seq2seq' else 0.0
@@ -141,7 +141,7 @@ def _train_config(tokenizer=None, objective='lm'):
 
 
 def _sampling_config():
-  from models.generation import SamplingConfig
+  from lmlab.models.generation import SamplingConfig
   return SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                         top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                         repetition_penalty=FLAGS.repetition_penalty)
@@ -151,8 +151,8 @@ def _sample(graphdef, params, tokenizer, eot=None):
   """The prompt and its continuation; eot (default: the tokenizer's end-of-text) ends it."""
   import jax
   import jax.numpy as jnp
-  from data.tokenizer import separator_id
-  from models.generation import make_generate
+  from lmlab.data.tokenizer import separator_id
+  from lmlab.models.generation import make_generate
   eot = separator_id(tokenizer) if eot is None else eot
   prompt = tokenizer.encode_ordinary(FLAGS.prompt) or [eot]
   generate = make_generate(graphdef, _sampling_config(), end_token=eot, n_valid=tokenizer.n_vocab)
@@ -166,12 +166,12 @@ def _sample(graphdef, params, tokenizer, eot=None):
 def _restore(workdir):
   """(graphdef, params, tokenizer, TrainConfig, step) of a workdir's latest checkpoint."""
   from flax import nnx
-  from models import CheckpointError
-  from models.registry import build
-  from training.checkpoint import Checkpoints
-  from training.loop import TrainConfig, load_run_tokenizer
-  from training.optimizer import OptimizerConfig, make_optimizer
-  from training.workdir import read_config
+  from lmlab.models.errors import CheckpointError
+  from lmlab.models.registry import build
+  from lmlab.training.checkpoint import Checkpoints
+  from lmlab.training.loop import TrainConfig, load_run_tokenizer
+  from lmlab.training.optimizer import OptimizerConfig, make_optimizer
+  from lmlab.training.workdir import read_config
   resolved = read_config(workdir)
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   run = TrainConfig(**{k: v for k, v in resolved.items() if k in fields})
@@ -189,10 +189,10 @@ def _restore(workdir):
 
 def _hf_model():
   """(model, TrainConfig) of --hf_checkpoint; the run config names its tokenizer."""
-  from data import DataError
-  from models import hf
-  from models.config import ConfigError, with_overrides
-  from models.hf.architecture import RUN_FIELDS
+  from lmlab.data.errors import DataError
+  from lmlab.models import hf
+  from lmlab.models.config import ConfigError, with_overrides
+  from lmlab.models.hf.architecture import RUN_FIELDS
   _, config = hf.read_config(FLAGS.hf_checkpoint)
   changed = with_overrides(config, FLAGS.set)
   fixed = [f.name for f in dataclasses.fields(config)
@@ -217,7 +217,7 @@ def _checkpoint_or_hf():
     graphdef, params, tokenizer, run, step = _restore(_workdir())
     return graphdef, params, tokenizer, run, f'checkpoint {step}'
   from flax import nnx
-  from training.loop import load_run_tokenizer
+  from lmlab.training.loop import load_run_tokenizer
   model, run = _hf_model()
   graphdef, params = nnx.split(model)
   return graphdef, params, load_run_tokenizer(run), run, FLAGS.hf_checkpoint
@@ -234,10 +234,10 @@ def _init_from():
   top, its tokenizer, and its parameters wherever the new model has one of the same path
   and shape (a classifier keeps the pre-trained encoder and gets a fresh head)."""
   from flax import nnx
-  from data import tokenizer as tokenizer_lib
-  from models import config as config_lib
-  from training.loop import tokenizer_dir
-  from training.workdir import read_config
+  from lmlab.data import tokenizer as tokenizer_lib
+  from lmlab.models import config as config_lib
+  from lmlab.training.loop import tokenizer_dir
+  from lmlab.training.workdir import read_config
   resolved = read_config(FLAGS.init_from)
   _, source, _, run, _ = _restore(FLAGS.init_from)
   source = dict(nnx.to_flat_state(source))
@@ -253,9 +253,9 @@ def _init_from():
 
 
 def train():
-  from training.loop import train as train_loop
-  from training.objectives import OBJECTIVES
-  from training.optimizer import OptimizerConfig
+  from lmlab.training.loop import train as train_loop
+  from lmlab.training.objectives import OBJECTIVES
+  from lmlab.training.optimizer import OptimizerConfig
   init_params, tokenizer = None, None
   if FLAGS.init_from:
     model_config, tokenizer, init_params = _init_from()
@@ -293,14 +293,14 @@ def train():
 
 
 def evaluate():
-  from data import DataError
-  from data import batches as batches_lib
-  from data import corpus as corpus_lib
-  from training.loop import end_token, evaluate as evaluate_tokens, tokenize
+  from lmlab.data.errors import DataError
+  from lmlab.data import batches as batches_lib
+  from lmlab.data import corpus as corpus_lib
+  from lmlab.training.loop import end_token, evaluate as evaluate_tokens, tokenize
   from flax import nnx
-  from models.config import ConfigError
-  from training.objectives import OBJECTIVES
-  from training.steps import make_eval_step
+  from lmlab.models.config import ConfigError
+  from lmlab.training.objectives import OBJECTIVES
+  from lmlab.training.steps import make_eval_step
   graphdef, params, tokenizer, run, loaded = _checkpoint_or_hf()
   model_config = nnx.merge(graphdef, params).config
   if run.objective != 'lm':  # The run's own held-out data and metrics.
@@ -335,14 +335,14 @@ def evaluate():
 
 def generate():
   from flax import nnx
-  from models.config import ConfigError
+  from lmlab.models.config import ConfigError
   graphdef, params, tokenizer, _, _ = _checkpoint_or_hf()
   family = nnx.merge(graphdef, params).config.family
   if family != 'decoder':
     raise ConfigError(f'--mode=generate samples from decoders, not family={family}')
   eot = None
   if FLAGS.hf_checkpoint:
-    from models import hf
+    from lmlab.models import hf
     eot = hf.end_token_id(FLAGS.hf_checkpoint)
   print(_sample(graphdef, params, tokenizer, eot))
 
@@ -350,11 +350,12 @@ def generate():
 def convert():
   """--hf_checkpoint -> a new --workdir checkpoint, or a --workdir's latest -> --hf_out."""
   from flax import nnx
-  from models import CheckpointError, hf
+  from lmlab.models import hf
+  from lmlab.models.errors import CheckpointError
   if FLAGS.hf_checkpoint:
-    from training.checkpoint import Checkpoints
-    from training.optimizer import OptimizerConfig
-    from training.workdir import WorkdirError, config_path, record_config
+    from lmlab.training.checkpoint import Checkpoints
+    from lmlab.training.optimizer import OptimizerConfig
+    from lmlab.training.workdir import WorkdirError, config_path, record_config
     workdir = _workdir()
     if os.path.exists(config_path(workdir)):
       raise WorkdirError(f'{workdir} already holds a run; pass a new --workdir')
@@ -379,9 +380,9 @@ def convert():
 def train_tokenizer():
   """Trains --tokenizer (bpe:... or wordpiece:...) on the training split of --data."""
   import time
-  from data import DataError
-  from data import corpus as corpus_lib
-  from data import tokenizer as tokenizer_lib
+  from lmlab.data.errors import DataError
+  from lmlab.data import corpus as corpus_lib
+  from lmlab.data import tokenizer as tokenizer_lib
   if not FLAGS.tokenizer_out:
     raise DataError('--mode=tokenizer needs --tokenizer_out=<path> for the vocabulary')
   if os.path.exists(FLAGS.tokenizer_out):
@@ -400,14 +401,14 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   import jax
-  from data import DataError
-  from models import CheckpointError, ConfigError
-  from training.loop import Interrupted, TrainingError
-  from training.workdir import WorkdirError
+  from lmlab.data.errors import DataError
+  from lmlab.models.errors import CheckpointError, ConfigError
+  from lmlab.training.loop import Interrupted, TrainingError
+  from lmlab.training.workdir import WorkdirError
   try:
     if FLAGS.distributed or any(FLAGS[name].present for name in
                                 ('coordinator_address', 'num_processes', 'process_id')):
-      from training.parallel import initialize_distributed
+      from lmlab.training.parallel import initialize_distributed
       initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     {'train': train, 'eval': evaluate, 'generate': generate, 'tokenizer': train_tokenizer,
      'convert': convert}[FLAGS.mode]()
@@ -426,5 +427,10 @@ def main(argv):
     sys.exit(1)
 
 
-if __name__ == '__main__':
+def run():
+  """The `lmlab` console script."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

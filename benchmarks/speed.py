@@ -33,9 +33,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 flags.DEFINE_string('model', 'tiny', 'Model preset (models/config.py PRESETS).')
 flags.DEFINE_multi_string('set', [], 'Override a ModelConfig field: --set n_layers=8.')
@@ -91,7 +89,7 @@ def measured_matmul_flops(n: int = 2048) -> float:
 
 def train_flops_per_token(config, seq_len: int):
   """(FLOPs per trained token, N the parameters used in matmuls); see the docstring."""
-  from models.registry import param_count
+  from lmlab.models.registry import param_count
   lookup_tables = ((0 if config.tie_embeddings else config.vocab_size * config.d_model) +
                    (config.max_seq_len * config.d_model if config.position == 'learned' else 0))
   n_matmul = param_count(config) - lookup_tables
@@ -104,10 +102,10 @@ def our_runs(config, tokens_bt1, prompt_bt, n_new: int) -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from models.decoder import DecoderLM
-  from models.generation import SamplingConfig, make_generate
-  from training.optimizer import OptimizerConfig, make_optimizer, schedule
-  from training.steps import make_train_step
+  from lmlab.models.decoder import DecoderLM
+  from lmlab.models.generation import SamplingConfig, make_generate
+  from lmlab.training.optimizer import OptimizerConfig, make_optimizer, schedule
+  from lmlab.training.steps import make_train_step
 
   graphdef, params = nnx.split(DecoderLM(config, rngs=nnx.Rngs(params=0)))
   opt_config = OptimizerConfig()
@@ -139,7 +137,7 @@ def hf_runs(config, tokens_bt1, prompt_bt, n_new: int):
   """(the same three callables, versions) for transformers' LlamaForCausalLM, float32."""
   import torch
   import transformers
-  from training.optimizer import OptimizerConfig
+  from lmlab.training.optimizer import OptimizerConfig
   transformers.logging.set_verbosity_error()
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
@@ -219,9 +217,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   import jax
   import numpy as np
-  from data.tokenizer import byte_tokenizer
-  from models import config as config_lib
-  from training.loop import resolve_vocab
+  from lmlab.data.tokenizer import byte_tokenizer
+  from lmlab.models import config as config_lib
+  from lmlab.training.loop import resolve_vocab
   try:
     config = config_lib.with_overrides(config_lib.preset(FLAGS.model), FLAGS.set).validate()
     config = resolve_vocab(config, byte_tokenizer())  # A preset that takes its tokenizer's.

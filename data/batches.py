@@ -7,7 +7,7 @@ packed documents, so attention can stop at document boundaries.
 """
 import numpy as np
 
-from data import DataError
+from lmlab.data.errors import DataError
 
 
 def check_length(tokens, seq_len: int, split: str):

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Sequence
 import regex
 import tiktoken
 
-from data import DataError
-from data.files import write_new_file
+from lmlab.data.errors import DataError
+from lmlab.data.files import write_new_file
 
 # GPT-2's pre-tokenisation regex.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

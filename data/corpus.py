@@ -10,7 +10,7 @@ import hashlib
 import os
 import sysconfig
 
-from data import DataError
+from lmlab.data.errors import DataError
 
 STDLIB_EXCLUDED_DIRS = ('test', 'tests', 'idlelib', 'site-packages', '__pycache__')
 

@@ -2,7 +2,7 @@
 import os
 import tempfile
 
-from data import DataError
+from lmlab.data.errors import DataError
 
 
 def write_new_file(path: str, data: bytes, *, overwrite: bool = False):

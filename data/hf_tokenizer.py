@@ -12,8 +12,8 @@ import os
 import regex
 import tiktoken
 
-from data import DataError
-from data.bpe import PATTERNS, build_encoding
+from lmlab.data.errors import DataError
+from lmlab.data.bpe import PATTERNS, build_encoding
 
 _SUPPORTED_NORMALIZERS = (None, 'NFC')
 

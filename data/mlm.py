@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from data import DataError
+from lmlab.data.errors import DataError
 
 NOT_SELECTED = -1  # The label of a position that is not predicted.
 

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from data import DataError
+from lmlab.data.errors import DataError
 
 SYNTHETIC_TASKS = {'reverse': lambda ids: ids[::-1], 'sort': np.sort}
 

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import tqdm
 
-from data import corpus
-from data.tokenizer import separator_id
+from lmlab.data import corpus
+from lmlab.data.tokenizer import separator_id
 
 
 def token_dtype(n_vocab: int):

@@ -19,7 +19,8 @@ downloaded: a missing file is an error saying what to pass.
 import os
 import re
 
-from data import DataError, bpe, hf_tokenizer, wordpiece
+from lmlab.data import bpe, hf_tokenizer, wordpiece
+from lmlab.data.errors import DataError
 
 END_OF_TEXT = '<|endoftext|>'
 # Documents are separated by <|endoftext|>, or by BERT's [SEP] in a WordPiece vocabulary.

@@ -32,8 +32,8 @@ import string
 import unicodedata
 from collections.abc import Iterable, Sequence
 
-from data import DataError
-from data.files import write_new_file
+from lmlab.data.errors import DataError
+from lmlab.data.files import write_new_file
 
 UNKNOWN = '[UNK]'
 BERT_SPECIAL_TOKENS = ('[PAD]', UNKNOWN, '[CLS]', '[SEP]', '[MASK]')

@@ -16,15 +16,11 @@ GeGLU 1.942). The gap is small, so a short CPU run needs several seeds to tell i
 Writes to --out: results.csv, results.md (validation loss, parameters, ms per step),
 loss_curves.png and final_loss.png.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from experiments import grid, report  # noqa: E402
-from models.config import MLPS  # noqa: E402
+from lmlab.experiments import grid, report
+from lmlab.models.config import MLPS
 
 flags.DEFINE_list('mlps', ['relu', 'gelu', 'swiglu', 'geglu'], 'Feed-forward kinds to compare '
                   '(models.config.MLPS).')

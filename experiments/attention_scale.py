@@ -23,14 +23,11 @@ no scale and d^(-1/3) let the logits grow faster with d, 1/d slows learning for 
 Writes to --out: results.csv, results.md, loss_curves.png and attention_entropy.png.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from experiments import grid, probes, report  # noqa: E402
-from models.config import ATTENTION_SCALES  # noqa: E402
+from lmlab.experiments import grid, probes, report
+from lmlab.models.config import ATTENTION_SCALES
 
 flags.DEFINE_list('softmax_scales', ['inv_sqrt_d', 'inv_d', 'inv_cbrt_d', 'none'],
                   'Softmax scales (models.config.ATTENTION_SCALES).')

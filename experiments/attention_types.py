@@ -24,14 +24,11 @@ Writes to --out: results.csv, results.md, loss_curves.png, loss_vs_kv_cache.png 
 decode_speed.png.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from experiments import grid, probes, report  # noqa: E402
-from models.cache_size import kv_cache_bytes_per_token  # noqa: E402
+from lmlab.experiments import grid, probes, report
+from lmlab.models.cache_size import kv_cache_bytes_per_token
 
 flags.DEFINE_list('attention_variants', ['mha', 'gqa:4', 'gqa:2', 'mqa', 'mla'],
                   'mha, gqa:<K/V heads>, mqa, mla.')

@@ -29,18 +29,18 @@ import jax.numpy as jnp
 from absl import flags, logging
 from flax import nnx
 
-from data import DataError
-from data import batches
-from data import corpus
-from models import CheckpointError, ConfigError
-from models.config import ModelConfig, with_overrides
-from models.mlp import GATED
-from models.registry import build, param_count
-from training import loop
-from training import steps
-from training.checkpoint import Checkpoints
-from training.optimizer import OptimizerConfig, make_optimizer
-from training.workdir import WorkdirError, read_config
+from lmlab.data.errors import DataError
+from lmlab.data import batches
+from lmlab.data import corpus
+from lmlab.models.errors import CheckpointError, ConfigError
+from lmlab.models.config import ModelConfig, with_overrides
+from lmlab.models.mlp import GATED
+from lmlab.models.registry import build, param_count
+from lmlab.training import loop
+from lmlab.training import steps
+from lmlab.training.checkpoint import Checkpoints
+from lmlab.training.optimizer import OptimizerConfig, make_optimizer
+from lmlab.training.workdir import WorkdirError, read_config
 
 SCALES = ('quick', 'full')
 

@@ -28,18 +28,14 @@ Writes to --out: results.csv, results.md, loss_curves.png and final_loss.png.
 """
 import dataclasses
 import math
-import os
 import re
-import sys
 import zlib
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from experiments import grid, probes, report  # noqa: E402
+from lmlab.experiments import grid, probes, report
 
 INITS = ('normal', 'xavier', 'he', 'zero', 'one')
 flags.DEFINE_list('qkv_inits', list(INITS), f'q/k/v initialisations: {", ".join(INITS)}.')

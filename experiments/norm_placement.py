@@ -27,14 +27,11 @@ Writes to --out: results.csv, results.md, loss_curves.png, grad_norms_at_init.pn
 final_loss_vs_depth.png.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from experiments import grid, probes, report  # noqa: E402
-from models.config import NORM_PLACEMENTS, NORMS  # noqa: E402
+from lmlab.experiments import grid, probes, report
+from lmlab.models.config import NORM_PLACEMENTS, NORMS
 
 flags.DEFINE_list('placements', ['post', 'pre', 'sandwich', 'deepnorm'], 'Norm placements '
                   '(models.config.NORM_PLACEMENTS).')

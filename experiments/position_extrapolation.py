@@ -30,14 +30,11 @@ import dataclasses
 import json
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from experiments import grid, report  # noqa: E402
-from models.config import POSITIONS  # noqa: E402
+from lmlab.experiments import grid, report
+from lmlab.models.config import POSITIONS
 
 flags.DEFINE_list('positions', ['sinusoidal', 'learned', 'rope', 'alibi', 'none'],
                   'Position encodings to train (models.config.POSITIONS).')

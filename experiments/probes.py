@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import kernels
-from kernels import masks
-from models.generation import SamplingConfig, make_generate
-from training.steps import batch_loss
+from lmlab.kernels import attention as attention_lib
+from lmlab.kernels import masks
+from lmlab.models.generation import SamplingConfig, make_generate
+from lmlab.training.steps import batch_loss
 
 
 def path_name(key_path) -> str:
@@ -56,29 +56,29 @@ def gradient_norms(graphdef, params, batch, weights: dict[str, str]) -> dict[str
 
 @contextlib.contextmanager
 def _recorded_attention():
-  """Records q, k and the mask arguments of every kernels.attention call meanwhile.
+  """Records q, k and the mask arguments of every attention_lib.attention call meanwhile.
 
-  The attention modules call kernels.attention through the package, so swapping that one
+  The attention modules call attention_lib.attention through the package, so swapping that one
   attribute sees every layer without a second model implementation. The records are real
   arrays only in an eager (not jitted) forward pass.
   """
   calls = []
-  original = kernels.attention
+  original = attention_lib.attention
 
   def recording(q, k, v, **kwargs):
     calls.append((q, k, kwargs))
     return original(q, k, v, **kwargs)
 
-  kernels.attention = recording
+  attention_lib.attention = recording
   try:
     yield calls
   finally:
-    kernels.attention = original
+    attention_lib.attention = original
 
 
 def _probabilities(q_bthd, k_bshd, kwargs):
   """(softmax rows [B, H, T, S], visible keys [B, 1, T, S]) of one recorded call, with the
-  mask semantics of DESIGN.md."""
+  mask semantics of docs/DESIGN.md."""
   b, t, n_heads, head_dim = q_bthd.shape
   s = k_bshd.shape[1]
   k_bshd = jnp.repeat(k_bshd, n_heads // k_bshd.shape[2], axis=2)

@@ -2,8 +2,8 @@
 
 Run from the repository root:
 
-  python -m kernels.benchmark                      # this backend's defaults
-  python -m kernels.benchmark --impls=pallas,xla,cudnn --seq_lens=2048,4096,8192,16384 \
+  python -m lmlab.kernels.benchmark                      # this backend's defaults
+  python -m lmlab.kernels.benchmark --impls=pallas,xla,cudnn --seq_lens=2048,4096,8192,16384 \
       --tokens=16384 --heads=16 --head_dim=128 --dtypes=bfloat16 --causal=true,false
 
 Defaults follow the backend: on GPU pallas, xla and cudnn at S = 2k-16k with B*S = 16k
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-import kernels
+from lmlab.kernels import attention as attention_lib
 
 _BACKEND_DEFAULTS = {
     'gpu': dict(impls='pallas,xla,cudnn', seq_lens='2048,4096,8192,16384', tokens=16384,
@@ -77,7 +77,7 @@ def _benchmark(impl, *, batch, seq, heads, kv_heads, head_dim, causal, dtype, fe
     mask['sliding_window'] = FLAGS.window
 
   def attend(q, k, v):
-    return kernels.attention(q, k, v, impl=impl, **mask)
+    return attention_lib.attention(q, k, v, impl=impl, **mask)
 
   def fwd_bwd(q, k, v, d_out):
     out, pullback = jax.vjp(attend, q, k, v)

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels import masks
+from lmlab.kernels import masks
 
 
 def _pad_to(x, axis: int, multiple: int):

@@ -3,7 +3,7 @@
 A mask is never passed around as a [T, S] tensor. Implementations receive the
 description (causal, sliding window, prefix length, segment ids, ALiBi slopes,
 query offset) and evaluate it on whatever block of (query, key) positions they
-are working on. Semantics are those of DESIGN.md: query row i sits at absolute
+are working on. Semantics are those of docs/DESIGN.md: query row i sits at absolute
 position p = q_offset + i, key column j at position j.
 """
 import jax.numpy as jnp

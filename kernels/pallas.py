@@ -1,6 +1,6 @@
 """Pallas flash attention: the mask as O(T + S) vectors, its evaluation on a block, dispatch.
 
-Every visibility rule of DESIGN.md (causal, sliding window, prefix-LM, with the query
+Every visibility rule of docs/DESIGN.md (causal, sliding window, prefix-LM, with the query
 offset) leaves each query row an interval of visible keys, lo <= j <= hi, whose ends never
 decrease from one row to the next; segment ids then remove keys inside it. So the mask
 travels to the kernels as per-row vectors (lo, hi, the row's position for ALiBi, its segment)
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from kernels import reference
+from lmlab.kernels import reference
 
 LOG2_E = math.log2(math.e)
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -220,9 +220,9 @@ def call(kernel, *, grid, inputs, outputs, settings: Settings, name: str, interp
 
 def _variant(name: str):
   if name == 'gpu':
-    from kernels import pallas_gpu
+    from lmlab.kernels import pallas_gpu
     return pallas_gpu
-  from kernels import pallas_tpu
+  from lmlab.kernels import pallas_tpu
   return pallas_tpu
 
 

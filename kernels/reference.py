@@ -2,7 +2,7 @@
 import jax
 import jax.numpy as jnp
 
-from kernels import masks
+from lmlab.kernels import masks
 
 
 def attention(q_bthd, k_bshd, v_bshd, *, causal, sliding_window, segment_ids,

@@ -2,8 +2,8 @@ r"""Compiles the Pallas GPU kernels to NVIDIA machine code without a GPU, and re
 kernel's shared memory, registers and stack (where spills go).
 
   pip install triton        # not a project dependency; Triton 3.9.0 was used
-  python -m kernels.triton_compile                                # sm_90 (H100), bfloat16
-  python -m kernels.triton_compile --dtypes=bfloat16,float16,float32 --arch=80
+  python -m lmlab.kernels.triton_compile                                # sm_90 (H100), bfloat16
+  python -m lmlab.kernels.triton_compile --dtypes=bfloat16,float16,float32 --arch=80
 
 JAX lowers each kernel (forward, dQ, dK/dV; every mask feature on) for an abstract GPU of
 --arch (JAX 0.11 and later; older releases lower for sm_90 whatever the flag), this script
@@ -22,13 +22,11 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from kernels import pallas, pallas_gpu  # noqa: E402
+from lmlab.kernels import pallas, pallas_gpu
 
 jax.config.update('jax_platforms', 'cpu')  # Lowering only: no accelerator is needed.
 

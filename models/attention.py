@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import ConfigError, sharding
-from models.dca import dual_chunk_attention
-from models.dense import Dense
-from models.normalization import RMSNorm
-from models.positions import RotaryPositions
-from models.sharding import BATCH, EMBED, HEADS, KV_HEADS, LENGTH, constrain
+from lmlab.models import sharding
+from lmlab.models.errors import ConfigError
+from lmlab.models.dca import dual_chunk_attention
+from lmlab.models.dense import Dense
+from lmlab.models.normalization import RMSNorm
+from lmlab.models.positions import RotaryPositions
+from lmlab.models.sharding import BATCH, EMBED, HEADS, KV_HEADS, LENGTH, constrain
 
 
 def empty_kv_cache(config, batch: int, length: int, dtype):

@@ -1,7 +1,7 @@
 """BERT (Devlin et al. 2019) and RoBERTa (Liu et al. 2019): the spine's blocks as a
 bidirectional encoder, with token-type embeddings, a pooler and the pre-training heads.
 
-  from models.registry import build
+  from lmlab.models.registry import build
   model = build(dataclasses.replace(preset('bert-tiny'), vocab_size=1000), rngs=nnx.Rngs(0))
   out = model(input_ids_bt, token_type_ids_bt, attention_mask_bt, output_hidden_states=True)
   out.last_hidden_state, out.pooler_output, out.mlm_logits, out.nsp_logits, out.hidden_states
@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.block import PLACEMENTS, Block, identity
-from models.config import ConfigError, ModelConfig
-from models.dense import Dense, matmul_last_axis
-from models.mlp import ACTIVATIONS
-from models.normalization import make_norm
-from models.positions import make_position_encoding
-from models.sharding import EMBED, VOCAB, initializer, param
-from models.stack import run_blocks, split_keys
+from lmlab.models.block import PLACEMENTS, Block, identity
+from lmlab.models.config import ConfigError, ModelConfig
+from lmlab.models.dense import Dense, matmul_last_axis
+from lmlab.models.mlp import ACTIVATIONS
+from lmlab.models.normalization import make_norm
+from lmlab.models.positions import make_position_encoding
+from lmlab.models.sharding import EMBED, VOCAB, initializer, param
+from lmlab.models.stack import run_blocks, split_keys
 
 
 @flax.struct.dataclass

@@ -17,11 +17,11 @@ import dataclasses
 import jax
 from flax import nnx
 
-from models.attention import SelfAttention, empty_kv_cache
-from models.cross_attention import CrossAttention
-from models.mla import LatentAttention, empty_latent_cache
-from models.mlp import MLP
-from models.normalization import make_norm
+from lmlab.models.attention import SelfAttention, empty_kv_cache
+from lmlab.models.cross_attention import CrossAttention
+from lmlab.models.mla import LatentAttention, empty_latent_cache
+from lmlab.models.mlp import MLP
+from lmlab.models.normalization import make_norm
 
 
 @dataclasses.dataclass(frozen=True)

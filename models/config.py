@@ -8,9 +8,9 @@ import json
 import math
 import typing
 
-import kernels
-from models import ConfigError
-from models.rope_scaling import rope_frequencies
+from lmlab.kernels import attention as attention_lib
+from lmlab.models.errors import ConfigError
+from lmlab.models.rope_scaling import rope_frequencies
 
 NORMS = ('rmsnorm', 'layernorm')
 NORM_PLACEMENTS = ('pre', 'post', 'sandwich', 'deepnorm')
@@ -18,7 +18,7 @@ MLPS = ('relu', 'gelu', 'gelu_tanh', 'swiglu', 'geglu')
 POSITIONS = ('rope', 'learned', 'sinusoidal', 'alibi', 'none')
 ATTENTION_SCALES = ('inv_sqrt_d', 'inv_d', 'inv_cbrt_d', 'none')
 DTYPES = ('float32', 'bfloat16', 'float16')
-ATTENTION_IMPLS = ('auto', *kernels.IMPLEMENTATIONS)
+ATTENTION_IMPLS = ('auto', *attention_lib.IMPLEMENTATIONS)
 ATTENTION_TYPES = ('mha', 'mla')
 HEADS = ('dense', 'normhead')
 FAMILIES = ('decoder', 'encoder', 'encoder_decoder')
@@ -65,7 +65,7 @@ class ModelConfig:
   qk_norm: bool = False     # RMSNorm of each head's q and k before RoPE (Qwen3).
   parallel_block: bool = False  # attention and MLP read the same normed input (GPT-J).
   attention_scale: str = 'inv_sqrt_d'
-  attention_impl: str = 'auto'  # kernels.attention's impl.
+  attention_impl: str = 'auto'  # attention_lib.attention's impl.
   sliding_window: int = 0       # > 0: each token sees itself and the w-1 before it (Mistral).
 
   # 'mha' covers MHA/GQA/MQA through n_kv_heads; 'mla' is DeepSeek-V2's multi-head latent

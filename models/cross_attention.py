@@ -7,8 +7,8 @@ source padding.
 """
 import jax.numpy as jnp
 
-from models import sharding
-from models.attention import SelfAttention
+from lmlab.models import sharding
+from lmlab.models.attention import SelfAttention
 
 
 class CrossAttention(SelfAttention):

@@ -7,7 +7,7 @@ costs nothing on other backends.
 import jax.numpy as jnp
 from flax import nnx
 
-from models import sharding
+from lmlab.models import sharding
 
 
 def matmul_last_axis(x, w):

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import sharding
-from models.dense import Dense
-from models.normalization import RMSNorm
-from models.sharding import EMBED, HEADS
+from lmlab.models import sharding
+from lmlab.models.dense import Dense
+from lmlab.models.normalization import RMSNorm
+from lmlab.models.sharding import EMBED, HEADS
 
 # DeepSeek-V2 normalises both latents with this epsilon, whatever the model's norm_eps.
 LATENT_NORM_EPS = 1e-6

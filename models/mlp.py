@@ -2,8 +2,8 @@
 import jax
 from flax import nnx
 
-from models.dense import Dense
-from models.sharding import BATCH, EMBED, LENGTH, MLP as HIDDEN, constrain
+from lmlab.models.dense import Dense
+from lmlab.models.sharding import BATCH, EMBED, LENGTH, MLP as HIDDEN, constrain
 
 ACTIVATIONS = {
     'relu': jax.nn.relu,

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.sharding import NORM, param
+from lmlab.models.sharding import NORM, param
 
 
 class RMSNorm(nnx.Module):

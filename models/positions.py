@@ -13,8 +13,8 @@ import json
 import jax.numpy as jnp
 from flax import nnx
 
-from models.rope_scaling import rope_frequencies
-from models.sharding import EMBED, initializer
+from lmlab.models.rope_scaling import rope_frequencies
+from lmlab.models.sharding import EMBED, initializer
 
 
 def sinusoidal_table(positions, dim: int):

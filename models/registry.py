@@ -2,10 +2,10 @@
 import jax
 from flax import nnx
 
-from models.bert import Bert
-from models.config import ModelConfig
-from models.decoder import DecoderLM
-from models.seq2seq import EncoderDecoder
+from lmlab.models.bert import Bert
+from lmlab.models.config import ModelConfig
+from lmlab.models.decoder import DecoderLM
+from lmlab.models.seq2seq import EncoderDecoder
 
 FAMILY_CLASSES = {'decoder': DecoderLM, 'encoder': Bert, 'encoder_decoder': EncoderDecoder}
 

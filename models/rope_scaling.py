@@ -25,7 +25,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from models import ConfigError
+from lmlab.models.errors import ConfigError
 
 
 def inverse_frequencies(theta, rotary_dim: int):

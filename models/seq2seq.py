@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import empty_kv_cache
-from models.block import PLACEMENTS, Block, identity
-from models.config import ConfigError, ModelConfig
-from models.dense import Dense, matmul_last_axis
-from models.normalization import make_norm
-from models.positions import make_position_encoding
-from models.sharding import EMBED, VOCAB, initializer
-from models.stack import run_blocks, split_keys
+from lmlab.models.attention import empty_kv_cache
+from lmlab.models.block import PLACEMENTS, Block, identity
+from lmlab.models.config import ConfigError, ModelConfig
+from lmlab.models.dense import Dense, matmul_last_axis
+from lmlab.models.normalization import make_norm
+from lmlab.models.positions import make_position_encoding
+from lmlab.models.sharding import EMBED, VOCAB, initializer
+from lmlab.models.stack import run_blocks, split_keys
 
 
 class EncoderDecoder(nnx.Module):

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-import kernels
-from models import ConfigError
+from lmlab.kernels import attention as attention_lib
+from lmlab.models.errors import ConfigError
 
 BATCH, LENGTH = 'batch', 'length'
 EMBED, MLP, HEADS, KV_HEADS, VOCAB = 'embed', 'mlp', 'heads', 'kv_heads', 'vocab'
@@ -151,7 +151,7 @@ def _head_axes_split(q_spec, kv_spec, n_heads, n_kv_heads, mesh):
 
 def attention(q_bthd, k_bshd, v_bshd, *, impl='auto', segment_ids=None, prefix_len=None,
               alibi_slopes=None, q_offset=0, **static):
-  """kernels.attention, split by batch and heads under the active rules.
+  """attention_lib.attention, split by batch and heads under the active rules.
 
   XLA's partitioner splits the plain and chunked implementations like any other jnp code,
   but sees a Pallas or cuDNN kernel as one opaque call that it would run whole on every
@@ -160,11 +160,11 @@ def attention(q_bthd, k_bshd, v_bshd, *, impl='auto', segment_ids=None, prefix_l
   the tensor axis), each shard slices out the KV heads of its query heads' groups.
   """
   rules = _ACTIVE.get()
-  name = kernels.auto_implementation(q_bthd, k_bshd) if impl == 'auto' else impl
+  name = attention_lib.auto_implementation(q_bthd, k_bshd) if impl == 'auto' else impl
   arrays = dict(segment_ids=segment_ids, prefix_len=prefix_len, alibi_slopes=alibi_slopes,
                 q_offset=q_offset)
   if rules is None or rules.mesh.size == 1 or name in ('xla', 'chunked'):
-    return kernels.attention(q_bthd, k_bshd, v_bshd, impl=name, **arrays, **static)
+    return attention_lib.attention(q_bthd, k_bshd, v_bshd, impl=name, **arrays, **static)
   q_spec = rules.spec((BATCH, None, HEADS, None), q_bthd.shape)
   kv_spec = rules.spec((BATCH, None, KV_HEADS, None), k_bshd.shape)
   batch_axes = q_spec[0] if kv_spec[0] == q_spec[0] else None
@@ -184,7 +184,7 @@ def attention(q_bthd, k_bshd, v_bshd, *, impl='auto', segment_ids=None, prefix_l
     if slice_kv:
       first = jax.lax.axis_index(head_axes) * q.shape[2] // group
       k, v = (jax.lax.dynamic_slice_in_dim(x, first, kv_per_shard, axis=2) for x in (k, v))
-    return kernels.attention(q, k, v, impl=name, **shard_arrays, **fixed, **static)
+    return attention_lib.attention(q, k, v, impl=name, **shard_arrays, **fixed, **static)
 
   return jax.shard_map(per_shard, mesh=rules.mesh,
                        in_specs=(q_spec, kv_spec, kv_spec, {k: specs[k] for k in given}),

@@ -1,7 +1,6 @@
 """Shared helpers: small configs and per-run random seeds."""
 import dataclasses
 import os
-import sys
 
 import jax
 import numpy as np
@@ -9,8 +8,6 @@ import pytest
 from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 # The models here are tiny, so compiling takes most of the suite's time, and LLVM's
 # optimisation passes half of compiling; they make code faster (and round differently in the
 # last bits), not compute something else. This process and those it starts (main.py runs,
@@ -20,7 +17,7 @@ if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                              + ' --xla_backend_optimization_level=0').strip()
 
-from models.config import ModelConfig  # noqa: E402
+from lmlab.models.config import ModelConfig  # noqa: E402
 
 # tests/multi_device needs 8 CPU devices, which JAX must be told of before it starts:
 # tests/test_sharding.py runs it in a process of its own, with this variable set.

@@ -1,4 +1,4 @@
-"""kernels.attention against a direct, loop-by-loop reading of DESIGN.md's mask semantics."""
+"""kernels/attention.py against a direct, loop-by-loop reading of docs/DESIGN.md's mask semantics."""
 import math
 
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels import chunked, reference
+from lmlab.kernels import attention as attention_lib
+from lmlab.kernels import chunked, reference
 
 
 def naive_attention(q, k, v, *, causal, sliding_window, segment_ids, prefix_len, alibi_slopes,
@@ -89,7 +89,7 @@ def test_matches_naive(case, impl, rng):
   print(f'hkv={hkv}')
   q, k, v, kwargs = random_problem(case, hkv, rng)
   expected = naive_attention(q, k, v, **kwargs)
-  got = kernels.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl=impl,
+  got = attention_lib.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl=impl,
                           **as_jax(kwargs))
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
 
@@ -119,7 +119,7 @@ def test_row_without_visible_key_is_zero(rng):
   seg_q = jnp.asarray([[0, 1, 2]])
   seg_kv = jnp.asarray([[0, 1, 1]])  # The query in segment 2 has no key.
   for impl in ('xla', 'chunked'):
-    attend = lambda q, k: kernels.attention(q, k, k, causal=True, segment_ids=(seg_q, seg_kv),
+    attend = lambda q, k: attention_lib.attention(q, k, k, causal=True, segment_ids=(seg_q, seg_kv),
                                             impl=impl)
     out = jax.jit(attend)(q, k)
     assert np.all(np.asarray(out[:, 2]) == 0.0)
@@ -134,7 +134,7 @@ def test_default_scale_is_inverse_sqrt_head_dim(rng):
   expected = naive_attention(q, k, k, causal=True, sliding_window=None, segment_ids=None,
                              prefix_len=None, alibi_slopes=None, scale=1 / math.sqrt(16),
                              q_offset=0)
-  got = kernels.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(k), causal=True)
+  got = attention_lib.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(k), causal=True)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -142,4 +142,4 @@ def test_rejects_bad_head_counts():
   q = jnp.zeros((1, 2, 3, 4))
   k = jnp.zeros((1, 2, 2, 4))
   with pytest.raises(ValueError, match='not a multiple'):
-    kernels.attention(q, k, k)
+    attention_lib.attention(q, k, k)

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from conftest import jit_call
-from models.config import ConfigError, preset
-from models.registry import build, param_count
+from lmlab.models.config import ConfigError, preset
+from lmlab.models.registry import build, param_count
 
 
 def bert_config(**fields):

@@ -8,8 +8,8 @@ import pytest
 import regex
 import tiktoken.load
 
-from data import DataError
-from data import bpe
+from lmlab.data.errors import DataError
+from lmlab.data import bpe
 
 END_OF_TEXT = '<|endoftext|>'
 PATTERN_CHOICES = [('gpt2', False), ('gpt2', True), ('cl100k', False), ('cl100k', True)]

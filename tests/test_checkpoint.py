@@ -6,9 +6,9 @@ import pytest
 from flax import nnx
 
 from conftest import small_config
-from models.decoder import DecoderLM
-from training.checkpoint import CheckpointError, Checkpoints
-from training.optimizer import OptimizerConfig, make_optimizer
+from lmlab.models.decoder import DecoderLM
+from lmlab.training.checkpoint import CheckpointError, Checkpoints
+from lmlab.training.optimizer import OptimizerConfig, make_optimizer
 
 
 def test_round_trip_is_exact(tmp_path, rng):

@@ -4,9 +4,9 @@ import os
 import numpy as np
 import pytest
 
-from data import DataError
-from data import batches, corpus, token_cache
-from data.tokenizer import END_OF_TEXT, byte_tokenizer, load_tokenizer
+from lmlab.data.errors import DataError
+from lmlab.data import batches, corpus, token_cache
+from lmlab.data.tokenizer import END_OF_TEXT, byte_tokenizer, load_tokenizer
 
 
 def random_unicode(rng, n):

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import kernels
+from lmlab.kernels import attention as attention_lib
 from conftest import small_config
-from models import ConfigError
-from models.dca import dual_chunk_attention
-from models.decoder import DecoderLM
-from models.positions import RotaryPositions
+from lmlab.models.errors import ConfigError
+from lmlab.models.dca import dual_chunk_attention
+from lmlab.models.decoder import DecoderLM
+from lmlab.models.positions import RotaryPositions
 
 HEAD_DIM = 8
 THETA = 10000.0
@@ -97,7 +97,7 @@ def test_equals_plain_rope_attention_up_to_chunk_size(hq, hkv, rng):
   out = dca(q, k, v, chunk_size=chunk_size, local_size=local_size, scale=0.4,
             block_q=int(rng.integers(1, t + 1)))
   rotate = rotation_at(jnp.broadcast_to(jnp.arange(t), (2, t)))
-  plain = kernels.attention(rotate(q), rotate(k), v, causal=True, scale=0.4, impl='xla')
+  plain = attention_lib.attention(rotate(q), rotate(k), v, causal=True, scale=0.4, impl='xla')
   np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=1e-5, atol=1e-5)
 
 
@@ -114,7 +114,7 @@ def test_equals_direct_definition_over_several_chunks(hq, hkv, rng):
                         k_positions=positions)
   np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-5)
   rotate = rotation_at(jnp.broadcast_to(jnp.arange(t), (2, t)))
-  plain = kernels.attention(rotate(q), rotate(k), v, causal=True, scale=0.5, impl='xla')
+  plain = attention_lib.attention(rotate(q), rotate(k), v, causal=True, scale=0.5, impl='xla')
   assert not np.allclose(np.asarray(plain), expected, atol=1e-3)  # The mapping matters here.
 
 

@@ -9,10 +9,10 @@ import statistics
 import pytest
 from absl import flags
 
-from experiments import (activations, attention_scale, attention_types, initialisation,
+from lmlab.experiments import (activations, attention_scale, attention_types, initialisation,
                          norm_placement, position_extrapolation)
-from models.config import ModelConfig
-from models.registry import param_count
+from lmlab.models.config import ModelConfig
+from lmlab.models.registry import param_count
 
 # One checkpoint per run, the one at its end (what a rerun resumes from): each costs a second.
 TINY = ['--steps=2', '--d_model=16', '--n_heads=2', '--n_layers=1', '--batch_size=2',

@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 from conftest import small_config
-from models.decoder import DecoderLM
-from models.generation import SamplingConfig, make_generate, next_token_logits
+from lmlab.models.decoder import DecoderLM
+from lmlab.models.generation import SamplingConfig, make_generate, next_token_logits
 
 
 def naive_greedy(model, prompt, n_new, n_valid):

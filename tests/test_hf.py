@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import CheckpointError
-from models import hf
-from models.generation import SamplingConfig, make_generate
+from lmlab.models.errors import CheckpointError
+from lmlab.models import hf
+from lmlab.models.generation import SamplingConfig, make_generate
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import CheckpointError
-from models import hf
+from lmlab.models.errors import CheckpointError
+from lmlab.models import hf
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -169,8 +169,8 @@ def test_eval_of_a_checkpoint_reports_its_masked_lm_and_next_sentence_losses(rng
   """main.py --mode=eval --hf_checkpoint scores BERT's pre-training objective on held-out
   pairs; transformers, given the same batches, computes the same losses and accuracies."""
   from test_main import run_main
-  from training.loop import TrainConfig
-  from training.objectives import BertPretraining, mlm_capacity
+  from lmlab.training.loop import TrainConfig
+  from lmlab.training.objectives import BertPretraining, mlm_capacity
   words = ['alpha', 'beta', 'gamma', 'delta', 'def', 'return', 'value', 'list']
   vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '.', *words]
   model = hf_model('BertForPreTraining', 'Bert', dict(vocab_size=len(vocab)),

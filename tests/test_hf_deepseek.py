@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import CheckpointError
-from models import hf
+from lmlab.models.errors import CheckpointError
+from lmlab.models import hf
 from test_hf import hf_logits, hf_model, saved_with_config_editor
 
 pytest.importorskip('torch')

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from data import DataError
-from data import bpe
-from data.hf_tokenizer import encoding_from_tokenizer_json, ranks_from_tokenizer_json
+from lmlab.data.errors import DataError
+from lmlab.data import bpe
+from lmlab.data.hf_tokenizer import encoding_from_tokenizer_json, ranks_from_tokenizer_json
 
 tokenizers = pytest.importorskip('tokenizers')
 

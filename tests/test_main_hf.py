@@ -24,7 +24,7 @@ def llama_dir(rng, tmp_path):
 
 
 def test_greedy_sample_from_a_checkpoint_matches_transformers(llama_dir, tmp_path):
-  from data.tokenizer import byte_tokenizer
+  from lmlab.data.tokenizer import byte_tokenizer
   model, path = llama_dir
   tokenizer = byte_tokenizer()
   prompt = 'def f(x):'

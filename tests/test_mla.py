@@ -11,10 +11,10 @@ from flax import nnx
 
 from conftest import jit_call, small_config
 from test_model import build, decode_in_steps, random_tokens
-from models import config as config_lib
-from models.cache_size import kv_cache_bytes_per_token, kv_cache_elements_per_token
-from models.registry import param_count
-from models.mla import LatentAttention, latent_softmax_scale
+from lmlab.models import config as config_lib
+from lmlab.models.cache_size import kv_cache_bytes_per_token, kv_cache_elements_per_token
+from lmlab.models.registry import param_count
+from lmlab.models.mla import LatentAttention, latent_softmax_scale
 
 MLA = dict(attention_type='mla', kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8,
            v_head_dim=12)

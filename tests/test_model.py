@@ -10,16 +10,16 @@ import pytest
 from flax import nnx
 
 from conftest import jit_call, small_config
-from models import config as config_lib
-from models.block import deepnorm_constants
-from models.decoder import DecoderLM
-from models.registry import param_count
-from models.mlp import ACTIVATIONS
-from models.normalization import LayerNorm, RMSNorm
-from models.positions import (alibi_slopes, apply_rope, make_position_encoding,
+from lmlab.models import config as config_lib
+from lmlab.models.block import deepnorm_constants
+from lmlab.models.decoder import DecoderLM
+from lmlab.models.registry import param_count
+from lmlab.models.mlp import ACTIVATIONS
+from lmlab.models.normalization import LayerNorm, RMSNorm
+from lmlab.models.positions import (alibi_slopes, apply_rope, make_position_encoding,
                               rope_cos_sin, sinusoidal_table)
-from training import steps as steps_lib
-from training.optimizer import OptimizerConfig, make_optimizer, schedule
+from lmlab.training import steps as steps_lib
+from lmlab.training.optimizer import OptimizerConfig, make_optimizer, schedule
 
 
 def random_tokens(rng, config, shape):

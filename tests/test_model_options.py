@@ -7,7 +7,7 @@ from flax import nnx
 
 from conftest import jit_call, small_config
 from test_model import ShiftedEmbedding, build, random_tokens
-from training import steps as steps_lib
+from lmlab.training import steps as steps_lib
 
 
 def depends_on(model, tokens, t, **kwargs):

@@ -7,8 +7,8 @@ import numpy as np
 from flax import nnx
 
 from conftest import small_config
-from models.decoder import DecoderLM
-from training.optimizer import OptimizerConfig, make_optimizer, schedule
+from lmlab.models.decoder import DecoderLM
+from lmlab.training.optimizer import OptimizerConfig, make_optimizer, schedule
 
 
 def test_schedule_is_linear_warmup_then_cosine(rng):

@@ -17,11 +17,11 @@ import pytest
 from flax import nnx
 from jax.experimental import pallas as pl
 
-import kernels
+from lmlab.kernels import attention as attention_lib
 from conftest import ROOT, small_config
-from kernels import cudnn, masks, pallas, pallas_gpu, pallas_tpu, reference
-from models.decoder import DecoderLM
-from training import steps as steps_lib
+from lmlab.kernels import cudnn, masks, pallas, pallas_gpu, pallas_tpu, reference
+from lmlab.models.decoder import DecoderLM
+from lmlab.training import steps as steps_lib
 
 BLOCK = 16
 HQ = 4
@@ -51,7 +51,7 @@ def not_block_multiple(n):
 
 
 def random_problem(case, hkv, rng, dtype=np.float32):
-  """q, k, v and kernels.attention's mask arguments; T and S are not multiples of BLOCK."""
+  """q, k, v and attention_lib.attention's mask arguments; T and S are not multiples of BLOCK."""
   b, d = 2, int(rng.choice([8, 12, 16]))
   t = not_block_multiple(int(rng.integers(1, 40)))
   s = not_block_multiple(int(rng.integers(1, 56)))
@@ -253,13 +253,13 @@ def test_model_trained_with_pallas_matches_xla(rng):
 
 def test_impl_pallas_through_kernels_attention(rng):
   q = jnp.asarray(rng.standard_normal((1, 5, 2, 8)), jnp.float32)
-  got = kernels.attention(q, q, q, causal=True, impl='pallas')
-  np.testing.assert_allclose(np.asarray(got), kernels.attention(q, q, q, causal=True, impl='xla'),
+  got = attention_lib.attention(q, q, q, causal=True, impl='pallas')
+  np.testing.assert_allclose(np.asarray(got), attention_lib.attention(q, q, q, causal=True, impl='xla'),
                              rtol=1e-5, atol=1e-6)
   if jax.default_backend() == 'cpu':
-    assert kernels.auto_implementation(q, q) == 'chunked'  # CPU keeps the blockwise kernel.
+    assert attention_lib.auto_implementation(q, q) == 'chunked'  # CPU keeps the blockwise kernel.
   else:
-    assert kernels.auto_implementation(q, q) == 'pallas'
+    assert attention_lib.auto_implementation(q, q) == 'pallas'
 
 
 def test_auto_probe_accepts_the_kernels_and_refuses_wrong_or_failing_ones(monkeypatch):
@@ -294,10 +294,10 @@ def test_auto_probe_accepts_the_kernels_and_refuses_wrong_or_failing_ones(monkey
 def test_pallas_rejects_what_it_cannot_run():
   q = jnp.zeros((1, 4, 2, 8), jnp.int32)
   with pytest.raises(ValueError, match='dtypes'):
-    kernels.attention(q, q, q, impl='pallas')
+    attention_lib.attention(q, q, q, impl='pallas')
   q = jnp.zeros((1, 4, 2, 512))
   with pytest.raises(ValueError, match='head_dim 512'):
-    kernels.attention(q, q, q, impl='pallas')
+    attention_lib.attention(q, q, q, impl='pallas')
 
 
 @pytest.mark.parametrize('mask,reason', [
@@ -308,7 +308,7 @@ def test_pallas_rejects_what_it_cannot_run():
 def test_cudnn_says_what_it_does_not_support(mask, reason):
   q = jnp.zeros((1, 4, 2, 8))
   with pytest.raises(ValueError, match=reason):
-    kernels.attention(q, q, q, impl='cudnn', **mask)
+    attention_lib.attention(q, q, q, impl='cudnn', **mask)
   if jax.default_backend() != 'gpu':
     with pytest.raises(ValueError, match='CUDA GPU'):
       cudnn.attention(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), q.astype(jnp.bfloat16),
@@ -321,14 +321,14 @@ def test_cudnn_matches_xla(rng):
   q, k, v, mask = random_problem(dict(causal=True, window=True), 2, rng, jnp.bfloat16)
   q, k, v = (jnp.asarray(np.pad(x, ((0, 0),) * 3 + ((0, 16 - x.shape[3]),))) for x in (q, k, v))
   q, mask['q_offset'] = q[:, :k.shape[1]], 0  # Every row then sees at least its own key.
-  got = kernels.attention(q, k, v, impl='cudnn', **mask).astype(jnp.float32)
+  got = attention_lib.attention(q, k, v, impl='cudnn', **mask).astype(jnp.float32)
   expected = reference.attention(*(x.astype(jnp.float32) for x in (q, k, v)), **mask)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-2, atol=2e-2)
 
 
 def test_benchmark_runs_on_cpu():
   result = subprocess.run(
-      [sys.executable, '-m', 'kernels.benchmark', '--impls=xla,cudnn', '--seq_lens=32',
+      [sys.executable, '-m', 'lmlab.kernels.benchmark', '--impls=xla,cudnn', '--seq_lens=32',
        '--tokens=32', '--heads=2', '--head_dim=8', '--causal=true', '--reps=2', '--warmup=1'],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS='cpu'))

@@ -9,8 +9,8 @@ from transformers import GPTNeoXConfig, LlamaConfig  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding  # noqa: E402
 
-from models.config import ConfigError  # noqa: E402
-from models.rope_scaling import rope_frequencies  # noqa: E402
+from lmlab.models.config import ConfigError  # noqa: E402
+from lmlab.models.rope_scaling import rope_frequencies  # noqa: E402
 
 
 def draw_head(rng):

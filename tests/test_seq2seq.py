@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.config import ConfigError, preset
-from models.registry import build, param_count
-from models.seq2seq import length_penalty, make_beam_search, make_greedy
-from training.bleu import corpus_bleu
-from training.optimizer import OptimizerConfig, schedule
-from training.seq2seq import smoothed_cross_entropy
+from lmlab.models.config import ConfigError, preset
+from lmlab.models.registry import build, param_count
+from lmlab.models.seq2seq import length_penalty, make_beam_search, make_greedy
+from lmlab.training.bleu import corpus_bleu
+from lmlab.training.optimizer import OptimizerConfig, schedule
+from lmlab.training.seq2seq import smoothed_cross_entropy
 
 BOS, EOS = 1, 2
 

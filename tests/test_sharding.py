@@ -16,11 +16,11 @@ import pytest
 from flax import nnx
 
 from conftest import MULTI_DEVICE_RUN, ROOT, small_config
-from models import ConfigError
-from models import sharding
-from models.registry import build
-from training import mfu
-from training.parallel import mesh_shape
+from lmlab.models.errors import ConfigError
+from lmlab.models import sharding
+from lmlab.models.registry import build
+from lmlab.training import mfu
+from lmlab.training.parallel import mesh_shape
 
 
 def cpu_devices_env(n: int) -> dict:
@@ -167,7 +167,7 @@ def test_two_processes_train_as_one(tmp_path, rng):
 
 def test_resume_accepts_configs_of_earlier_versions(tmp_path):
   """config.json written when remat was a bool; remat and attention_impl may change."""
-  from training.workdir import WorkdirError, record_config
+  from lmlab.training.workdir import WorkdirError, record_config
   config = small_config()
   record_config(str(tmp_path), {'model': config, 'data': None})
   saved = json.loads((tmp_path / 'config.json').read_text())

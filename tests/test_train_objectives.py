@@ -6,12 +6,12 @@ import os
 
 import pytest
 
-from models.config import ConfigError, preset
+from lmlab.models.config import ConfigError, preset
 from test_main import metrics, run_main
-from training import seq2seq as seq2seq_training
-from training.loop import TrainConfig, train
-from training.objectives import OBJECTIVES
-from training.optimizer import OptimizerConfig
+from lmlab.training import seq2seq as seq2seq_training
+from lmlab.training.loop import TrainConfig, train
+from lmlab.training.objectives import OBJECTIVES
+from lmlab.training.optimizer import OptimizerConfig
 
 SMALL_ENCODER = ['--set', 'd_model=32', '--set', 'n_layers=1', '--set', 'n_heads=2',
                  '--set', 'n_kv_heads=2', '--set', 'ffn_dim=64', '--batch_size=8',

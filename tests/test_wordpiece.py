@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from data import DataError
-from data import wordpiece
+from lmlab.data.errors import DataError
+from lmlab.data import wordpiece
 
 transformers = pytest.importorskip('transformers')
 

@@ -10,7 +10,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from models import CheckpointError
+from lmlab.models.errors import CheckpointError
 
 
 def _on_first_device(abstract_state):

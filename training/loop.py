@@ -21,21 +21,21 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from data import DataError
-from data import batches as batches_lib
-from data import corpus as corpus_lib
-from data import token_cache
-from data import tokenizer as tokenizer_lib
-from models import sharding
-from models.config import ConfigError, ModelConfig
-from models.registry import build
-from training import mfu as mfu_lib
-from training import parallel
-from training import steps as steps_lib
-from training import workdir as workdir_lib
-from training.checkpoint import Checkpoints
-from training.metrics import MetricsLog, Progress
-from training.optimizer import OptimizerConfig, make_optimizer, schedule
+from lmlab.data.errors import DataError
+from lmlab.data import batches as batches_lib
+from lmlab.data import corpus as corpus_lib
+from lmlab.data import token_cache
+from lmlab.data import tokenizer as tokenizer_lib
+from lmlab.models import sharding
+from lmlab.models.config import ConfigError, ModelConfig
+from lmlab.models.registry import build
+from lmlab.training import mfu as mfu_lib
+from lmlab.training import parallel
+from lmlab.training import steps as steps_lib
+from lmlab.training import workdir as workdir_lib
+from lmlab.training.checkpoint import Checkpoints
+from lmlab.training.metrics import MetricsLog, Progress
+from lmlab.training.optimizer import OptimizerConfig, make_optimizer, schedule
 
 
 class TrainingError(RuntimeError):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from models.registry import build
+from lmlab.models.registry import build
 
 # Dense bfloat16 peak FLOP/s of one JAX device (vendor data sheets; a TPU v2/v3 chip is two
 # devices, so half the chip's), by a piece of jax.Device.device_kind; the first match wins,

@@ -23,12 +23,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from data import DataError
-from data.corpus import Document
-from data.mlm import NOT_SELECTED, BertBatches, BertSpecials
-from models.config import ConfigError
-from training.loop import LanguageModeling, check_fits, load_run_tokenizer, resolve_vocab
-from training.seq2seq import Seq2Seq
+from lmlab.data.errors import DataError
+from lmlab.data.corpus import Document
+from lmlab.data.mlm import NOT_SELECTED, BertBatches, BertSpecials
+from lmlab.models.config import ConfigError
+from lmlab.training.loop import LanguageModeling, check_fits, load_run_tokenizer, resolve_vocab
+from lmlab.training.seq2seq import Seq2Seq
 
 BERT_SPECIALS = ('[PAD]', '[CLS]', '[SEP]', '[MASK]')
 

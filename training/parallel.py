@@ -18,8 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from models import ConfigError
-from models import sharding
+from lmlab.models.errors import ConfigError
+from lmlab.models import sharding
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 

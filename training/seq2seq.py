@@ -20,15 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data import DataError
-from data import tokenizer as tokenizer_lib
-from data.corpus import Document
-from data.seq2seq import (Seq2SeqSpecials, read_pairs_tsv, sample_batch, seq2seq_batch,
+from lmlab.data.errors import DataError
+from lmlab.data import tokenizer as tokenizer_lib
+from lmlab.data.corpus import Document
+from lmlab.data.seq2seq import (Seq2SeqSpecials, read_pairs_tsv, sample_batch, seq2seq_batch,
                           synthetic_pairs)
-from models.config import ConfigError
-from models.seq2seq import make_beam_search, make_greedy
-from training.bleu import corpus_bleu
-from training.loop import load_run_tokenizer
+from lmlab.models.config import ConfigError
+from lmlab.models.seq2seq import make_beam_search, make_greedy
+from lmlab.training.bleu import corpus_bleu
+from lmlab.training.loop import load_run_tokenizer
 
 SYNTHETIC_PREFIX = 'synthetic:'
 SYMBOLS = 20

@@ -6,7 +6,7 @@ workdir must describe the same model, tokenizer and data, or it is refused.
 import json
 import os
 
-from models import config as model_config_lib
+from lmlab.models import config as model_config_lib
 
 CONFIG_FILE = 'config.json'
 # What a checkpoint means depends on these; the training schedule may change on resume.

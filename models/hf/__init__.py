@@ -1,8 +1,9 @@
 """Hugging Face checkpoints in and out, with numpy only (no torch at run time).
 
-  model = models.hf.load('path/to/Qwen2-0.5B')      # config.json + *.safetensors
+  from lmlab.models import hf
+  model = hf.load('path/to/Qwen2-0.5B')      # config.json + *.safetensors
   logits_btv = model(input_ids, attention_mask=mask)
-  models.hf.save(model, 'path/to/new_dir')           # a directory transformers loads
+  hf.save(model, 'path/to/new_dir')          # a directory transformers loads
 
 The model is our own (DecoderLM, or Bert for the BERT architectures: the config's family
 picks it, models/registry.py); each architecture (models/hf/llama.py, ...) says which of
@@ -18,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import CheckpointError
-from models.config import ModelConfig
-from models.hf import bert, bloom, deepseek_v2, llama, safetensors_files
-from models.registry import build
+from lmlab.models.errors import CheckpointError
+from lmlab.models.config import ModelConfig
+from lmlab.models.hf import bert, bloom, deepseek_v2, llama, safetensors_files
+from lmlab.models.registry import build
 
 # In the order save() tries them: the first that can express a config is chosen.
 ARCHITECTURES = {arch.name: arch for arch in (bloom.BLOOM, llama.QWEN3, llama.QWEN2,

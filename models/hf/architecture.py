@@ -9,8 +9,8 @@ import dataclasses
 import json
 import typing
 
-from models import CheckpointError, ConfigError
-from models.config import ModelConfig
+from lmlab.models.errors import CheckpointError, ConfigError
+from lmlab.models.config import ModelConfig
 
 REQUIRED = object()
 

@@ -8,9 +8,9 @@ unless tie_word_embeddings is false) and the next-sentence head (BertForPreTrain
 RoBERTa's position ids start at pad_token_id + 1 and count only real tokens: our
 position_offset.
 """
-from models import CheckpointError
-from models.hf.architecture import Architecture, Link, copy, field, linear, refuse
-from models.hf.bloom import layer_norm
+from lmlab.models.errors import CheckpointError
+from lmlab.models.hf.architecture import Architecture, Link, copy, field, linear, refuse
+from lmlab.models.hf.bloom import layer_norm
 
 FIXED = dict(family='encoder', causal=False, norm='layernorm', norm_placement='post',
              position='learned', use_bias=True, qkv_bias=True, embed_norm=True, qk_norm=False,

@@ -2,7 +2,7 @@
 tanh-GELU MLPs of width 4d, biases everywhere, tied output embeddings."""
 import numpy as np
 
-from models.hf.architecture import Architecture, Link, copy, field, linear, refuse
+from lmlab.models.hf.architecture import Architecture, Link, copy, field, linear, refuse
 
 FIXED = dict(norm='layernorm', norm_placement='pre', mlp='gelu_tanh', position='alibi',
              use_bias=True, qkv_bias=True, tie_embeddings=True, qk_norm=False,

@@ -5,8 +5,8 @@ parameters carry transformers' names). Its RoPE rotates interleaved pairs, and u
 softmax scale takes the extra mscale_all_dim factor (models.mla.latent_softmax_scale).
 Mixture-of-experts layers are not implemented: a checkpoint that has any is refused.
 """
-from models import CheckpointError
-from models.hf.architecture import (Architecture, copy, field, linear, refuse, rope_from_hf,
+from lmlab.models.errors import CheckpointError
+from lmlab.models.hf.architecture import (Architecture, copy, field, linear, refuse, rope_from_hf,
                                     rope_to_hf)
 
 FIXED = dict(norm='rmsnorm', norm_placement='pre', mlp='swiglu', position='rope',

@@ -3,8 +3,8 @@
 All four are pre-RMSNorm decoders with SwiGLU MLPs and rotate-half RoPE; they differ in
 biases (Qwen2: q/k/v only), QK-norm (Qwen3), and a sliding window (Mistral).
 """
-from models import CheckpointError
-from models.hf.architecture import (Architecture, copy, field, linear, refuse, rope_from_hf,
+from lmlab.models.errors import CheckpointError
+from lmlab.models.hf.architecture import (Architecture, copy, field, linear, refuse, rope_from_hf,
                                     rope_to_hf)
 
 LLAMA_FIXED = dict(norm='rmsnorm', norm_placement='pre', mlp='swiglu', position='rope',

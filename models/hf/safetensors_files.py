@@ -13,7 +13,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from models import CheckpointError
+from lmlab.models.errors import CheckpointError
 
 DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
           'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,

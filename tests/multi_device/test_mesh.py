@@ -16,13 +16,13 @@ import pytest
 from flax import nnx
 
 from conftest import small_config
-from models import sharding
-from models.registry import build
-from training import parallel
-from training import steps as steps_lib
-from training.checkpoint import Checkpoints
-from training.loop import TrainConfig, train
-from training.optimizer import OptimizerConfig, make_optimizer
+from lmlab.models import sharding
+from lmlab.models.registry import build
+from lmlab.training import parallel
+from lmlab.training import steps as steps_lib
+from lmlab.training.checkpoint import Checkpoints
+from lmlab.training.loop import TrainConfig, train
+from lmlab.training.optimizer import OptimizerConfig, make_optimizer
 
 MESHES = ['data:8', 'fsdp:8', 'data:2,fsdp:2,tensor:2', 'fsdp:2,tensor:4']
 

@@ -1,4 +1,4 @@
-"""Attention behind one call: `kernels.attention(q, k, v, ..., impl=...)`.
+"""Attention behind one call: `attention(q, k, v, ..., impl=...)`.
 
 Layout [batch, seq, heads, head_dim]; k/v may have fewer heads than q (GQA/MQA).
 Masks are described by arguments, never passed as tensors; see kernels/masks.py.
@@ -7,7 +7,7 @@ import math
 
 import jax
 
-from kernels import chunked, cudnn, pallas, reference
+from lmlab.kernels import chunked, cudnn, pallas, reference
 
 IMPLEMENTATIONS = {'xla': reference.attention, 'chunked': chunked.attention,
                    'pallas': pallas.attention, 'cudnn': cudnn.attention}
@@ -35,7 +35,7 @@ def attention(q, k, v, *, causal=False, sliding_window=None, segment_ids=None,
   Args:
     q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] with Hq % Hkv == 0.
     causal, sliding_window, prefix_len, segment_ids=(q_seg [B,T], kv_seg [B,S]),
-      alibi_slopes [Hq]: the mask description of DESIGN.md.
+      alibi_slopes [Hq]: the mask description of docs/DESIGN.md.
     scale: softmax scale, default 1/sqrt(D).
     q_offset: absolute position of query row 0 (int, scalar or [B] array).
     impl: 'auto' (see auto_implementation) or one of IMPLEMENTATIONS.

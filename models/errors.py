@@ -1,4 +1,4 @@
-"""Flax NNX models, their configs and presets."""
+"""The errors of bad model configs and unreadable checkpoints."""
 
 
 class ConfigError(ValueError):

@@ -1,4 +1,4 @@
-"""Text, tokenizers, token caches and batches. Imports nothing else of ours."""
+"""The error of unusable data or tokenizer input."""
 
 
 class DataError(ValueError):

@@ -1,1 +1,0 @@
-"""Experiment scripts that compare model variants with tables and plots (see README.md)."""

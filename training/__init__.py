@@ -1,1 +1,0 @@
-"""Optimisation, the train/eval loop, checkpoints and metrics."""
