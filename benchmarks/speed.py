@@ -108,7 +108,7 @@ def our_runs(config, tokens_bt1, prompt_bt, n_new: int) -> dict:
   from lmlab.training.steps import make_train_step
 
   graphdef, params = nnx.split(DecoderLM(config, rngs=nnx.Rngs(params=0)))
-  opt_config = OptimizerConfig()
+  opt_config = OptimizerConfig().resolved(steps=1000, family='decoder')
   optimizer = make_optimizer(opt_config)
   train_step = make_train_step(graphdef, optimizer, schedule(opt_config), seed=0,
                                use_dropout=config.dropout_rate > 0)
@@ -162,7 +162,7 @@ def hf_runs(config, tokens_bt1, prompt_bt, n_new: int):
   runs['prefill'] = functools.partial(generate, 1)
   runs['decode'] = functools.partial(generate, n_new)
 
-  opt = OptimizerConfig()
+  opt = OptimizerConfig().resolved(steps=1000, family='decoder')
   optimizer = torch.optim.AdamW(model.parameters(), lr=opt.learning_rate, eps=opt.eps,
                                 betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
   tokens_bt1 = torch.from_numpy(tokens_bt1).long()
@@ -219,7 +219,7 @@ def main(argv):
   import numpy as np
   from lmlab.data.tokenizer import byte_tokenizer
   from lmlab.models import config as config_lib
-  from lmlab.training.loop import resolve_vocab
+  from lmlab.training.language_modeling import resolve_vocab
   try:
     config = config_lib.with_overrides(config_lib.preset(FLAGS.model), FLAGS.set).validate()
     config = resolve_vocab(config, byte_tokenizer())  # A preset that takes its tokenizer's.

@@ -35,11 +35,13 @@ from lmlab.data import corpus
 from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.config import ModelConfig, with_overrides
 from lmlab.models.mlp import GATED
-from lmlab.models.registry import build, param_count
-from lmlab.training import loop
+from lmlab.models.registry import abstract_model, build, param_count
+from lmlab.training import language_modeling, loop
+from lmlab.training import run as run_lib
 from lmlab.training import steps
-from lmlab.training.checkpoint import Checkpoints
-from lmlab.training.optimizer import OptimizerConfig, make_optimizer
+from lmlab.training.config import TrainConfig
+from lmlab.training.optimizer import OptimizerConfig
+from lmlab.training.trainer import Interrupted, TrainingError
 from lmlab.training.workdir import WorkdirError, read_config
 
 SCALES = ('quick', 'full')
@@ -94,7 +96,7 @@ class ExperimentError(ValueError):
 class Setup:
   """Everything one run is made of."""
   model: object        # models.config.ModelConfig
-  train: object        # training.loop.TrainConfig
+  train: object        # training.config.TrainConfig
   optimizer: object    # training.optimizer.OptimizerConfig
   # Replaces the freshly initialised parameters of a new run (train()'s init_params).
   init_params: Callable | None = None
@@ -192,7 +194,7 @@ class Settings:
                     n_kv_heads=n_heads, head_dim=self.value('head_dim'),
                     ffn_dim=gated_ffn_dim(d_model, 'swiglu'), mlp='swiglu',
                     max_seq_len=seq_len), FLAGS.set)
-    train = loop.TrainConfig(
+    train = TrainConfig(
         workdir='', steps=self.value('steps'), batch_size=self.value('batch_size'),
         seq_len=seq_len, seed=seed, data=FLAGS.data, tokenizer=FLAGS.tokenizer,
         eval_every=self.value('eval_every'), eval_batches=self.value('eval_batches'),
@@ -255,14 +257,9 @@ def _duration(seconds: float) -> str:
   return f'{seconds // 60}m{seconds % 60:02d}s' if seconds >= 60 else f'{seconds}s'
 
 
-def abstract_state(model):
-  """(graphdef, parameter shapes) of a model config, nothing allocated."""
-  return nnx.split(nnx.eval_shape(lambda: build(model, rngs=nnx.Rngs(0))))
-
-
 def graphdef_of(model):
   """The graph definition of a model config, for parameters of the same shapes."""
-  return abstract_state(model)[0]
+  return nnx.graphdef(abstract_model(model))
 
 
 @dataclasses.dataclass
@@ -284,9 +281,10 @@ class Trained:
   @functools.cached_property
   def _data(self):
     splits = corpus.split_corpus(self.setup.train.data, self.setup.train.val_fraction)
-    tokenizer = loop.load_run_tokenizer(self.setup.train, splits)
-    tokens = loop.tokenize(self.setup.train, tokenizer, splits, log=lambda *_: None)
-    return tokens, loop.end_token(self.setup.train, tokenizer)
+    tokenizer = language_modeling.load_run_tokenizer(self.setup.train, splits)
+    tokens = language_modeling.tokenize(self.setup.train, tokenizer, splits,
+                                        log=lambda *_: None)
+    return tokens, language_modeling.end_token(self.setup.train, tokenizer)
 
   @property
   def val_tokens(self):
@@ -308,23 +306,15 @@ class Trained:
     train = self.setup.train
     tokens_per_batch = train.micro_batch_size * train.seq_len
     batches.check_length(self.val_tokens, seq_len, 'validation')
-    return loop.evaluate(steps.make_eval_step(graphdef or self.graphdef), params,
-                         self.val_tokens, batch_size=max(1, tokens_per_batch // seq_len),
-                         seq_len=seq_len, max_batches=train.eval_batches,
-                         end_token=self.end_token)
+    return language_modeling.evaluate_tokens(
+        steps.make_eval_step(graphdef or self.graphdef), params, self.val_tokens,
+        batch_size=max(1, tokens_per_batch // seq_len), seq_len=seq_len,
+        max_batches=train.eval_batches, end_token=self.end_token)
 
 
 def final_params(workdir: str):
   """The parameters of a workdir's latest checkpoint."""
-  resolved = read_config(workdir)
-  _, abstract_params = abstract_state(resolved['model'])
-  checkpoints = Checkpoints(workdir)
-  try:
-    optimizer = make_optimizer(OptimizerConfig(**resolved['optimizer']))
-    params, _, _ = checkpoints.restore(checkpoints.latest_step(), abstract_params, optimizer.init)
-  finally:
-    checkpoints.close()
-  return params
+  return run_lib.restore(workdir).params
 
 
 def _metrics_lines(workdir: str) -> list[dict]:
@@ -423,7 +413,7 @@ def run(settings: Settings, cells: list[dict], configure: Callable[[dict, Setup]
     try:
       params = loop.train(train_config, setup.model, setup.optimizer,
                           init_params=setup.init_params)[0]
-    except loop.TrainingError as e:
+    except TrainingError as e:
       error = str(e)
       print(f'  diverged: {error}', flush=True)
     record = {**cell, 'seed': setup.train.seed, 'workdir': os.path.relpath(workdir, settings.out),
@@ -451,7 +441,7 @@ def entry_point(run_experiment: Callable[[], None]):
     except (ExperimentError, ConfigError, DataError, CheckpointError, WorkdirError) as e:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(1)
-    except loop.Interrupted as e:
+    except Interrupted as e:
       print(f'{e}; the grid goes on from there', file=sys.stderr)
       sys.exit(e.exit_code)
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmlab.models.block import PLACEMENTS, Block, identity
-from lmlab.models.config import ConfigError, ModelConfig
+from lmlab.models.config import ModelConfig
 from lmlab.models.dense import Dense, matmul_last_axis
 from lmlab.models.mlp import ACTIVATIONS
 from lmlab.models.normalization import make_norm
@@ -118,10 +118,7 @@ class Bert(nnx.Module):
     """
     config = self.config
     t = input_ids.shape[1]
-    if config.position == 'learned' and t + config.position_offset > config.max_seq_len:
-      raise ConfigError(f'sequence length {t} exceeds the learned position table '
-                        f'(max_seq_len={config.max_seq_len}, position_offset='
-                        f'{config.position_offset})')
+    config.check_positions(t, 'sequence length')
     keys = split_keys(dropout_key, config.n_layers + 2)
     positions_bt = self.positions_of(attention_mask, input_ids.shape)
     x_btd = self.embed(input_ids)

@@ -141,6 +141,14 @@ class ModelConfig:
     return {'inv_sqrt_d': d ** -0.5, 'inv_d': 1.0 / d, 'inv_cbrt_d': d ** (-1.0 / 3.0),
             'none': 1.0}[self.attention_scale]
 
+  def check_positions(self, length: int, what: str, fix: str = ''):
+    """Raises ConfigError when `length` positions (what: a description) run past a learned
+    position table; fix, when given, says what to change."""
+    if self.position == 'learned' and length + self.position_offset > self.max_seq_len:
+      offset = f', position_offset={self.position_offset}' if self.position_offset else ''
+      raise ConfigError(f'{what} ({length}) is longer than the learned position table '
+                        f'(max_seq_len={self.max_seq_len}{offset}){"; " + fix if fix else ""}')
+
   def buildable(self, family: str) -> 'ModelConfig':
     """The validated config, checked to be one a model of `family` can be built from."""
     self.validate()
@@ -148,7 +156,7 @@ class ModelConfig:
       raise ConfigError(f'a {family} model cannot be built from a family={self.family} config')
     if not self.vocab_size:
       raise ConfigError('vocab_size=0 (take it from the tokenizer or data) must be resolved '
-                        'before a model is built; see training.loop.resolve_vocab')
+                        'before a model is built; see training.language_modeling.resolve_vocab')
     return self
 
   def validate(self) -> 'ModelConfig':

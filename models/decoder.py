@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmlab.models.block import ATTENTIONS, PLACEMENTS, Block, identity
-from lmlab.models.config import ConfigError, ModelConfig
+from lmlab.models.config import ModelConfig
 from lmlab.models.dense import Dense, matmul_last_axis
 from lmlab.models.normalization import make_norm
 from lmlab.models.positions import make_position_encoding
@@ -53,9 +53,7 @@ class DecoderLM(nnx.Module):
     a bidirectional prefix (prefix-LM). Dropout is applied only when a dropout_key is given.
     """
     t = tokens_bt.shape[1]
-    if self.config.position == 'learned' and t > self.config.max_seq_len:
-      raise ConfigError(f'sequence length {t} exceeds the learned position table '
-                        f'(max_seq_len={self.config.max_seq_len})')
+    self.config.check_positions(t, 'sequence length')
     if attention_mask is not None:
       if positions_bt is not None or segment_ids_bt is not None:
         raise ValueError('pass attention_mask or positions_bt/segment_ids_bt, not both')
@@ -70,9 +68,7 @@ class DecoderLM(nnx.Module):
 
   def init_cache(self, batch: int, length: int):
     """An empty KV cache for `length` positions (prompt plus generated tokens)."""
-    if self.config.position == 'learned' and length > self.config.max_seq_len:
-      raise ConfigError(f'{length} positions exceed the learned position table '
-                        f'(max_seq_len={self.config.max_seq_len}); ask for fewer tokens')
+    self.config.check_positions(length, 'prompt plus new tokens', 'ask for fewer tokens')
     _, empty_cache = ATTENTIONS[self.config.attention_type]
     return [empty_cache(self.config, batch, length, jnp.dtype(self.config.dtype))
             for _ in range(self.config.n_layers)]

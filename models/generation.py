@@ -15,11 +15,12 @@ from flax import nnx
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  max_new_tokens: int = 128
-  temperature: float = 0.8     # 0: greedy.
-  top_k: int = 0               # 0: off.
-  top_p: float = 1.0           # 1: off.
-  repetition_penalty: float = 1.0
+  """How tokens are drawn; each field's comment is its --flag's help text."""
+  max_new_tokens: int = 200  # Tokens to generate.
+  temperature: float = 0.8  # Sampling temperature; 0 is greedy.
+  top_k: int = 0  # Sample among the k likeliest tokens; 0: all.
+  top_p: float = 1.0  # Nucleus sampling mass; 1: off.
+  repetition_penalty: float = 1.0  # Penalty for tokens already present; 1: off.
 
 
 def next_token_logits(logits_bv, seen_bv, config: SamplingConfig):

@@ -18,7 +18,11 @@ def build(config: ModelConfig, *, rngs: nnx.Rngs):
   return model_class(config)(config, rngs=rngs)
 
 
+def abstract_model(config: ModelConfig):
+  """The model of `config` with shapes and dtypes for arrays: nothing is allocated."""
+  return nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0)))
+
+
 def param_count(config: ModelConfig) -> int:
-  """Number of parameters, from shapes alone (nothing is allocated)."""
-  abstract = nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0)))
-  return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  """Number of parameters, from shapes alone."""
+  return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract_model(config), nnx.Param)))

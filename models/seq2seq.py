@@ -20,7 +20,7 @@ from flax import nnx
 
 from lmlab.models.attention import empty_kv_cache
 from lmlab.models.block import PLACEMENTS, Block, identity
-from lmlab.models.config import ConfigError, ModelConfig
+from lmlab.models.config import ModelConfig
 from lmlab.models.dense import Dense, matmul_last_axis
 from lmlab.models.normalization import make_norm
 from lmlab.models.positions import make_position_encoding
@@ -70,14 +70,9 @@ class EncoderDecoder(nnx.Module):
     return (self.dropout(x_btd, deterministic=dropout_key is None, rngs=dropout_key),
             self.positions.rotation(positions_bt))
 
-  def _check_length(self, t: int, what: str):
-    if self.config.position == 'learned' and t > self.config.max_seq_len:
-      raise ConfigError(f'{what} length {t} exceeds the learned position table '
-                        f'(max_seq_len={self.config.max_seq_len})')
-
   def encode(self, source_bs, source_mask_bs, *, dropout_key=None):
     """The encoder output [B, S, D]; padding (source_mask 0) is never attended to."""
-    self._check_length(source_bs.shape[1], 'source')
+    self.config.check_positions(source_bs.shape[1], 'source length')
     keys = split_keys(dropout_key, self.config.n_layers + 1)
     positions_bs = jnp.broadcast_to(jnp.arange(source_bs.shape[1]), source_bs.shape)
     table = self.embed if self.source_embed is None else self.source_embed
@@ -95,14 +90,14 @@ class EncoderDecoder(nnx.Module):
 
   def init_cache(self, batch: int, length: int):
     """An empty self-attention KV cache per decoder layer for `length` target positions."""
-    self._check_length(length, 'target')
+    self.config.check_positions(length, 'target length')
     return [empty_kv_cache(self.config, batch, length, jnp.dtype(self.config.dtype))
             for _ in range(self.config.decoder_layers)]
 
   def decode(self, target_bt, memories, *, caches=None, cache_index=0, dropout_key=None):
     """Logits [B, T, V] of the next target token after each of target_bt, which sits at
     positions cache_index..; with caches (init_cache), also the updated caches."""
-    self._check_length(target_bt.shape[1], 'target')
+    self.config.check_positions(target_bt.shape[1], 'target length')
     keys = split_keys(dropout_key, self.config.decoder_layers + 1)
     positions_bt = jnp.broadcast_to(cache_index + jnp.arange(target_bt.shape[1]),
                                     target_bt.shape)

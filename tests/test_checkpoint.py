@@ -14,7 +14,7 @@ from lmlab.training.optimizer import OptimizerConfig, make_optimizer
 def test_round_trip_is_exact(tmp_path, rng):
   config = small_config(norm='layernorm', qkv_bias=True)
   _, params = nnx.split(DecoderLM(config, rngs=nnx.Rngs(int(rng.integers(1 << 30)))))
-  optimizer = make_optimizer(OptimizerConfig())
+  optimizer = make_optimizer(OptimizerConfig().resolved(steps=10, family='decoder'))
   opt_state = optimizer.init(params)
   grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
   _, opt_state = jax.jit(optimizer.update)(grads, opt_state, params)  # Non-trivial moments.

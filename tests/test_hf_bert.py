@@ -169,7 +169,7 @@ def test_eval_of_a_checkpoint_reports_its_masked_lm_and_next_sentence_losses(rng
   """main.py --mode=eval --hf_checkpoint scores BERT's pre-training objective on held-out
   pairs; transformers, given the same batches, computes the same losses and accuracies."""
   from test_main import run_main
-  from lmlab.training.loop import TrainConfig
+  from lmlab.training.config import TrainConfig
   from lmlab.training.objectives import BertPretraining, mlm_capacity
   words = ['alpha', 'beta', 'gamma', 'delta', 'def', 'return', 'value', 'list']
   vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '.', *words]

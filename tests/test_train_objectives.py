@@ -9,7 +9,8 @@ import pytest
 from lmlab.models.config import ConfigError, preset
 from test_main import metrics, run_main
 from lmlab.training import seq2seq as seq2seq_training
-from lmlab.training.loop import TrainConfig, train
+from lmlab.training.config import TrainConfig
+from lmlab.training.loop import train
 from lmlab.training.objectives import OBJECTIVES
 from lmlab.training.optimizer import OptimizerConfig
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lmlab.models.registry import build
+from lmlab.models.registry import abstract_model
 
 # Dense bfloat16 peak FLOP/s of one JAX device (vendor data sheets; a TPU v2/v3 chip is two
 # devices, so half the chip's), by a piece of jax.Device.device_kind; the first match wins,
@@ -33,8 +33,8 @@ def peak_flops(device_kind: str):
 def matmul_params(config) -> int:
   """Weights each token is multiplied by once per forward pass: the blocks' matrices and
   the output head (tied or not)."""
-  abstract = nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0)))
-  block_weights = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract.blocks, nnx.Param))
+  blocks = abstract_model(config).blocks
+  block_weights = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(blocks, nnx.Param))
                       if leaf.ndim >= 2)
   return block_weights + config.d_model * config.vocab_size
 

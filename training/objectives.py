@@ -1,5 +1,5 @@
-"""Objectives beside next-token prediction, for training.loop.train's `objective` hook
-(the interface is LanguageModeling's docstring):
+"""The objectives --objective names (OBJECTIVES), and those beside next-token prediction
+(the interface is training/objective.py's docstring):
 
   BertPretraining         `--model=bert-tiny`: masked LM (80/10/10) + next sentence, or with
                           `--model=roberta-tiny` (--objective=roberta) RoBERTa's masked LM
@@ -27,7 +27,9 @@ from lmlab.data.errors import DataError
 from lmlab.data.corpus import Document
 from lmlab.data.mlm import NOT_SELECTED, BertBatches, BertSpecials
 from lmlab.models.config import ConfigError
-from lmlab.training.loop import LanguageModeling, check_fits, load_run_tokenizer, resolve_vocab
+from lmlab.training.language_modeling import (LanguageModeling, check_fits, load_run_tokenizer,
+                                              resolve_vocab)
+from lmlab.training.objective import Objective
 from lmlab.training.seq2seq import Seq2Seq
 
 BERT_SPECIALS = ('[PAD]', '[CLS]', '[SEP]', '[MASK]')
@@ -118,7 +120,7 @@ class BertPretraining(LanguageModeling):
   def train_batch(self, step: int):
     return self.train_batches.batch(step)
 
-  def loss(self, model, batch, dropout_key):
+  def loss(self, model, batch, dropout_key, frozen=None):
     selected_bt = batch['labels'] != NOT_SELECTED
     # The first `capacity` selected positions of each row (a stable sort puts them first).
     positions_bk = jnp.argsort(~selected_bt, axis=1, stable=True)[:, :self.capacity]
@@ -161,7 +163,7 @@ def read_labelled(path: str):
   return rows
 
 
-class SequenceClassification:
+class SequenceClassification(Objective):
   """A classifier on the pooled output of an encoder; reports loss and accuracy.
 
   Lines of --data are held out at random (fixed, val_fraction of them); labels are the
@@ -219,7 +221,7 @@ class SequenceClassification:
     return self._batch(self.train[rng.integers(0, len(self.train), self.config.batch_size)],
                        self.config.batch_size)
 
-  def loss(self, model, batch, dropout_key):
+  def loss(self, model, batch, dropout_key, frozen=None):
     out = model(batch['inputs'], batch['token_type_ids'], batch['attention_mask'],
                 dropout_key=dropout_key)
     loss, accuracy = cross_entropy_and_accuracy(out.classifier_logits, batch['labels'],
@@ -244,3 +246,10 @@ class SequenceClassification:
 # --objective names and their classes; 'bert' and 'roberta' differ in the run's TrainConfig.
 OBJECTIVES = {'lm': LanguageModeling, 'bert': BertPretraining, 'roberta': BertPretraining,
               'classify': SequenceClassification, 'seq2seq': Seq2Seq}
+
+
+def by_name(name: str):
+  """The objective class --objective=name trains."""
+  if name not in OBJECTIVES:
+    raise ConfigError(f'--objective={name!r} is not one of {", ".join(OBJECTIVES)}')
+  return OBJECTIVES[name]

@@ -1,26 +1,39 @@
 """AdamW with linear warmup, cosine decay (or the inverse square root of Vaswani et al.
 2017) and global-norm clipping."""
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
-SCHEDULES = ('cosine', 'inverse_sqrt')
+# Post-LN stacks (BERT, the encoder-decoder) stall at the decoders' 3e-3 (Xiong et al. 2020).
+DEFAULT_LEARNING_RATE = 3e-3
+POST_LN_LEARNING_RATE = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  learning_rate: float = 3e-3
-  warmup_steps: int = 50
-  total_steps: int = 1000
-  final_lr_fraction: float = 0.1
-  weight_decay: float = 0.1
-  beta1: float = 0.9
-  beta2: float = 0.95
-  eps: float = 1e-8
-  clip_norm: float = 1.0
-  schedule: str = 'cosine'  # or 'inverse_sqrt'
+  """AdamW's settings; each field's comment is its --flag's help text."""
+  # Peak learning rate; default 3e-3, and 1e-3 for BERT and encoder-decoder models (post-LN).
+  learning_rate: float | None = None
+  warmup_steps: int = 50  # Linear warmup steps.
+  total_steps: int = 0  # Length of the decay schedule (--schedule_steps); 0: the run's --steps.
+  final_lr_fraction: float = 0.1  # Cosine schedule: the final learning rate's share of the peak.
+  weight_decay: float = 0.1  # AdamW weight decay (matrices only).
+  beta1: float = 0.9  # Adam's first-moment decay.
+  beta2: float = 0.95  # Adam's second-moment decay.
+  eps: float = 1e-8  # Adam's denominator epsilon.
+  clip_norm: float = 1.0  # Global gradient-norm clip.
+  # Learning-rate decay after warmup: cosine, or 1/sqrt(step) as Vaswani et al. 2017.
+  schedule: Literal['cosine', 'inverse_sqrt'] = 'cosine'
+
+  def resolved(self, steps: int, family: str) -> 'OptimizerConfig':
+    """The config with the defaults that depend on the run filled in."""
+    rate = self.learning_rate
+    if rate is None:
+      rate = DEFAULT_LEARNING_RATE if family == 'decoder' else POST_LN_LEARNING_RATE
+    return dataclasses.replace(self, learning_rate=rate, total_steps=self.total_steps or steps)
 
 
 def schedule(config: OptimizerConfig):
@@ -44,6 +57,9 @@ def decay_mask(params):
 
 
 def make_optimizer(config: OptimizerConfig):
+  """The optimizer of a resolved config (OptimizerConfig.resolved)."""
+  if config.learning_rate is None or not config.total_steps:
+    raise ValueError(f'{config} is not resolved: call OptimizerConfig.resolved first')
   return optax.chain(
       optax.clip_by_global_norm(config.clip_norm),
       optax.adamw(schedule(config), b1=config.beta1, b2=config.beta2, eps=config.eps,

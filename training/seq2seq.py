@@ -28,7 +28,8 @@ from lmlab.data.seq2seq import (Seq2SeqSpecials, read_pairs_tsv, sample_batch, s
 from lmlab.models.config import ConfigError
 from lmlab.models.seq2seq import make_beam_search, make_greedy
 from lmlab.training.bleu import corpus_bleu
-from lmlab.training.loop import load_run_tokenizer
+from lmlab.training.language_modeling import load_run_tokenizer
+from lmlab.training.objective import Objective
 
 SYNTHETIC_PREFIX = 'synthetic:'
 SYMBOLS = 20
@@ -49,8 +50,8 @@ def smoothed_cross_entropy(logits_btv, targets_bt, weights_bt, smoothing: float)
   return jnp.sum(smoothed_bt * weights_bt) / total, jnp.sum(nll_bt * weights_bt) / total
 
 
-class Seq2Seq:
-  """The objective (see training.loop.LanguageModeling) of an encoder_decoder model."""
+class Seq2Seq(Objective):
+  """The objective (training/objective.py) of an encoder_decoder model."""
 
   def __init__(self, train_config, model_config, *, log=print):
     del log
@@ -105,7 +106,7 @@ class Seq2Seq:
                         batch_size=self.config.batch_size, source_len=self.source_len,
                         target_len=self.target_len)
 
-  def loss(self, model, batch, dropout_key):
+  def loss(self, model, batch, dropout_key, frozen=None):
     logits_btv = model(batch['source'], batch['source_mask'], batch['decoder_inputs'],
                        dropout_key=dropout_key)
     weights_bt = batch['target_mask'].astype(jnp.float32)

@@ -55,51 +55,65 @@ def batch_loss(graphdef, params, batch):
 
 def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout: bool,
                     z_loss: float = 0.0, max_z_loss: float = 0.0, loss_fn=None,
-                    shardings=None):
-  """step(params, opt_state, batch, step) -> (params, opt_state, metrics).
+                    trainable=None, shardings=None):
+  """step(params, opt_state, batch, step, frozen=None) -> (params, opt_state, metrics).
 
   Every array of the batch dict arrives as A micro-batches [A, B, T]; their gradients are
   averaged before one optimizer update (gradient accumulation). Dropout keys derive from
   (seed, step). z_loss and max_z_loss weigh the logit penalties of `objective`.
-  loss_fn(model, micro_batch, dropout_key) -> (loss, metrics), when given, replaces the
-  next-token objective (BERT's, sequence-to-sequence, classification).
-  shardings, when given, is (params', optimizer state's, batch's, replicated) shardings,
-  which the step takes its inputs in and returns its outputs in.
+  loss_fn(model, micro_batch, dropout_key, frozen) -> (loss, metrics), when given, replaces
+  the next-token objective (BERT's, sequence-to-sequence, classification); frozen is state it
+  reads without training it (None when there is none).
+  trainable, an nnx filter, selects the parameters the optimizer updates (its state covers
+  only them; see trainable_part); None: all of them.
+  shardings, when given, is (params', optimizer state's, batch's, replicated, frozen's)
+  shardings, which the step takes its inputs in and returns its outputs in.
   """
   base_key = jax.random.key(seed)
 
-  def micro_objective(params, micro_batch, key):
+  def micro_objective(params, micro_batch, key, frozen):
     if loss_fn is not None:
-      return loss_fn(nnx.merge(graphdef, params), micro_batch, key)
+      return loss_fn(nnx.merge(graphdef, params), micro_batch, key, frozen)
     logits = batch_logits(graphdef, params, micro_batch, key)
     return objective(logits, micro_batch['targets'], z_loss=z_loss, max_z_loss=max_z_loss)
 
-  def train_step(params, opt_state, batch, step):
+  def train_step(params, opt_state, batch, step, frozen=None):
     step_key = jax.random.fold_in(base_key, step)
+    trained, fixed = ((params, None) if trainable is None else
+                      nnx.split_state(params, trainable, ...))
+    whole = (lambda trained: trained) if fixed is None else (
+        lambda trained: nnx.merge_state(trained, fixed))
 
     def accumulate(grad_sum, micro):
       index, micro_batch = micro
       key = jax.random.fold_in(step_key, index) if use_dropout else None
-      (_, metrics), grads = jax.value_and_grad(micro_objective, has_aux=True)(
-          params, micro_batch, key)
+      (_, metrics), grads = jax.value_and_grad(
+          lambda trained: micro_objective(whole(trained), micro_batch, key, frozen),
+          has_aux=True)(trained)
       return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
     n_micro = jax.tree.leaves(batch)[0].shape[0]
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, trained)
     grad_sum, micro_metrics = jax.lax.scan(accumulate, zeros, (jnp.arange(n_micro), batch))
     grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    updates, opt_state = optimizer.update(grads, opt_state, trained)
+    params = whole(optax.apply_updates(trained, updates))
     metrics = {**jax.tree.map(jnp.mean, micro_metrics), 'grad_norm': optax.tree.norm(grads),
                'lr': lr_schedule(step)}
     return params, opt_state, metrics
 
   if shardings is None:
     return jax.jit(train_step, donate_argnums=(0, 1))
-  params_at, opt_state_at, batch_at, replicated = shardings
+  params_at, opt_state_at, batch_at, replicated, frozen_at = shardings
   return jax.jit(train_step, donate_argnums=(0, 1),
-                 in_shardings=(params_at, opt_state_at, batch_at, replicated),
+                 in_shardings=(params_at, opt_state_at, batch_at, replicated, frozen_at),
                  out_shardings=(params_at, opt_state_at, replicated))
+
+
+def trainable_part(params, trainable):
+  """The parameters a step with this `trainable` filter updates (what its optimizer state
+  is made for)."""
+  return params if trainable is None else nnx.filter_state(params, trainable)
 
 
 def make_eval_step(graphdef):

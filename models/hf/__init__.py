@@ -22,7 +22,7 @@ from flax import nnx
 from lmlab.models.errors import CheckpointError
 from lmlab.models.config import ModelConfig
 from lmlab.models.hf import bert, bloom, deepseek_v2, llama, safetensors_files
-from lmlab.models.registry import build
+from lmlab.models.registry import abstract_model
 
 # In the order save() tries them: the first that can express a config is chosen.
 ARCHITECTURES = {arch.name: arch for arch in (bloom.BLOOM, llama.QWEN3, llama.QWEN2,
@@ -93,7 +93,7 @@ def load(path: str, *, dtype: str = 'float32', param_dtype: str | None = None,
                                      **run_fields)
   checkpoint = safetensors_files.Checkpoint(path)
   stored = _stored_names(checkpoint)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0))))
+  graphdef, abstract = nnx.split(abstract_model(config))
   shapes = {path: variable for path, variable in nnx.to_flat_state(abstract)}
   values, used = {}, set()
   for link in architecture.links(config):

@@ -21,7 +21,8 @@ from lmlab.models.registry import build
 from lmlab.training import parallel
 from lmlab.training import steps as steps_lib
 from lmlab.training.checkpoint import Checkpoints
-from lmlab.training.loop import TrainConfig, train
+from lmlab.training.config import TrainConfig
+from lmlab.training.loop import train
 from lmlab.training.optimizer import OptimizerConfig, make_optimizer
 
 MESHES = ['data:8', 'fsdp:8', 'data:2,fsdp:2,tensor:2', 'fsdp:2,tensor:4']
@@ -155,7 +156,7 @@ def test_checkpoint_restores_onto_other_topologies(tmp_path, rng):
   assert first['devices'] == 8 and first['step_temp_bytes'] > 0
   assert first['param_bytes_per_device'] < sum(x.nbytes for x in jax.tree.leaves(saved)) / 3
 
-  optimizer = make_optimizer(OptimizerConfig())
+  optimizer = make_optimizer(OptimizerConfig().resolved(steps=10, family='decoder'))
   model_config = json.loads((tmp_path / 'run' / 'config.json').read_text())['model']
   config = dataclasses.replace(config, vocab_size=model_config['vocab_size'])
   abstract = jax.eval_shape(lambda: nnx.split(build(config, rngs=nnx.Rngs(0)))[1])

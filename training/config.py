@@ -1,0 +1,102 @@
+"""TrainConfig: what a training run does besides the model and the optimizer.
+
+Each field's comment is its --flag's help text (training/dataclass_flags.py); None marks a
+default that depends on the model, filled in by resolved().
+"""
+import dataclasses
+
+from lmlab.models.config import ModelConfig
+from lmlab.models.errors import ConfigError
+
+# What a family learns unless --objective says otherwise.
+FAMILY_OBJECTIVES = {'decoder': 'lm', 'encoder_decoder': 'seq2seq'}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  # Run folder (config, metrics, checkpoints, token cache); default runs/<model>.
+  workdir: str | None = None
+  steps: int = 500  # Training steps (optimizer updates).
+  batch_size: int = 32  # Sequences per step (split over --grad_accum).
+  seq_len: int = 128  # Tokens per sequence.
+  grad_accum: int = 1  # Micro-batches whose gradients make one update.
+  seed: int = 0  # Seed of initialisation, batches and dropout.
+  # A text file, directory or glob; default: the Python standard library of this interpreter.
+  data: str | None = None
+  val_fraction: float = 0.05  # Share of files (or of a single file) held out.
+  # bytes | bpe:<size>[:gpt2|:cl100k][:digits] | wordpiece:<size> | a .tiktoken,
+  # tokenizer.json or vocab.txt file (data/tokenizer.py); default bytes, wordpiece:8192 for
+  # BERT presets, with --init_from that run's.
+  tokenizer: str | None = None
+  # Pre-tokenisation (gpt2, cl100k or a regex) of a .tiktoken file that has no .json beside it.
+  tokenizer_pattern: str | None = None
+  tokenizer_sha256: str | None = None  # Expected sha256 of a .tiktoken --tokenizer file.
+  # Keep packed documents from attending to each other (segment ids at end-of-text tokens).
+  document_masking: bool = True
+  z_loss: float = 0.0  # Weight of the log^2 Z logit penalty (PaLM: 1e-4); 0: off.
+  max_z_loss: float = 0.0  # Weight of the max-logit^2 penalty (Baichuan 2: 2e-4); 0: off.
+  # What to learn (training/objectives.py: lm, bert, roberta, classify, seq2seq); default: lm
+  # for decoders, bert or roberta for encoders (by their NSP head), seq2seq for
+  # encoder-decoders.
+  objective: str | None = None
+  # seq2seq: target mass spread over the vocabulary; default 0.1 (Vaswani et al. 2017), else 0.
+  label_smoothing: float | None = None
+  beam_size: int = 4  # seq2seq eval: beam search width beside greedy decoding; 1: greedy only.
+  length_penalty: float = 0.6  # seq2seq beam search: alpha of ((5+len)/6)^alpha.
+  eval_every: int = 100  # Evaluate every N steps.
+  eval_batches: int = 16  # Validation batches per evaluation.
+  save_every: int = 100  # Checkpoint every N steps.
+  keep_checkpoints: int = 3  # Checkpoints kept.
+  log_every: int = 10  # Log a metrics line every N steps.
+  # Device mesh: sizes of the data, fsdp and tensor axes, e.g. data:2,fsdp:2,tensor:2 (-1: the
+  # devices left; unnamed axes: 1).
+  mesh: str = 'data:-1'
+  # Changes to the logical-axis rules (models/sharding.py), e.g.
+  # embed:none,batch:data+fsdp,length:tensor.
+  logical_rules: str = ''
+  # Peak FLOP/s of one device for the MFU metric; 0: from the table of known GPUs and TPUs
+  # (training/mfu.py).
+  peak_flops: float = 0.0
+
+  @property
+  def micro_batch_size(self) -> int:
+    """Sequences per micro-batch: the batch split over grad_accum (also the eval batch)."""
+    return self.batch_size // self.grad_accum
+
+  def resolved(self, model_config: ModelConfig) -> 'TrainConfig':
+    """The config with the model's defaults in place of None (workdir aside)."""
+    objective = self.objective or default_objective(model_config)
+    smoothing = self.label_smoothing
+    if smoothing is None:
+      smoothing = 0.1 if objective == 'seq2seq' else 0.0
+    tokenizer = self.tokenizer or ('wordpiece:8192' if model_config.family == 'encoder'
+                                   else 'bytes')
+    return dataclasses.replace(self, objective=objective, label_smoothing=smoothing,
+                               tokenizer=tokenizer)
+
+  def validate(self) -> 'TrainConfig':
+    if not self.workdir:
+      raise ConfigError('a training run needs a --workdir')
+    for name in ('steps', 'batch_size', 'seq_len', 'grad_accum', 'eval_every', 'eval_batches',
+                 'save_every', 'keep_checkpoints', 'log_every'):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f'--{name}={getattr(self, name)} must be positive')
+    if self.batch_size % self.grad_accum:
+      raise ConfigError(f'--batch_size={self.batch_size} is not divisible by '
+                        f'--grad_accum={self.grad_accum}')
+    if self.beam_size < 1:
+      raise ConfigError(f'--beam_size={self.beam_size} must be at least 1')
+    for name in ('z_loss', 'max_z_loss', 'label_smoothing'):
+      if not 0.0 <= (getattr(self, name) or 0.0) < 1.0:
+        raise ConfigError(f'--{name}={getattr(self, name)} must be in [0, 1) (0: off)')
+    if self.peak_flops < 0:
+      raise ConfigError(f'--peak_flops={self.peak_flops} must be >= 0 (0: the known devices)')
+    if not 0.0 < self.val_fraction < 1.0:
+      raise ConfigError(f'--val_fraction={self.val_fraction} must be between 0 and 1')
+    return self
+
+
+def default_objective(model_config: ModelConfig) -> str:
+  if model_config.family == 'encoder':
+    return 'bert' if model_config.nsp_head else 'roberta'
+  return FAMILY_OBJECTIVES[model_config.family]

@@ -1,0 +1,32 @@
+"""What a training objective supplies to training.loop.train; the base of every objective.
+
+An objective is made as objective(train_config, model_config, log=print) and provides:
+  model_config, tokenizer   the model config resolved against the data (vocab_size 0, a
+                            classifier's labels, ...) and the run's tokenizer
+  load_data()               called once the run's config is recorded (tokenising, checks)
+  train_batch(step)         numpy arrays [batch_size, ...], a pure function of (seed, step)
+  loss                      loss(model, batch, dropout_key, frozen) -> (loss, metrics with
+                            'loss'), or None for the next-token loss of training/steps.py
+  evaluate(graphdef, params) -> {'eval_loss': ..., and other eval_* metrics}
+  trainable                 an nnx filter of the parameters the optimizer updates; None: all
+  frozen(params)            state the loss reads but does not train (a reference or teacher
+                            model's parameters), made from the run's initial parameters, or
+                            None; it is placed like the parameters and passed to every step
+  put_batch(numpy batch)    places a batch on the devices; train() sets it to the run's
+                            (training.parallel.Layout.put_batch)
+
+To add one: a class in a file of its own (or beside its kin in training/objectives.py), a line
+in training/objectives.py:OBJECTIVES naming it for --objective, and its test.
+"""
+
+
+class Objective:
+  """Defaults for the optional parts: the next-token loss, every parameter trained, nothing
+  frozen."""
+  loss = None
+  trainable = None
+  put_batch = None
+
+  def frozen(self, params):
+    del params
+    return None

@@ -1,0 +1,212 @@
+"""What main.py's modes do, as functions that main.py, experiments/ and tests share: restore a
+run's latest checkpoint, load a Hugging Face folder with its tokenizer, start from another
+run's parameters, evaluate, sample, convert between the two formats, train a tokenizer.
+"""
+import dataclasses
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmlab.data import batches as batches_lib
+from lmlab.data import corpus as corpus_lib
+from lmlab.data import tokenizer as tokenizer_lib
+from lmlab.data.errors import DataError
+from lmlab.models import hf
+from lmlab.models.config import ModelConfig, preset, with_overrides
+from lmlab.models.errors import CheckpointError, ConfigError
+from lmlab.models.generation import SamplingConfig, make_generate
+from lmlab.models.hf.architecture import RUN_FIELDS
+from lmlab.models.registry import abstract_model
+from lmlab.training import objectives
+from lmlab.training import steps as steps_lib
+from lmlab.training.checkpoint import Checkpoints
+from lmlab.training.config import TrainConfig, default_objective
+from lmlab.training.language_modeling import (end_token, evaluate_tokens, load_run_tokenizer,
+                                              tokenize, tokenizer_dir)
+from lmlab.training.optimizer import OptimizerConfig, make_optimizer
+from lmlab.training.workdir import WorkdirError, config_path, read_config, record_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """A model to evaluate or sample from, with the run config that describes its data."""
+  graphdef: object
+  params: object
+  tokenizer: object
+  run: TrainConfig
+  source: str            # 'checkpoint <step>' or the Hugging Face folder.
+  step: int | None = None
+  end_token: int | None = None  # Ends a sample; None: the tokenizer's end-of-text.
+
+
+def default_workdir(model: str, hf_checkpoint: str | None = None) -> str:
+  if hf_checkpoint:
+    return os.path.join('runs', 'hf-' + os.path.basename(os.path.normpath(hf_checkpoint)))
+  return os.path.join('runs', model)
+
+
+def restore(workdir: str) -> Loaded:
+  """The latest checkpoint of a training run's workdir."""
+  resolved = read_config(workdir)
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  run = TrainConfig(**{k: v for k, v in resolved.items() if k in fields})
+  graphdef, abstract_params = nnx.split(abstract_model(resolved['model']))
+  checkpoints = Checkpoints(workdir)
+  try:
+    step = checkpoints.latest_step()
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {checkpoints.directory}; train first')
+    optimizer = make_optimizer(OptimizerConfig(**resolved['optimizer']).resolved(
+        run.steps, resolved['model'].family))
+    params, _, _ = checkpoints.restore(step, abstract_params, optimizer.init)
+  finally:
+    checkpoints.close()
+  return Loaded(graphdef, params, load_run_tokenizer(run), run, f'checkpoint {step}', step)
+
+
+def load_hf(path: str, overrides: list[str], run: TrainConfig, tokenizer: str | None = None):
+  """(model, run config) of a Hugging Face folder: overrides may set only RUN_FIELDS; the
+  tokenizer is its tokenizer.json (BERT: vocab.txt) unless given."""
+  _, config = hf.read_config(path)
+  changed = with_overrides(config, overrides)
+  fixed = [f.name for f in dataclasses.fields(config)
+           if f.name not in RUN_FIELDS and getattr(changed, f.name) != getattr(config, f.name)]
+  if fixed:
+    raise ConfigError(f'--set {fixed[0]} would change the checkpoint\'s architecture; with '
+                      f'--hf_checkpoint only {", ".join(RUN_FIELDS)} can be set')
+  if tokenizer is None:
+    # BERT's WordPiece vocabulary is its vocab.txt (our reader of tokenizer.json is BPE's).
+    name = 'vocab.txt' if config.family == 'encoder' else 'tokenizer.json'
+    tokenizer = os.path.join(path, name)
+    if not os.path.exists(tokenizer):
+      raise DataError(f'{path} has no {name}; pass --tokenizer')
+  model = hf.load(path, **{name: getattr(changed, name) for name in RUN_FIELDS})
+  return model, dataclasses.replace(run, tokenizer=tokenizer,
+                                    objective=run.objective or default_objective(config))
+
+
+def load(workdir: str, hf_checkpoint: str | None, overrides: list[str], run: TrainConfig,
+         tokenizer: str | None = None) -> Loaded:
+  """The Hugging Face folder when one is given, else the workdir's latest checkpoint."""
+  if not hf_checkpoint:
+    return restore(workdir)
+  model, run = load_hf(hf_checkpoint, overrides, run, tokenizer)
+  graphdef, params = nnx.split(model)
+  return Loaded(graphdef, params, load_run_tokenizer(run), run, hf_checkpoint,
+                end_token=hf.end_token_id(hf_checkpoint))
+
+
+def init_from(workdir: str, overrides: list[str]):
+  """(model config, tokenizer spec, init_params) to start a run from another run's latest
+  parameters: its config with overrides on top, its tokenizer, and its parameters wherever
+  the new model has one of the same path and shape (a classifier keeps the pre-trained
+  encoder and gets a fresh head)."""
+  loaded = restore(workdir)
+  source = dict(nnx.to_flat_state(loaded.params))
+  path = tokenizer_lib.source_file(loaded.run.tokenizer, tokenizer_dir(workdir))
+
+  def init_params(params):
+    return nnx.from_flat_state([
+        (name, source[name] if name in source and source[name].shape == value.shape else value)
+        for name, value in nnx.to_flat_state(params)])
+
+  model_config = with_overrides(read_config(workdir)['model'], overrides).validate()
+  return model_config, path or loaded.run.tokenizer, init_params
+
+
+def evaluate(loaded: Loaded, data: str | None = None, eval_batches: int | None = None) -> dict:
+  """The run's own eval metrics; for a next-token run, the loss and perplexity on the files of
+  `data` (default: the run's validation split) over eval_batches (default: the run's)."""
+  model_config = nnx.merge(loaded.graphdef, loaded.params).config
+  run = loaded.run
+  if run.objective != 'lm':
+    if run.objective in ('bert', 'roberta') and not model_config.mlm_head:
+      raise ConfigError(f'{loaded.source} has no masked-LM head to evaluate; --mode=eval of an '
+                        'encoder needs BertForMaskedLM, BertForPreTraining or RobertaForMaskedLM')
+    task = objectives.by_name(run.objective)(run, model_config)
+    task.load_data()
+    return task.evaluate(loaded.graphdef, loaded.params)
+  if model_config.family != 'decoder':
+    raise ConfigError(f'--mode=eval measures next-token loss; a family={model_config.family} '
+                      'model is evaluated from the workdir of its training run')
+  if data:
+    _, paths = corpus_lib.files_of(data)
+    documents = [corpus_lib.Document(p, p) for p in paths if os.path.getsize(p)]
+    if not documents:
+      raise DataError(f'--data={data!r} has no non-empty files')
+    tokens = tokenize(run, loaded.tokenizer, {'eval': documents})['eval']
+  else:
+    tokens = tokenize(run, loaded.tokenizer,
+                      corpus_lib.split_corpus(run.data, run.val_fraction))['val']
+  batches_lib.check_length(tokens, run.seq_len, 'evaluation')
+  loss = evaluate_tokens(steps_lib.make_eval_step(loaded.graphdef), loaded.params, tokens,
+                         batch_size=run.micro_batch_size, seq_len=run.seq_len,
+                         max_batches=eval_batches or run.eval_batches,
+                         end_token=end_token(run, loaded.tokenizer))
+  return {'loss': loss, 'perplexity': math.exp(min(loss, 700))}
+
+
+def sample(graphdef, params, tokenizer, prompt: str, sampling: SamplingConfig, *, seed: int,
+           eot: int | None = None) -> str:
+  """The prompt and its continuation; eot (default: the tokenizer's end-of-text) ends it."""
+  family = nnx.merge(graphdef, params).config.family
+  if family != 'decoder':
+    raise ConfigError(f'--mode=generate samples from decoders, not family={family}')
+  eot = tokenizer_lib.separator_id(tokenizer) if eot is None else eot
+  prompt_tokens = tokenizer.encode_ordinary(prompt) or [eot]
+  generate = make_generate(graphdef, sampling, end_token=eot, n_valid=tokenizer.n_vocab)
+  new_tokens = jax.device_get(generate(params, jnp.asarray([prompt_tokens], jnp.int32),
+                                       jax.random.key(seed)))[0].tolist()
+  if eot in new_tokens:
+    new_tokens = new_tokens[:new_tokens.index(eot)]
+  return prompt + tokenizer.decode(new_tokens, errors='replace')
+
+
+def hf_to_workdir(hf_checkpoint: str, workdir: str, overrides: list[str], run: TrainConfig,
+                  tokenizer: str | None = None):
+  """A new workdir whose step-0 checkpoint holds a Hugging Face folder's parameters."""
+  if os.path.exists(config_path(workdir)):
+    raise WorkdirError(f'{workdir} already holds a run; pass a new --workdir')
+  model, run = load_hf(hf_checkpoint, overrides, dataclasses.replace(run, workdir=workdir),
+                       tokenizer)
+  optimizer = OptimizerConfig().resolved(run.steps, model.config.family)
+  record_config(workdir, {'model': model.config, **dataclasses.asdict(run),
+                          'optimizer': dataclasses.asdict(optimizer)})
+  checkpoints = Checkpoints(workdir)
+  checkpoints.save(0, {'params': nnx.state(model, nnx.Param)},
+                   {'step': 0, 'params_only': True, 'source': hf_checkpoint,
+                    'tokenizer': run.tokenizer})
+  checkpoints.close()
+
+
+def workdir_to_hf(workdir: str, hf_out: str) -> int:
+  """Writes the workdir's latest parameters to a new Hugging Face folder; returns the step."""
+  loaded = restore(workdir)
+  hf.save(nnx.merge(loaded.graphdef, loaded.params), hf_out)
+  return loaded.step
+
+
+def train_tokenizer(spec: str | None, data: str | None, val_fraction: float, out: str) -> str:
+  """Trains a bpe:... or wordpiece:... vocabulary on the training split into `out`; returns
+  what was written."""
+  if not spec:
+    raise DataError('--mode=tokenizer needs --tokenizer=bpe:<size> or wordpiece:<size>')
+  if not out:
+    raise DataError('--mode=tokenizer needs --tokenizer_out=<path> for the vocabulary')
+  if os.path.exists(out):
+    raise DataError(f'{out} already exists; pass another --tokenizer_out')
+  splits = corpus_lib.split_corpus(data, val_fraction)
+  start = time.perf_counter()
+  tokenizer_lib.train_tokenizer(spec, corpus_lib.texts_of(splits['train']), out)
+  tokenizer = tokenizer_lib.load_tokenizer(out)
+  return (f'wrote {out}: {tokenizer.n_vocab} tokens, trained on {len(splits["train"])} files '
+          f'in {time.perf_counter() - start:.1f}s')
+
+
+def preset_config(name: str, overrides: list[str]) -> ModelConfig:
+  """The preset `name` with --set overrides on top, validated."""
+  return with_overrides(preset(name), overrides).validate()
