@@ -1,16 +1,33 @@
-"""Attention behind one call: `attention(q, k, v, ..., impl=...)`.
+"""Attention behind one call: `attention(q, k, v, ..., impl=..., partition=...)`.
 
 Layout [batch, seq, heads, head_dim]; k/v may have fewer heads than q (GQA/MQA).
 Masks are described by arguments, never passed as tensors; see kernels/masks.py.
+Dispatch happens here only: impl='auto' is resolved, and on a mesh the implementations
+that XLA cannot partition run shard by shard (kernels/shard.py).
 """
+import dataclasses
 import math
+from typing import Callable
 
 import jax
 
-from lmlab.kernels import chunked, cudnn, pallas, reference
+from lmlab.kernels import chunked, cudnn, pallas, reference, shard
+from lmlab.kernels.shard import Partition
 
-IMPLEMENTATIONS = {'xla': reference.attention, 'chunked': chunked.attention,
-                   'pallas': pallas.attention, 'cudnn': cudnn.attention}
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """An attention function with reference.attention's signature. partitionable: XLA's
+  partitioner splits it on a mesh like any jnp code; otherwise it is an opaque kernel that
+  XLA would run whole on every device, so on a mesh it runs through shard.per_shard."""
+  function: Callable
+  partitionable: bool
+
+
+IMPLEMENTATIONS = {'xla': Implementation(reference.attention, partitionable=True),
+                   'chunked': Implementation(chunked.attention, partitionable=True),
+                   'pallas': Implementation(pallas.attention, partitionable=False),
+                   'cudnn': Implementation(cudnn.attention, partitionable=False)}
 
 
 def auto_implementation(q=None, k=None) -> str:
@@ -29,7 +46,8 @@ def auto_implementation(q=None, k=None) -> str:
 
 
 def attention(q, k, v, *, causal=False, sliding_window=None, segment_ids=None,
-              prefix_len=None, alibi_slopes=None, scale=None, q_offset=0, impl='auto'):
+              prefix_len=None, alibi_slopes=None, scale=None, q_offset=0, impl='auto',
+              partition: Partition | None = None):
   """softmax(q k^T * scale + alibi, masked) v.
 
   Args:
@@ -39,6 +57,8 @@ def attention(q, k, v, *, causal=False, sliding_window=None, segment_ids=None,
     scale: softmax scale, default 1/sqrt(D).
     q_offset: absolute position of query row 0 (int, scalar or [B] array).
     impl: 'auto' (see auto_implementation) or one of IMPLEMENTATIONS.
+    partition: how q and k/v lie on a mesh, or None; an implementation that XLA cannot
+      partition then runs shard by shard (one device or none: called whole).
   Returns:
     [B, T, Hq, D] in q's dtype.
   """
@@ -54,6 +74,9 @@ def attention(q, k, v, *, causal=False, sliding_window=None, segment_ids=None,
                      f'{sorted(IMPLEMENTATIONS)}')
   if scale is None:
     scale = 1.0 / math.sqrt(q.shape[-1])
-  return IMPLEMENTATIONS[name](
-      q, k, v, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,
-      prefix_len=prefix_len, alibi_slopes=alibi_slopes, scale=scale, q_offset=q_offset)
+  implementation = IMPLEMENTATIONS[name]
+  kwargs = dict(causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,
+                prefix_len=prefix_len, alibi_slopes=alibi_slopes, scale=scale, q_offset=q_offset)
+  if partition is None or partition.mesh.size == 1 or implementation.partitionable:
+    return implementation.function(q, k, v, **kwargs)
+  return shard.per_shard(implementation.function, q, k, v, partition, **kwargs)

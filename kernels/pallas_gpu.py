@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lmlab.kernels import pallas as common
+from lmlab.kernels import pallas_common as common
 
 MIN_BLOCK = 16
 

@@ -20,11 +20,11 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lmlab.kernels import attention as attention_lib
+from lmlab.kernels.shard import Partition
 from lmlab.models.errors import ConfigError
 
 BATCH, LENGTH = 'batch', 'length'
@@ -134,58 +134,18 @@ def constrain(x, axes):
   return jax.lax.with_sharding_constraint(x, rules.sharding(axes, x.shape))
 
 
-def _head_axes_split(q_spec, kv_spec, n_heads, n_kv_heads, mesh):
-  """(mesh axes over which query heads are split, KV heads each shard keeps, and whether
-  those are a slice of whole-on-every-device KV heads)."""
-  head_axes = q_spec[2]
-  if head_axes is None or kv_spec[2] == head_axes:
-    return head_axes, None, False
-  axes = head_axes if isinstance(head_axes, tuple) else (head_axes,)
-  local_heads, group = n_heads // math.prod(mesh.shape[a] for a in axes), n_heads // n_kv_heads
-  if local_heads % group == 0:
-    return head_axes, local_heads // group, True
-  if group % local_heads == 0:
-    return head_axes, 1, True
-  return None, None, False
-
-
-def attention(q_bthd, k_bshd, v_bshd, *, impl='auto', segment_ids=None, prefix_len=None,
-              alibi_slopes=None, q_offset=0, **static):
-  """attention_lib.attention, split by batch and heads under the active rules.
-
-  XLA's partitioner splits the plain and chunked implementations like any other jnp code,
-  but sees a Pallas or cuDNN kernel as one opaque call that it would run whole on every
-  device; such kernels run here shard by shard instead (jax.shard_map). Query heads are
-  split as the rules say; when the KV heads are whole on every device (fewer KV heads than
-  the tensor axis), each shard slices out the KV heads of its query heads' groups.
-  """
+def attention_partition(q_bthd, k_bshd) -> Partition | None:
+  """How the active rules lay out attention's q and k/v (batch, then heads), for the
+  kernels that XLA cannot partition; None outside `activation_rules`."""
   rules = _ACTIVE.get()
-  name = attention_lib.auto_implementation(q_bthd, k_bshd) if impl == 'auto' else impl
-  arrays = dict(segment_ids=segment_ids, prefix_len=prefix_len, alibi_slopes=alibi_slopes,
-                q_offset=q_offset)
-  if rules is None or rules.mesh.size == 1 or name in ('xla', 'chunked'):
-    return attention_lib.attention(q_bthd, k_bshd, v_bshd, impl=name, **arrays, **static)
-  q_spec = rules.spec((BATCH, None, HEADS, None), q_bthd.shape)
-  kv_spec = rules.spec((BATCH, None, KV_HEADS, None), k_bshd.shape)
-  batch_axes = q_spec[0] if kv_spec[0] == q_spec[0] else None
-  head_axes, kv_per_shard, slice_kv = _head_axes_split(
-      q_spec, kv_spec, q_bthd.shape[2], k_bshd.shape[2], rules.mesh)
-  q_spec = PartitionSpec(batch_axes, None, head_axes, None)
-  kv_spec = PartitionSpec(batch_axes, None, None if slice_kv else head_axes, None)
-  specs = dict(segment_ids=(PartitionSpec(batch_axes, None),) * 2,
-               prefix_len=PartitionSpec(batch_axes), alibi_slopes=PartitionSpec(head_axes),
-               q_offset=PartitionSpec(batch_axes) if jnp.ndim(q_offset) else PartitionSpec())
-  given = {key: value for key, value in arrays.items()
-           if value is not None and not isinstance(value, int)}
-  fixed = {key: value for key, value in arrays.items() if key not in given}
-  group = q_bthd.shape[2] // k_bshd.shape[2]
+  if rules is None:
+    return None
+  return Partition(rules.mesh, rules.spec((BATCH, None, HEADS, None), q_bthd.shape),
+                   rules.spec((BATCH, None, KV_HEADS, None), k_bshd.shape))
 
-  def per_shard(q, k, v, shard_arrays):
-    if slice_kv:
-      first = jax.lax.axis_index(head_axes) * q.shape[2] // group
-      k, v = (jax.lax.dynamic_slice_in_dim(x, first, kv_per_shard, axis=2) for x in (k, v))
-    return attention_lib.attention(q, k, v, impl=name, **shard_arrays, **fixed, **static)
 
-  return jax.shard_map(per_shard, mesh=rules.mesh,
-                       in_specs=(q_spec, kv_spec, kv_spec, {k: specs[k] for k in given}),
-                       out_specs=q_spec, check_vma=False)(q_bthd, k_bshd, v_bshd, given)
+def attention(q_bthd, k_bshd, v_bshd, **kwargs):
+  """attention_lib.attention, split by batch and heads as the active rules say (see
+  kernels/shard.py for how the kernels XLA cannot partition run)."""
+  return attention_lib.attention(q_bthd, k_bshd, v_bshd, **kwargs,
+                                 partition=attention_partition(q_bthd, k_bshd))

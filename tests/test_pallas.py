@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 
 from lmlab.kernels import attention as attention_lib
 from conftest import ROOT, small_config
-from lmlab.kernels import cudnn, masks, pallas, pallas_gpu, pallas_tpu, reference
+from lmlab.kernels import cudnn, masks, pallas, pallas_common, pallas_gpu, pallas_tpu, reference
 from lmlab.models.decoder import DecoderLM
 from lmlab.training import steps as steps_lib
 
@@ -155,11 +155,11 @@ def test_poison_exposes_an_unwritten_block():
       y[...] = x[...]
 
   spec = pl.BlockSpec((BLOCK,), lambda i: (i,))
-  settings = pallas.Settings(False, None, 1.0, pallas.BlockSizes.uniform(BLOCK), 'gpu', True,
-                             poison=True)
-  [y] = pallas.call(kernel, grid=(2,), inputs=dict(x=(jnp.ones(2 * BLOCK), spec)),
-                    outputs=dict(y=(jax.ShapeDtypeStruct((2 * BLOCK,), jnp.float32), spec)),
-                    settings=settings, name='half_written', interpret=True)
+  settings = pallas_common.Settings(False, None, 1.0, pallas_common.BlockSizes.uniform(BLOCK),
+                                    'gpu', True, poison=True)
+  [y] = pallas_common.call(kernel, grid=(2,), inputs=dict(x=(jnp.ones(2 * BLOCK), spec)),
+                           outputs=dict(y=(jax.ShapeDtypeStruct((2 * BLOCK,), jnp.float32), spec)),
+                           settings=settings, name='half_written', interpret=True)
   assert np.all(np.asarray(y[:BLOCK]) == 1.0) and np.all(np.isnan(np.asarray(y[BLOCK:])))
 
 
@@ -169,15 +169,15 @@ def test_block_ranges_are_exactly_the_blocks_with_a_visible_key(case, rng):
   q, k, _, mask = random_problem(dict(case, segments=False), 1, rng)
   b, t, s = q.shape[0], q.shape[1], k.shape[1]
   block_q, block_k = (int(x) for x in rng.choice([4, 8, 16], 2))
-  settings = pallas.Settings(mask['causal'], mask['sliding_window'], 1.0,
-                             pallas.BlockSizes.uniform(1), 'gpu', True, False)
+  settings = pallas_common.Settings(mask['causal'], mask['sliding_window'], 1.0,
+                                    pallas_common.BlockSizes.uniform(1), 'gpu', True, False)
   t_pad, s_pad = -(-t // block_q) * block_q, -(-s // block_k) * block_k
   arrays = {name: mask[name] for name in ('segment_ids', 'prefix_len', 'alibi_slopes',
                                           'q_offset')}
 
   @jax.jit
   def block_ranges(arrays):
-    vectors = pallas.Mask(arrays, settings, b=b, t=t, s=s, t_pad=t_pad, s_pad=s_pad)
+    vectors = pallas_common.Mask(arrays, settings, b=b, t=t, s=s, t_pad=t_pad, s_pad=s_pad)
     return vectors.key_blocks(block_q, block_k), vectors.query_blocks(block_q, block_k)
 
   q_pos = np.asarray(mask['q_offset']).reshape(-1, 1) + np.arange(t)
