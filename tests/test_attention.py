@@ -1,4 +1,5 @@
-"""kernels/attention.py against a direct, loop-by-loop reading of docs/DESIGN.md's mask semantics."""
+"""kernels/attention.py against a direct, loop-by-loop reading of docs/DESIGN.md's mask
+semantics."""
 import math
 
 import jax

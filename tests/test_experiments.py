@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 
 from lmlab.experiments import (activations, attention_scale, attention_types, initialisation,
-                         norm_placement, position_extrapolation)
+                               norm_placement, position_extrapolation)
 from lmlab.models.config import ModelConfig
 from lmlab.models.registry import param_count
 

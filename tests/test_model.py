@@ -17,7 +17,7 @@ from lmlab.models.registry import param_count
 from lmlab.models.mlp import ACTIVATIONS
 from lmlab.models.normalization import LayerNorm, RMSNorm
 from lmlab.models.positions import (alibi_slopes, apply_rope, make_position_encoding,
-                              rope_cos_sin, sinusoidal_table)
+                                    rope_cos_sin, sinusoidal_table)
 from lmlab.training import steps as steps_lib
 from lmlab.training.optimizer import OptimizerConfig, make_optimizer, schedule
 
@@ -88,7 +88,8 @@ def test_causal_gradient_is_exactly_zero(fields, rng):
     dict(position='sinusoidal', norm_placement='sandwich'), dict(position='none', qk_norm=True),
     dict(position='alibi', n_kv_heads=1),
     dict(partial_rotary_factor=0.5, rope_interleaved=True,
-         rope_scaling='{"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8}'),
+         rope_scaling='{"rope_type": "yarn", "factor": 2.0, '
+         '"original_max_position_embeddings": 8}'),
     dict(parallel_block=True, norm='layernorm', mlp='gelu', use_bias=True, qkv_bias=True)])
 def test_cached_decoding_equals_full_forward(fields, rng):
   config = small_config(**fields)

@@ -7,7 +7,7 @@ import pytest
 from lmlab.data.errors import DataError
 from lmlab.data.mlm import NOT_SELECTED, BertBatches, BertSpecials, mask_tokens
 from lmlab.data.seq2seq import (SYNTHETIC_TASKS, Seq2SeqSpecials, read_pairs_tsv, sample_batch,
-                          seq2seq_batch, synthetic_pairs)
+                                seq2seq_batch, synthetic_pairs)
 
 SPECIALS = BertSpecials(pad=0, cls=1, sep=2, mask=3)
 ORDINARY = np.arange(10, 200)

@@ -254,8 +254,8 @@ def test_model_trained_with_pallas_matches_xla(rng):
 def test_impl_pallas_through_kernels_attention(rng):
   q = jnp.asarray(rng.standard_normal((1, 5, 2, 8)), jnp.float32)
   got = attention_lib.attention(q, q, q, causal=True, impl='pallas')
-  np.testing.assert_allclose(np.asarray(got), attention_lib.attention(q, q, q, causal=True, impl='xla'),
-                             rtol=1e-5, atol=1e-6)
+  want = attention_lib.attention(q, q, q, causal=True, impl='xla')
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
   if jax.default_backend() == 'cpu':
     assert attention_lib.auto_implementation(q, q) == 'chunked'  # CPU keeps the blockwise kernel.
   else:

@@ -24,7 +24,7 @@ from lmlab.data.errors import DataError
 from lmlab.data import tokenizer as tokenizer_lib
 from lmlab.data.corpus import Document
 from lmlab.data.seq2seq import (Seq2SeqSpecials, read_pairs_tsv, sample_batch, seq2seq_batch,
-                          synthetic_pairs)
+                                synthetic_pairs)
 from lmlab.models.config import ConfigError
 from lmlab.models.seq2seq import make_beam_search, make_greedy
 from lmlab.training.bleu import corpus_bleu

@@ -7,7 +7,7 @@ Mixture-of-experts layers are not implemented: a checkpoint that has any is refu
 """
 from lmlab.models.errors import CheckpointError
 from lmlab.models.hf.architecture import (Architecture, copy, field, linear, refuse, rope_from_hf,
-                                    rope_to_hf)
+                                          rope_to_hf)
 
 FIXED = dict(norm='rmsnorm', norm_placement='pre', mlp='swiglu', position='rope',
              rope_interleaved=True, parallel_block=False, attention_scale='inv_sqrt_d',

@@ -5,11 +5,12 @@ biases (Qwen2: q/k/v only), QK-norm (Qwen3), and a sliding window (Mistral).
 """
 from lmlab.models.errors import CheckpointError
 from lmlab.models.hf.architecture import (Architecture, copy, field, linear, refuse, rope_from_hf,
-                                    rope_to_hf)
+                                          rope_to_hf)
 
 LLAMA_FIXED = dict(norm='rmsnorm', norm_placement='pre', mlp='swiglu', position='rope',
                    rope_interleaved=False, parallel_block=False, attention_scale='inv_sqrt_d',
-                   attention_type='mha', head='dense', embed_norm=False, qk_norm=False, sliding_window=0)
+                   attention_type='mha', head='dense', embed_norm=False, qk_norm=False,
+                   sliding_window=0)
 
 
 def common_from_hf(hf_config: dict) -> dict:
