@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import jit_call, small_config
-from test_model import build, decode_in_steps, random_tokens
+from conftest import small_config
+from test_model import (build, check_cached_decoding_equals_full_forward, decode_in_steps,
+                        random_tokens)
 from lmlab.models import config as config_lib
 from lmlab.models.cache_size import kv_cache_bytes_per_token, kv_cache_elements_per_token
 from lmlab.models.registry import param_count
@@ -128,13 +129,7 @@ def test_forward_equals_the_papers_equations(q_lora_rank, mask, rng):
     dict(rope_interleaved=True, rope_scaling='{"rope_type": "yarn", "factor": 4.0, '
          '"original_max_position_embeddings": 8, "mscale": 0.707, "mscale_all_dim": 0.707}')])
 def test_cached_decoding_equals_full_forward(fields, rng):
-  config = mla_config(**fields)
-  model = build(config, rng)
-  t = 10
-  tokens = random_tokens(rng, config, (2, t))
-  full = jit_call(model)(tokens)
-  steps, _ = decode_in_steps(model, tokens, int(rng.integers(1, t)), t + 3)
-  np.testing.assert_allclose(np.asarray(steps), np.asarray(full), rtol=1e-5, atol=1e-5)
+  check_cached_decoding_equals_full_forward(mla_config(**fields), rng)
 
 
 def test_cache_holds_only_the_latent_and_the_rope_key(rng):

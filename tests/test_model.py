@@ -92,7 +92,12 @@ def test_causal_gradient_is_exactly_zero(fields, rng):
          '"original_max_position_embeddings": 8}'),
     dict(parallel_block=True, norm='layernorm', mlp='gelu', use_bias=True, qkv_bias=True)])
 def test_cached_decoding_equals_full_forward(fields, rng):
-  config = small_config(**fields)
+  check_cached_decoding_equals_full_forward(small_config(**fields), rng)
+
+
+def check_cached_decoding_equals_full_forward(config, rng):
+  """Logits of a prompt, then of tokens fed one at a time through the KV cache, equal the
+  logits of one uncached forward pass over the whole sequence."""
   model = build(config, rng)
   t = 10
   tokens = random_tokens(rng, config, (2, t))

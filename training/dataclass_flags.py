@@ -18,6 +18,10 @@ import typing
 
 from absl import flags
 
+# Flags defined through this module belong to the module that calls define(), so that its
+# --help lists them.
+flags.disclaim_key_flags()
+
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            str: flags.DEFINE_string}
 

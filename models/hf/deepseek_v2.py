@@ -8,6 +8,7 @@ Mixture-of-experts layers are not implemented: a checkpoint that has any is refu
 from lmlab.models.errors import CheckpointError
 from lmlab.models.hf.architecture import (Architecture, copy, field, linear, refuse, rope_from_hf,
                                           rope_to_hf)
+from lmlab.models.hf.llama import ends_links
 
 FIXED = dict(norm='rmsnorm', norm_placement='pre', mlp='swiglu', position='rope',
              rope_interleaved=True, parallel_block=False, attention_scale='inv_sqrt_d',
@@ -66,10 +67,7 @@ def to_hf(config) -> dict:
 
 
 def links(config) -> list:
-  result = [copy('model.embed_tokens.weight', ('embed', 'embedding')),
-            copy('model.norm.weight', ('final_norm', 'scale'))]
-  if not config.tie_embeddings:
-    result += linear('lm_head', ('lm_head',), bias=False)
+  result = ends_links(config)
   for i in range(config.n_layers):
     hf, ours = f'model.layers.{i}.', ('blocks', i)
     attention, hf_attention = ours + ('attention',), hf + 'self_attn.'

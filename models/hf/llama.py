@@ -83,11 +83,17 @@ def mistral_to_hf(config) -> dict:
   return dict(common_to_hf(config), sliding_window=config.sliding_window or None)
 
 
-def llama_links(config) -> list:
+def ends_links(config) -> list:
+  """The embedding, final norm and (untied) head of a LLaMA-layout checkpoint."""
   links = [copy('model.embed_tokens.weight', ('embed', 'embedding')),
            copy('model.norm.weight', ('final_norm', 'scale'))]
   if not config.tie_embeddings:
     links += linear('lm_head', ('lm_head',), bias=False)
+  return links
+
+
+def llama_links(config) -> list:
+  links = ends_links(config)
   for i in range(config.n_layers):
     hf, ours = f'model.layers.{i}.', ('blocks', i)
     for name in ('q_proj', 'k_proj', 'v_proj'):
