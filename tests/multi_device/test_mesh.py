@@ -51,11 +51,12 @@ def one_step(config, host_params, batch, layout=None):
     micro = layout.put_batch(micro, batch_axis=1)
     shardings = (layout.state_shardings(params),
                  layout.state_shardings(jax.eval_shape(optimizer.init, params)),
-                 {k: v.sharding for k, v in micro.items()}, layout.replicated)
+                 {k: v.sharding for k, v in micro.items()}, layout.replicated, None)
   step = steps_lib.make_train_step(graphdef, optimizer, lambda step: 1.0, seed=0,
                                    use_dropout=False, shardings=shardings)
   with sharding.activation_rules(layout.rules) if layout else contextlib.nullcontext():
-    new_params, opt_state, metrics = step(params, optimizer.init(params), micro, jnp.int32(3))
+    new_params, opt_state, metrics = step(params, optimizer.init(params), micro, jnp.int32(3),
+                                          None)
   return metrics, opt_state.trace, new_params
 
 
