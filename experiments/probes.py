@@ -76,12 +76,12 @@ def _recorded_attention():
     attention_lib.attention = original
 
 
-def _probabilities(q_bthd, k_bshd, kwargs):
+def _probabilities(q_bthd, k_bskd, kwargs):
   """(softmax rows [B, H, T, S], visible keys [B, 1, T, S]) of one recorded call, with the
   mask semantics of docs/DESIGN.md."""
   b, t, n_heads, head_dim = q_bthd.shape
-  s = k_bshd.shape[1]
-  k_bshd = jnp.repeat(k_bshd, n_heads // k_bshd.shape[2], axis=2)
+  s = k_bskd.shape[1]
+  k_bshd = jnp.repeat(k_bskd, n_heads // k_bskd.shape[2], axis=2)
   scale = kwargs.get('scale') or head_dim ** -0.5
   scores = jnp.einsum('bthd,bshd->bhts', q_bthd.astype(jnp.float32),
                       k_bshd.astype(jnp.float32)) * scale
@@ -110,8 +110,8 @@ def attention_stats(graphdef, params, batch, *, saturated_above: float = 0.9,
     model(batch['inputs'], positions_bt=batch.get('positions'),
           segment_ids_bt=batch.get('segment_ids'))
   entropy, saturated = [], []
-  for q_bthd, k_bshd, kwargs in calls:
-    probs, visible = _probabilities(q_bthd, k_bshd, kwargs)
+  for q_bthd, k_bskd, kwargs in calls:
+    probs, visible = _probabilities(q_bthd, k_bskd, kwargs)
     n_keys = jnp.broadcast_to(visible.sum(-1), probs.shape[:-1])
     row_entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0), axis=-1)
     several = n_keys >= 2

@@ -144,7 +144,7 @@ def _backward(p: _Problem, q, k, v, out, lse, d_out):
   do_blocks = _blocks(p, d_out, k, v)[0].astype(jnp.float32)
   o_blocks = _blocks(p, out, k, v)[0].astype(jnp.float32)
   # delta_i = sum_d dO_i * O_i, the row term of the softmax gradient.
-  delta = jnp.einsum('nbqkgd,nbqkgd->nbkgq', do_blocks, o_blocks)
+  delta = jnp.einsum('ibqkgd,ibqkgd->ibkgq', do_blocks, o_blocks)
 
   def probabilities(i, j):
     return jnp.exp(p.scores(q_blocks[i], k_blocks[j], i, j) - lse[i][..., None])

@@ -176,7 +176,7 @@ def _dkv_kernel(*, q, k, v, d_out, lse, delta, first, last, dk, dv, settings, gr
   k_blk, v_blk = k[...], v[...]
   block_k = k_blk.shape[0]
   k_pos = pl.program_id(0) * block_k + jnp.arange(block_k)[None, :]
-  kv_seg_1k = None if kv_seg is None else kv_seg[...][None, :]
+  kv_seg_1s = None if kv_seg is None else kv_seg[...][None, :]
 
   def visit_head(g, carry):
     head_slope = None if slope is None else slope[g]
@@ -187,7 +187,7 @@ def _dkv_kernel(*, q, k, v, d_out, lse, delta, first, last, dk, dv, settings, gr
       q_blk, do_blk = q[rows, g, :], d_out[rows, g, :]
       logits = common.block_logits(
           common.dot_nt(q_blk, k_blk), k_pos, scale=settings.scale, causal=settings.causal,
-          slope=head_slope, kv_seg=kv_seg_1k, **_row_terms(mask_refs, rows))
+          slope=head_slope, kv_seg=kv_seg_1s, **_row_terms(mask_refs, rows))
       probs, d_logits = common.softmax_grad(
           logits, lse[g, rows][:, None], common.dot_nt(do_blk, v_blk), delta[g, rows][:, None],
           settings.scale)

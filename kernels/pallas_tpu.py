@@ -237,7 +237,7 @@ def backward(q, k, v, d_out, lse, delta, mask, settings):
   s_pad, hkv = k.shape[1], k.shape[2]
   groups, lanes = hq // hkv, _lanes(settings)
   blocks = settings.blocks
-  q_h, k_h, v_h, do_h = map(_to_heads_major, (q, k, v, d_out))
+  q_bhtd, k_bksd, v_bksd, do_bhtd = map(_to_heads_major, (q, k, v, d_out))
   delta = jnp.broadcast_to(delta[..., None], (*delta.shape, lanes))
   interpret = _interpret(settings)
 
@@ -253,8 +253,8 @@ def backward(q, k, v, d_out, lse, delta, mask, settings):
   row_spec = pl.BlockSpec((None, None, block_q, lanes), lambda b, h, i, j, *_: (b, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, block_k, d), lambda b, h, i, j, first, last, *_: (
       b, jax.lax.div(h, groups), key_block(b, i, j, first, last), 0))
-  inputs = dict(q=(q_h, q_spec), k=(k_h, kv_spec), v=(v_h, kv_spec), d_out=(do_h, q_spec),
-                lse=(lse, row_spec), delta=(delta, row_spec))
+  inputs = dict(q=(q_bhtd, q_spec), k=(k_bksd, kv_spec), v=(v_bksd, kv_spec),
+                d_out=(do_bhtd, q_spec), lse=(lse, row_spec), delta=(delta, row_spec))
   inputs.update(_mask_inputs(
       mask, lanes, rows_map=lambda b, h, i, j, *_: (b, i, 0),
       kv_map=lambda b, h, i, j, first, last, *_: (b, 0, key_block(b, i, j, first, last)),
@@ -262,7 +262,7 @@ def backward(q, k, v, d_out, lse, delta, mask, settings):
   [dq] = common.call(
       lambda **refs: _dq_kernel(settings=settings, **refs), grid=(b, hq, n_q, n_k),
       scalars=_scalars(first, last, mask), inputs=inputs,
-      outputs=dict(dq=(jax.ShapeDtypeStruct(q_h.shape, q.dtype), q_spec)),
+      outputs=dict(dq=(jax.ShapeDtypeStruct(q_bhtd.shape, q.dtype), q_spec)),
       scratch=dict(dq_scr=pltpu.VMEM((block_q, d), jnp.float32)), settings=settings,
       name='flash_attention_dq', interpret=interpret,
       compiler_params=_semantics('parallel', 'parallel', 'parallel', 'arbitrary'))
@@ -280,14 +280,14 @@ def backward(q, k, v, d_out, lse, delta, mask, settings):
   row_spec = pl.BlockSpec((None, None, block_q, lanes), lambda b, h, j, g, i, first, last, *_: (
       b, h * groups + g, query_block(b, j, i, first, last), 0))
   kv_spec = pl.BlockSpec((None, None, block_k, d), lambda b, h, j, g, i, *_: (b, h, j, 0))
-  inputs = dict(q=(q_h, q_spec), k=(k_h, kv_spec), v=(v_h, kv_spec), d_out=(do_h, q_spec),
-                lse=(lse, row_spec), delta=(delta, row_spec))
+  inputs = dict(q=(q_bhtd, q_spec), k=(k_bksd, kv_spec), v=(v_bksd, kv_spec),
+                d_out=(do_bhtd, q_spec), lse=(lse, row_spec), delta=(delta, row_spec))
   inputs.update(_mask_inputs(
       mask, lanes,
       rows_map=lambda b, h, j, g, i, first, last, *_: (b, query_block(b, j, i, first, last), 0),
       kv_map=lambda b, h, j, g, i, *_: (b, 0, j), block_q=block_q, block_k=block_k))
-  outputs = dict(dk=(jax.ShapeDtypeStruct(k_h.shape, k.dtype), kv_spec),
-                 dv=(jax.ShapeDtypeStruct(v_h.shape, v.dtype), kv_spec))
+  outputs = dict(dk=(jax.ShapeDtypeStruct(k_bksd.shape, k.dtype), kv_spec),
+                 dv=(jax.ShapeDtypeStruct(v_bksd.shape, v.dtype), kv_spec))
   scratch = dict(dk_scr=pltpu.VMEM((block_k, d), jnp.float32),
                  dv_scr=pltpu.VMEM((block_k, d), jnp.float32))
   dk, dv = common.call(

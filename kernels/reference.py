@@ -5,14 +5,14 @@ import jax.numpy as jnp
 from lmlab.kernels import masks
 
 
-def attention(q_bthd, k_bshd, v_bshd, *, causal, sliding_window, segment_ids,
+def attention(q_bthd, k_bskd, v_bskd, *, causal, sliding_window, segment_ids,
               prefix_len, alibi_slopes, scale, q_offset):
   b, t, hq, d = q_bthd.shape
-  s, hkv = k_bshd.shape[1], k_bshd.shape[2]
+  s, hkv = k_bskd.shape[1], k_bskd.shape[2]
   groups = hq // hkv
   # Query heads of one group share a KV head; KV is indexed, never repeated.
   q_btkgd = q_bthd.reshape(b, t, hkv, groups, d)
-  scores_bkgts = jnp.einsum('btkgd,bskd->bkgts', q_btkgd, k_bshd,
+  scores_bkgts = jnp.einsum('btkgd,bskd->bkgts', q_btkgd, k_bskd,
                             preferred_element_type=jnp.float32) * scale
 
   q_pos = jnp.asarray(q_offset).reshape(-1, 1) + jnp.arange(t)[None, :]
@@ -33,6 +33,6 @@ def attention(q_bthd, k_bshd, v_bshd, *, causal, sliding_window, segment_ids,
   denom = jnp.sum(weights, axis=-1, keepdims=True)
   # A row with no visible key has denom 0; it returns zeros.
   probs_bkgts = weights / jnp.where(denom == 0.0, 1.0, denom)
-  out_btkgd = jnp.einsum('bkgts,bskd->btkgd', probs_bkgts.astype(v_bshd.dtype), v_bshd,
+  out_btkgd = jnp.einsum('bkgts,bskd->btkgd', probs_bkgts.astype(v_bskd.dtype), v_bskd,
                          preferred_element_type=jnp.float32)
   return out_btkgd.reshape(b, t, hq, d).astype(q_bthd.dtype)

@@ -39,14 +39,14 @@ def _head_axes_split(q_spec, kv_spec, n_heads, n_kv_heads, mesh):
   return None, None, False
 
 
-def per_shard(attend, q_bthd, k_bshd, v_bshd, partition: Partition, *, segment_ids,
+def per_shard(attend, q_bthd, k_bskd, v_bskd, partition: Partition, *, segment_ids,
               prefix_len, alibi_slopes, q_offset, **static):
   """attend(q, k, v, ...) (an implementation's signature) run by jax.shard_map over batch and
   heads; the arrays of the mask description are split along with q and k/v."""
   q_spec, kv_spec = partition.q_spec, partition.kv_spec
   batch_axes = q_spec[0] if kv_spec[0] == q_spec[0] else None
   head_axes, kv_per_shard, slice_kv = _head_axes_split(
-      q_spec, kv_spec, q_bthd.shape[2], k_bshd.shape[2], partition.mesh)
+      q_spec, kv_spec, q_bthd.shape[2], k_bskd.shape[2], partition.mesh)
   q_spec = PartitionSpec(batch_axes, None, head_axes, None)
   kv_spec = PartitionSpec(batch_axes, None, None if slice_kv else head_axes, None)
   arrays = dict(segment_ids=segment_ids, prefix_len=prefix_len, alibi_slopes=alibi_slopes,
@@ -57,7 +57,7 @@ def per_shard(attend, q_bthd, k_bshd, v_bshd, partition: Partition, *, segment_i
   given = {key: value for key, value in arrays.items()
            if value is not None and not isinstance(value, int)}
   fixed = {key: value for key, value in arrays.items() if key not in given}
-  group = q_bthd.shape[2] // k_bshd.shape[2]
+  group = q_bthd.shape[2] // k_bskd.shape[2]
 
   def shard(q, k, v, shard_arrays):
     if slice_kv:
@@ -67,4 +67,4 @@ def per_shard(attend, q_bthd, k_bshd, v_bshd, partition: Partition, *, segment_i
 
   return jax.shard_map(shard, mesh=partition.mesh,
                        in_specs=(q_spec, kv_spec, kv_spec, {k: specs[k] for k in given}),
-                       out_specs=q_spec, check_vma=False)(q_bthd, k_bshd, v_bshd, given)
+                       out_specs=q_spec, check_vma=False)(q_bthd, k_bskd, v_bskd, given)

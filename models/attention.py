@@ -75,38 +75,38 @@ class SelfAttention(nnx.Module):
     b, t, _ = x_btd.shape
     q_bthd = constrain(self.q_proj(x_btd).reshape(b, t, self.n_heads, self.head_dim),
                        (BATCH, LENGTH, HEADS, None))
-    k_bthd = constrain(self.k_proj(x_btd).reshape(b, t, self.n_kv_heads, self.head_dim),
+    k_btkd = constrain(self.k_proj(x_btd).reshape(b, t, self.n_kv_heads, self.head_dim),
                        (BATCH, LENGTH, KV_HEADS, None))
-    v_bthd = constrain(self.v_proj(x_btd).reshape(b, t, self.n_kv_heads, self.head_dim),
+    v_btkd = constrain(self.v_proj(x_btd).reshape(b, t, self.n_kv_heads, self.head_dim),
                        (BATCH, LENGTH, KV_HEADS, None))
     if self.q_norm is not None:
-      q_bthd, k_bthd = self.q_norm(q_bthd), self.k_norm(k_bthd)
+      q_bthd, k_btkd = self.q_norm(q_bthd), self.k_norm(k_btkd)
     if self.dca_rope is None:
-      q_bthd, k_bthd = rotate(q_bthd), rotate(k_bthd)
+      q_bthd, k_btkd = rotate(q_bthd), rotate(k_btkd)
 
-    q_offset = 0
+    k_bskd, v_bskd, q_offset = k_btkd, v_btkd, 0
     if cache is not None:
       start = (0, cache_index, 0, 0)
-      cache = {'k': jax.lax.dynamic_update_slice(cache['k'], k_bthd.astype(cache['k'].dtype),
+      cache = {'k': jax.lax.dynamic_update_slice(cache['k'], k_btkd.astype(cache['k'].dtype),
                                                  start),
-               'v': jax.lax.dynamic_update_slice(cache['v'], v_bthd.astype(cache['v'].dtype),
+               'v': jax.lax.dynamic_update_slice(cache['v'], v_btkd.astype(cache['v'].dtype),
                                                  start)}
-      k_bthd, v_bthd, q_offset = cache['k'], cache['v'], cache_index
+      k_bskd, v_bskd, q_offset = cache['k'], cache['v'], cache_index
 
     segment_ids = None if segment_ids_bt is None else (segment_ids_bt, segment_ids_bt)
     if self.dca_rope is not None:
-      y_bthd = self._dual_chunk(q_bthd, k_bthd, v_bthd, positions_bt, q_offset,
+      y_bthd = self._dual_chunk(q_bthd, k_bskd, v_bskd, positions_bt, q_offset,
                                 segment_ids=segment_ids, prefix_len_b=prefix_len_b,
                                 cached=cache is not None)
     else:
-      y_bthd = sharding.attention(q_bthd, k_bthd, v_bthd, causal=self.causal, scale=self.scale,
+      y_bthd = sharding.attention(q_bthd, k_bskd, v_bskd, causal=self.causal, scale=self.scale,
                                  sliding_window=self.sliding_window, segment_ids=segment_ids,
                                  prefix_len=prefix_len_b, alibi_slopes=alibi_slopes,
                                  q_offset=q_offset, impl=self.impl)
     y_bthd = constrain(y_bthd, (BATCH, LENGTH, HEADS, None))
     return self.o_proj(y_bthd.reshape(b, t, self.n_heads * self.head_dim)), cache
 
-  def _dual_chunk(self, q_bthd, k_bshd, v_bshd, positions_bt, q_offset, *, segment_ids,
+  def _dual_chunk(self, q_bthd, k_bskd, v_bskd, positions_bt, q_offset, *, segment_ids,
                   prefix_len_b, cached):
     if prefix_len_b is not None:
       raise ConfigError('dual chunk attention is causal only; it takes no prefix_len '
@@ -115,8 +115,8 @@ class SelfAttention(nnx.Module):
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(q_offset + jnp.arange(t), (b, t))
     # A cache slot's index is its key's position; uncached keys are this call's tokens.
-    k_positions = jnp.arange(k_bshd.shape[1]) if cached else positions_bt
+    k_positions = jnp.arange(k_bskd.shape[1]) if cached else positions_bt
     return dual_chunk_attention(
-        q_bthd, k_bshd, v_bshd, rotation_at=self.dca_rope.rotation,
+        q_bthd, k_bskd, v_bskd, rotation_at=self.dca_rope.rotation,
         chunk_size=self.dca_chunk_size, local_size=self.dca_local_size, scale=self.scale,
         q_positions_bt=positions_bt, k_positions_bs=k_positions, segment_ids=segment_ids)

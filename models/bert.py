@@ -108,12 +108,12 @@ class Bert(nnx.Module):
     return jnp.cumsum(real_bt, axis=1) * real_bt + offset - 1
 
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
-               output_hidden_states=False, *, mlm_positions_bk=None, dropout_key=None):
+               output_hidden_states=False, *, mlm_positions_bm=None, dropout_key=None):
     """The encoder's outputs (EncoderOutput) for input_ids [B, T].
 
     token_type_ids [B, T] default to 0; attention_mask [B, T] is 1 on tokens and 0 on
-    padding, which no token attends to. mlm_positions_bk [B, K], when given, limits the
-    masked-LM logits to those positions ([B, K, V]; pre-training predicts only the masked
+    padding, which no token attends to. mlm_positions_bm [B, M], when given, limits the
+    masked-LM logits to those positions ([B, M, V]; pre-training predicts only the masked
     tokens, as BERT's masked_lm_positions). Dropout is applied only with a dropout_key.
     """
     config = self.config
@@ -142,9 +142,9 @@ class Bert(nnx.Module):
     if self.pooler is not None:
       out['pooler_output'] = jnp.tanh(self.pooler(x_btd[:, 0]))
     if self.mlm is not None:
-      x_bkd = (x_btd if mlm_positions_bk is None else
-               jnp.take_along_axis(x_btd, mlm_positions_bk[..., None], axis=1))
-      out['mlm_logits'] = self.mlm(x_bkd, self.embed.embedding[...])
+      x_bmd = (x_btd if mlm_positions_bm is None else
+               jnp.take_along_axis(x_btd, mlm_positions_bm[..., None], axis=1))
+      out['mlm_logits'] = self.mlm(x_bmd, self.embed.embedding[...])
     if self.nsp is not None:
       out['nsp_logits'] = self.nsp(out['pooler_output'])
     if self.classifier is not None:

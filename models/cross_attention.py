@@ -18,11 +18,11 @@ class CrossAttention(SelfAttention):
   def memory(self, source_bsd, source_mask_bs):
     """{'k', 'v': [B, S, Hkv, D], 'mask': [B, S]} of the encoder output."""
     b, s, _ = source_bsd.shape
-    k_bshd = self.k_proj(source_bsd).reshape(b, s, self.n_kv_heads, self.head_dim)
-    v_bshd = self.v_proj(source_bsd).reshape(b, s, self.n_kv_heads, self.head_dim)
+    k_bskd = self.k_proj(source_bsd).reshape(b, s, self.n_kv_heads, self.head_dim)
+    v_bskd = self.v_proj(source_bsd).reshape(b, s, self.n_kv_heads, self.head_dim)
     if self.k_norm is not None:
-      k_bshd = self.k_norm(k_bshd)
-    return {'k': k_bshd, 'v': v_bshd, 'mask': jnp.asarray(source_mask_bs, jnp.int32)}
+      k_bskd = self.k_norm(k_bskd)
+    return {'k': k_bskd, 'v': v_bskd, 'mask': jnp.asarray(source_mask_bs, jnp.int32)}
 
   def __call__(self, x_btd, memory):
     """Each target token attends to every real source token of its row."""

@@ -96,13 +96,13 @@ def _blocks(x, block: int):
   return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
 
 
-def dual_chunk_attention(q_bthd, k_bshd, v_bshd, *, rotation_at, chunk_size: int,
+def dual_chunk_attention(q_bthd, k_bskd, v_bskd, *, rotation_at, chunk_size: int,
                          local_size: int, scale: float, q_positions_bt=None, k_positions_bs=None,
                          segment_ids=None, block_q: int = 256):
   """Causal Dual Chunk Attention of queries and keys given before RoPE (see the module doc).
 
   Args:
-    q_bthd: queries [B, T, Hq, D]; k_bshd, v_bshd: keys and values [B, S, Hkv, D] with
+    q_bthd: queries [B, T, Hq, D]; k_bskd, v_bskd: keys and values [B, S, Hkv, D] with
       Hq % Hkv == 0 (each group of Hq / Hkv query heads reads one K/V head).
     rotation_at: positions [B, N] -> a function that applies RoPE at those positions to
       [B, N, H, D] tensors (`RotaryPositions.rotation`).
@@ -115,7 +115,7 @@ def dual_chunk_attention(q_bthd, k_bshd, v_bshd, *, rotation_at, chunk_size: int
     [B, T, Hq, D] in q's dtype; a query with no visible key gets zeros.
   """
   b, t, hq, d = q_bthd.shape
-  s, hkv = k_bshd.shape[1], k_bshd.shape[2]
+  s, hkv = k_bskd.shape[1], k_bskd.shape[2]
   if not 0 <= 2 * local_size < chunk_size:
     raise ValueError(f'dual_chunk_attention: need 0 <= 2 * local_size < chunk_size, got '
                      f'local_size={local_size}, chunk_size={chunk_size}')
@@ -125,8 +125,8 @@ def dual_chunk_attention(q_bthd, k_bshd, v_bshd, *, rotation_at, chunk_size: int
   k_pos_bs = (jnp.broadcast_to(jnp.arange(s), (b, s)) if k_positions_bs is None
               else jnp.broadcast_to(k_positions_bs, (b, s)))
   in_chunk_bt = q_pos_bt % chunk_len
-  k_rot_bshd, q_intra_bthd, q_succ_bthd, q_inter_bthd = _rotate_together(rotation_at, [
-      (k_bshd, k_pos_bs % chunk_len),
+  k_rot_bskd, q_intra_bthd, q_succ_bthd, q_inter_bthd = _rotate_together(rotation_at, [
+      (k_bskd, k_pos_bs % chunk_len),
       (q_bthd, in_chunk_bt),
       (q_bthd, jnp.minimum(in_chunk_bt + chunk_len, chunk_size)),
       (q_bthd, jnp.full_like(in_chunk_bt, chunk_size))])
@@ -141,14 +141,14 @@ def dual_chunk_attention(q_bthd, k_bshd, v_bshd, *, rotation_at, chunk_size: int
     chunk_gap_bqs = q_pos_bq[:, :, None] // chunk_len - k_chunk_bs[:, None, :]
     masks = (chunk_gap_bqs == 0, chunk_gap_bqs == 1, chunk_gap_bqs >= 2)
     outs, lses = zip(*(
-        _partial_attention(q_bqhd.reshape(b, -1, hkv, hq // hkv, d), k_rot_bshd, v_bshd,
+        _partial_attention(q_bqhd.reshape(b, -1, hkv, hq // hkv, d), k_rot_bskd, v_bskd,
                            visible_bqs & part_bqs, scale)
         for q_bqhd, part_bqs in zip(q_parts, masks)))
     return _merge(outs, lses)
 
   block = min(block_q, t)
-  out_nbqkgd = jax.lax.map(attend, (
+  out_ibqkgd = jax.lax.map(attend, (
       tuple(_blocks(x, block) for x in (q_intra_bthd, q_succ_bthd, q_inter_bthd)),
       _blocks(q_pos_bt, block), _blocks(q_segment_bt, block)))
-  out_btkgd = jnp.moveaxis(out_nbqkgd, 0, 1).reshape(b, -1, hq, d)[:, :t]
-  return out_btkgd.astype(q_bthd.dtype)
+  out_bthd = jnp.moveaxis(out_ibqkgd, 0, 1).reshape(b, -1, hq, d)[:, :t]
+  return out_bthd.astype(q_bthd.dtype)

@@ -75,7 +75,7 @@ def make_generate(graphdef, config: SamplingConfig, *, end_token: int, n_valid: 
     logits_btv, caches = model.decode(prompt_bt, caches, 0)
     key, sub = jax.random.split(key)
     token_b = choose(logits_btv[:, -1], seen_bv, sub, config, n_valid)
-    out_bn = jnp.full((b, n_new), end_token, jnp.int32).at[:, 0].set(token_b)
+    out_bl = jnp.full((b, n_new), end_token, jnp.int32).at[:, 0].set(token_b)
     done_b = token_b == end_token
 
     def keep_going(carry):
@@ -83,17 +83,17 @@ def make_generate(graphdef, config: SamplingConfig, *, end_token: int, n_valid: 
       return (i < n_new) & ~jnp.all(done_b)
 
     def step(carry):
-      i, token_b, caches, out_bn, seen_bv, done_b, key = carry
+      i, token_b, caches, out_bl, seen_bv, done_b, key = carry
       seen_bv = seen_bv.at[jnp.arange(b), token_b].set(True)
       logits_btv, caches = model.decode(token_b[:, None], caches, t + i - 1)
       key, sub = jax.random.split(key)
       chosen_b = choose(logits_btv[:, 0], seen_bv, sub, config, n_valid)
       token_b = jnp.where(done_b, end_token, chosen_b)
-      out_bn = out_bn.at[:, i].set(token_b)
+      out_bl = out_bl.at[:, i].set(token_b)
       done_b = done_b | (token_b == end_token)
-      return i + 1, token_b, caches, out_bn, seen_bv, done_b, key
+      return i + 1, token_b, caches, out_bl, seen_bv, done_b, key
 
-    carry = (jnp.int32(1), token_b, caches, out_bn, seen_bv, done_b, key)
+    carry = (jnp.int32(1), token_b, caches, out_bl, seen_bv, done_b, key)
     return jax.lax.while_loop(keep_going, step, carry)[3]
 
   return generate

@@ -95,9 +95,9 @@ class LatentAttention(nnx.Module):
     if out_init_scale != 1.0:
       # DeepNet scales the value projection's init as well as the output's; here W^UV is the
       # value half of each head's columns of kv_b_proj.
-      w_chk = self.kv_b_proj.kernel[...].reshape(self.kv_lora_rank, self.n_heads, -1)
-      w_chk = w_chk.at[..., self.nope_dim:].multiply(out_init_scale)
-      self.kv_b_proj.kernel[...] = w_chk.reshape(self.kv_lora_rank, -1)
+      w_chd = self.kv_b_proj.kernel[...].reshape(self.kv_lora_rank, self.n_heads, -1)
+      w_chd = w_chd.at[..., self.nope_dim:].multiply(out_init_scale)
+      self.kv_b_proj.kernel[...] = w_chd.reshape(self.kv_lora_rank, -1)
 
   def _queries(self, x_btd):
     if self.q_proj is not None:
@@ -115,17 +115,17 @@ class LatentAttention(nnx.Module):
     yet written. Returns (y_btd, updated cache or None).
     """
     b, t, _ = x_btd.shape
-    q_bthk = self._queries(x_btd).reshape(b, t, self.n_heads, self.nope_dim + self.rope_dim)
-    q_nope_bthn, q_rope_bthr = q_bthk[..., :self.nope_dim], rotate(q_bthk[..., self.nope_dim:])
-    kv_a_btl = self.kv_a_proj_with_mqa(x_btd)
-    c_kv_btc = self.kv_a_layernorm(kv_a_btl[..., :self.kv_lora_rank])
-    k_rope_btr = rotate(kv_a_btl[:, :, None, self.kv_lora_rank:])[:, :, 0]
+    q_bthd = self._queries(x_btd).reshape(b, t, self.n_heads, self.nope_dim + self.rope_dim)
+    q_nope_bthn, q_rope_bthr = q_bthd[..., :self.nope_dim], rotate(q_bthd[..., self.nope_dim:])
+    kv_a_bta = self.kv_a_proj_with_mqa(x_btd)
+    c_kv_btc = self.kv_a_layernorm(kv_a_bta[..., :self.kv_lora_rank])
+    k_rope_btr = rotate(kv_a_bta[:, :, None, self.kv_lora_rank:])[:, :, 0]
 
     mask = dict(causal=True, sliding_window=self.sliding_window, prefix_len=prefix_len_b,
                 segment_ids=None if segment_ids_bt is None else (segment_ids_bt, segment_ids_bt),
                 alibi_slopes=alibi_slopes, scale=self.scale, impl=self.impl)
     if cache is None:
-      y_bthv = self._expanded(q_nope_bthn, q_rope_bthr, c_kv_btc, k_rope_btr, mask)
+      y_bthd = self._expanded(q_nope_bthn, q_rope_bthr, c_kv_btc, k_rope_btr, mask)
     else:
       start = (0, cache_index, 0)
       cache = {
@@ -133,34 +133,34 @@ class LatentAttention(nnx.Module):
                                                c_kv_btc.astype(cache['c_kv'].dtype), start),
           'k_rope': jax.lax.dynamic_update_slice(cache['k_rope'],
                                                  k_rope_btr.astype(cache['k_rope'].dtype), start)}
-      y_bthv = self._absorbed(q_nope_bthn, q_rope_bthr, cache['c_kv'], cache['k_rope'],
+      y_bthd = self._absorbed(q_nope_bthn, q_rope_bthr, cache['c_kv'], cache['k_rope'],
                               dict(mask, q_offset=cache_index))
-    return self.o_proj(y_bthv.reshape(b, t, self.n_heads * self.v_dim)), cache
+    return self.o_proj(y_bthd.reshape(b, t, self.n_heads * self.v_dim)), cache
 
   def _expanded(self, q_nope_bthn, q_rope_bthr, c_kv_bsc, k_rope_bsr, mask):
     """Attention over per-head keys [k_nope_h, k_rope] and values v_h."""
     b, s, _ = c_kv_bsc.shape
-    kv_bshk = self.kv_b_proj(c_kv_bsc).reshape(b, s, self.n_heads, self.nope_dim + self.v_dim)
+    kv_bshd = self.kv_b_proj(c_kv_bsc).reshape(b, s, self.n_heads, self.nope_dim + self.v_dim)
     k_rope_bshr = jnp.broadcast_to(k_rope_bsr[:, :, None, :], (b, s, self.n_heads, self.rope_dim))
-    q_bthk = jnp.concatenate([q_nope_bthn, q_rope_bthr], axis=-1)
-    k_bshk = jnp.concatenate([kv_bshk[..., :self.nope_dim], k_rope_bshr], axis=-1)
-    v_bshv = kv_bshk[..., self.nope_dim:]
+    q_bthd = jnp.concatenate([q_nope_bthn, q_rope_bthr], axis=-1)
+    k_bshd = jnp.concatenate([kv_bshd[..., :self.nope_dim], k_rope_bshr], axis=-1)
+    v_bshd = kv_bshd[..., self.nope_dim:]
     # kernels.attention takes one head_dim for q, k and v. Zero features change neither the
     # scores (the scale is explicit) nor the output's first v_head_dim features.
-    width = max(q_bthk.shape[-1], self.v_dim)
-    y_bthk = sharding.attention(_pad_last(q_bthk, width), _pad_last(k_bshk, width),
-                               _pad_last(v_bshv, width), **mask)
-    return y_bthk[..., :self.v_dim]
+    width = max(q_bthd.shape[-1], self.v_dim)
+    y_bthd = sharding.attention(_pad_last(q_bthd, width), _pad_last(k_bshd, width),
+                               _pad_last(v_bshd, width), **mask)
+    return y_bthd[..., :self.v_dim]
 
   def _absorbed(self, q_nope_bthn, q_rope_bthr, c_kv_bsc, k_rope_bsr, mask):
     """MQA over the latents: W^UK folded into the queries, W^UV applied after attention."""
     kernel = self.kv_b_proj.kernel[...].astype(self.dtype)
-    w_chk = kernel.reshape(self.kv_lora_rank, self.n_heads, -1)
-    w_uk_chn, w_uv_chv = w_chk[..., :self.nope_dim], w_chk[..., self.nope_dim:]
+    w_chd = kernel.reshape(self.kv_lora_rank, self.n_heads, -1)
+    w_uk_chn, w_uv_chd = w_chd[..., :self.nope_dim], w_chd[..., self.nope_dim:]
     q_latent_bthc = jnp.einsum('bthn,chn->bthc', q_nope_bthn, w_uk_chn)
-    q_bthl = jnp.concatenate([q_latent_bthc, q_rope_bthr.astype(q_latent_bthc.dtype)], axis=-1)
+    q_btha = jnp.concatenate([q_latent_bthc, q_rope_bthr.astype(q_latent_bthc.dtype)], axis=-1)
     # One key head [c_kv, k_rope]; passing it as the value too gives sum_s p_s c_kv_s in the
     # output's first kv_lora_rank features (the rest, the same sum of k_rope, is dropped).
-    kv_bs1l = jnp.concatenate([c_kv_bsc, k_rope_bsr], axis=-1)[:, :, None, :].astype(q_bthl.dtype)
-    o_bthl = sharding.attention(q_bthl, kv_bs1l, kv_bs1l, **mask)
-    return jnp.einsum('bthc,chv->bthv', o_bthl[..., :self.kv_lora_rank], w_uv_chv)
+    kv_bs1a = jnp.concatenate([c_kv_bsc, k_rope_bsr], axis=-1)[:, :, None, :].astype(q_btha.dtype)
+    o_btha = sharding.attention(q_btha, kv_bs1a, kv_bs1a, **mask)
+    return jnp.einsum('bthc,chd->bthd', o_btha[..., :self.kv_lora_rank], w_uv_chd)

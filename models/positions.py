@@ -41,9 +41,9 @@ def alibi_slopes(n_heads: int):
 
 def rope_cos_sin(positions_bt, inv_freq, attention_factor=1.0):
   """cos and sin [B, T, 1, F] of position * inv_freq, scaled by attention_factor (YaRN)."""
-  angles_btf = jnp.asarray(positions_bt, jnp.float32)[..., None] * inv_freq
-  return ((jnp.cos(angles_btf) * attention_factor)[:, :, None, :],
-          (jnp.sin(angles_btf) * attention_factor)[:, :, None, :])
+  angles_bte = jnp.asarray(positions_bt, jnp.float32)[..., None] * inv_freq
+  return ((jnp.cos(angles_bte) * attention_factor)[:, :, None, :],
+          (jnp.sin(angles_bte) * attention_factor)[:, :, None, :])
 
 
 def apply_rope(x_bthd, cos, sin, *, interleaved=False):

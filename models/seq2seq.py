@@ -178,42 +178,42 @@ def make_beam_search(graphdef, *, max_len: int, bos: int, eos: int, n_valid: int
   @jax.jit
   def beam_search(params, source_bs, source_mask_bs):
     model = nnx.merge(graphdef, params)
-    b, k = source_bs.shape[0], beam_size
-    memories, caches = _start(model, source_bs, source_mask_bs, copies=k, max_len=max_len)
+    b, w = source_bs.shape[0], beam_size
+    memories, caches = _start(model, source_bs, source_mask_bs, copies=w, max_len=max_len)
     is_eos_v = jnp.arange(model.config.vocab_size) == eos
 
     def step(i, carry):
-      tokens_bkl, scores_bk, lengths_bk, finished_bk, caches = carry
-      previous = jnp.where(i == 0, bos, tokens_bkl[:, :, jnp.maximum(i - 1, 0)])
-      logits, caches = model.decode(previous.reshape(b * k, 1), memories, caches=caches,
+      tokens_bwl, scores_bw, lengths_bw, finished_bw, caches = carry
+      previous = jnp.where(i == 0, bos, tokens_bwl[:, :, jnp.maximum(i - 1, 0)])
+      logits, caches = model.decode(previous.reshape(b * w, 1), memories, caches=caches,
                                     cache_index=i)
-      logp_bkv = _log_probs(model, logits, n_valid).reshape(b, k, -1)
+      logp_bwv = _log_probs(model, logits, n_valid).reshape(b, w, -1)
       # A finished hypothesis continues with eos at no cost; the others with any token.
-      candidates_bkv = jnp.where(finished_bk[..., None],
-                                 jnp.where(is_eos_v, scores_bk[..., None], -jnp.inf),
-                                 scores_bk[..., None] + logp_bkv)
-      new_lengths_bk = jnp.where(finished_bk, lengths_bk, i + 1)
-      ranked_bkv = candidates_bkv / length_penalty(new_lengths_bk, alpha)[..., None]
-      _, best_bk = jax.lax.top_k(ranked_bkv.reshape(b, -1), k)
-      parent_bk, token_bk = best_bk // logp_bkv.shape[-1], best_bk % logp_bkv.shape[-1]
+      candidates_bwv = jnp.where(finished_bw[..., None],
+                                 jnp.where(is_eos_v, scores_bw[..., None], -jnp.inf),
+                                 scores_bw[..., None] + logp_bwv)
+      new_lengths_bw = jnp.where(finished_bw, lengths_bw, i + 1)
+      ranked_bwv = candidates_bwv / length_penalty(new_lengths_bw, alpha)[..., None]
+      _, best_bw = jax.lax.top_k(ranked_bwv.reshape(b, -1), w)
+      parent_bw, token_bw = best_bw // logp_bwv.shape[-1], best_bw % logp_bwv.shape[-1]
 
       def by_parent(x):
-        return jnp.take_along_axis(x, parent_bk.reshape(b, k, *([1] * (x.ndim - 2))), axis=1)
+        return jnp.take_along_axis(x, parent_bw.reshape(b, w, *([1] * (x.ndim - 2))), axis=1)
 
-      tokens_bkl = by_parent(tokens_bkl).at[:, :, i].set(token_bk)
-      scores_bk = jnp.take_along_axis(candidates_bkv.reshape(b, -1), best_bk, axis=1)
-      lengths_bk = by_parent(new_lengths_bk)
-      finished_bk = by_parent(finished_bk) | (token_bk == eos)
+      tokens_bwl = by_parent(tokens_bwl).at[:, :, i].set(token_bw)
+      scores_bw = jnp.take_along_axis(candidates_bwv.reshape(b, -1), best_bw, axis=1)
+      lengths_bw = by_parent(new_lengths_bw)
+      finished_bw = by_parent(finished_bw) | (token_bw == eos)
       caches = jax.tree.map(
-          lambda c: by_parent(c.reshape(b, k, *c.shape[1:])).reshape(c.shape), caches)
-      return tokens_bkl, scores_bk, lengths_bk, finished_bk, caches
+          lambda c: by_parent(c.reshape(b, w, *c.shape[1:])).reshape(c.shape), caches)
+      return tokens_bwl, scores_bw, lengths_bw, finished_bw, caches
 
     # The beams start equal; all but the first start at -inf, so step 0 expands one.
-    scores_bk = jnp.broadcast_to(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (b, k))
-    carry = (jnp.full((b, k, max_len), eos, jnp.int32), scores_bk,
-             jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), bool), caches)
-    tokens_bkl, scores_bk, lengths_bk, _, _ = jax.lax.fori_loop(0, max_len, step, carry)
-    best_b = jnp.argmax(scores_bk / length_penalty(lengths_bk, alpha), axis=1)
-    return jnp.take_along_axis(tokens_bkl, best_b[:, None, None], axis=1)[:, 0]
+    scores_bw = jnp.broadcast_to(jnp.where(jnp.arange(w) == 0, 0.0, -jnp.inf), (b, w))
+    carry = (jnp.full((b, w, max_len), eos, jnp.int32), scores_bw,
+             jnp.zeros((b, w), jnp.int32), jnp.zeros((b, w), bool), caches)
+    tokens_bwl, scores_bw, lengths_bw, _, _ = jax.lax.fori_loop(0, max_len, step, carry)
+    best_b = jnp.argmax(scores_bw / length_penalty(lengths_bw, alpha), axis=1)
+    return jnp.take_along_axis(tokens_bwl, best_b[:, None, None], axis=1)[:, 0]
 
   return beam_search

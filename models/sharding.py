@@ -134,18 +134,18 @@ def constrain(x, axes):
   return jax.lax.with_sharding_constraint(x, rules.sharding(axes, x.shape))
 
 
-def attention_partition(q_bthd, k_bshd) -> Partition | None:
+def attention_partition(q_bthd, k_bskd) -> Partition | None:
   """How the active rules lay out attention's q and k/v (batch, then heads), for the
   kernels that XLA cannot partition; None outside `activation_rules`."""
   rules = _ACTIVE.get()
   if rules is None:
     return None
   return Partition(rules.mesh, rules.spec((BATCH, None, HEADS, None), q_bthd.shape),
-                   rules.spec((BATCH, None, KV_HEADS, None), k_bshd.shape))
+                   rules.spec((BATCH, None, KV_HEADS, None), k_bskd.shape))
 
 
-def attention(q_bthd, k_bshd, v_bshd, **kwargs):
+def attention(q_bthd, k_bskd, v_bskd, **kwargs):
   """attention_lib.attention, split by batch and heads as the active rules say (see
   kernels/shard.py for how the kernels XLA cannot partition run)."""
-  return attention_lib.attention(q_bthd, k_bshd, v_bshd, **kwargs,
-                                 partition=attention_partition(q_bthd, k_bshd))
+  return attention_lib.attention(q_bthd, k_bskd, v_bskd, **kwargs,
+                                 partition=attention_partition(q_bthd, k_bskd))

@@ -123,12 +123,12 @@ class BertPretraining(LanguageModeling):
   def loss(self, model, batch, dropout_key, frozen=None):
     selected_bt = batch['labels'] != NOT_SELECTED
     # The first `capacity` selected positions of each row (a stable sort puts them first).
-    positions_bk = jnp.argsort(~selected_bt, axis=1, stable=True)[:, :self.capacity]
+    positions_bm = jnp.argsort(~selected_bt, axis=1, stable=True)[:, :self.capacity]
     out = model(batch['inputs'], batch['token_type_ids'], batch['attention_mask'],
-                mlm_positions_bk=positions_bk, dropout_key=dropout_key)
-    labels_bk = jnp.take_along_axis(batch['labels'], positions_bk, axis=1)
-    weights_bk = jnp.take_along_axis(selected_bt, positions_bk, axis=1).astype(jnp.float32)
-    mlm_loss, mlm_accuracy = cross_entropy_and_accuracy(out.mlm_logits, labels_bk, weights_bk)
+                mlm_positions_bm=positions_bm, dropout_key=dropout_key)
+    labels_bm = jnp.take_along_axis(batch['labels'], positions_bm, axis=1)
+    weights_bm = jnp.take_along_axis(selected_bt, positions_bm, axis=1).astype(jnp.float32)
+    mlm_loss, mlm_accuracy = cross_entropy_and_accuracy(out.mlm_logits, labels_bm, weights_bm)
     metrics = {'mlm_loss': mlm_loss, 'mlm_accuracy': mlm_accuracy}
     loss = mlm_loss
     if self.next_sentence:

@@ -35,8 +35,8 @@ def fused_qkv(hf_prefix: str, our_path: tuple, n_heads: int) -> list:
   names = ('q_proj', 'k_proj', 'v_proj')
 
   def split_weight(arrays):
-    w_hxd = np.asarray(arrays[0]).reshape(n_heads, 3, -1, arrays[0].shape[-1])
-    return [w_hxd[:, i].reshape(-1, w_hxd.shape[-1]).T for i in range(3)]
+    w_hx = np.asarray(arrays[0]).reshape(n_heads, 3, -1, arrays[0].shape[-1])
+    return [w_hx[:, i].reshape(-1, w_hx.shape[-1]).T for i in range(3)]
 
   def join_weight(arrays):
     stacked = np.stack([a.T.reshape(n_heads, -1, a.shape[0]) for a in arrays], axis=1)
