@@ -71,14 +71,13 @@ def _train_config() -> TrainConfig:
       FLAGS.model, FLAGS.hf_checkpoint))
 
 
-def _sample(loaded) -> str:
-  return run_lib.sample(loaded.graphdef, loaded.params, loaded.tokenizer, FLAGS.prompt,
-                        from_flags(SamplingConfig), seed=FLAGS.seed, eot=loaded.end_token)
+def _sample(graphdef, params, tokenizer, eot=None) -> str:
+  return run_lib.sample(graphdef, params, tokenizer, FLAGS.prompt, from_flags(SamplingConfig),
+                        seed=FLAGS.seed, eot=eot)
 
 
 def _loaded():
-  return run_lib.load(_train_config().workdir, FLAGS.hf_checkpoint, FLAGS.set, _train_config(),
-                      FLAGS.tokenizer)
+  return run_lib.load(_train_config(), FLAGS.hf_checkpoint, FLAGS.set, FLAGS.tokenizer)
 
 
 def train():
@@ -104,7 +103,7 @@ def train():
   if others:
     report(', '.join(others))
   if train_config.resolved(model_config).objective == 'lm':
-    report('sample:\n' + _sample(run_lib.Loaded(graphdef, params, tokenizer, train_config, '')))
+    report('sample:\n' + _sample(graphdef, params, tokenizer))
 
 
 def evaluate():
@@ -119,15 +118,15 @@ def evaluate():
 
 
 def generate():
-  print(_sample(_loaded()))
+  loaded = _loaded()
+  print(_sample(loaded.graphdef, loaded.params, loaded.tokenizer, loaded.end_token))
 
 
 def convert():
   """--hf_checkpoint -> a new --workdir checkpoint, or a --workdir's latest -> --hf_out."""
   workdir = _train_config().workdir
   if FLAGS.hf_checkpoint:
-    run_lib.hf_to_workdir(FLAGS.hf_checkpoint, workdir, FLAGS.set, _train_config(),
-                          FLAGS.tokenizer)
+    run_lib.hf_to_workdir(FLAGS.hf_checkpoint, _train_config(), FLAGS.set, FLAGS.tokenizer)
     print(f'wrote {workdir}: step-0 checkpoint of {FLAGS.hf_checkpoint}')
   elif FLAGS.hf_out:
     step = run_lib.workdir_to_hf(workdir, FLAGS.hf_out)

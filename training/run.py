@@ -89,11 +89,12 @@ def load_hf(path: str, overrides: list[str], run: TrainConfig, tokenizer: str | 
                                     objective=run.objective or default_objective(config))
 
 
-def load(workdir: str, hf_checkpoint: str | None, overrides: list[str], run: TrainConfig,
+def load(run: TrainConfig, hf_checkpoint: str | None, overrides: list[str],
          tokenizer: str | None = None) -> Loaded:
-  """The Hugging Face folder when one is given, else the workdir's latest checkpoint."""
+  """The Hugging Face folder when one is given (run describes the data to evaluate it on),
+  else the latest checkpoint of run.workdir."""
   if not hf_checkpoint:
-    return restore(workdir)
+    return restore(run.workdir)
   model, run = load_hf(hf_checkpoint, overrides, run, tokenizer)
   graphdef, params = nnx.split(model)
   return Loaded(graphdef, params, load_run_tokenizer(run), run, hf_checkpoint,
@@ -166,17 +167,16 @@ def sample(graphdef, params, tokenizer, prompt: str, sampling: SamplingConfig, *
   return prompt + tokenizer.decode(new_tokens, errors='replace')
 
 
-def hf_to_workdir(hf_checkpoint: str, workdir: str, overrides: list[str], run: TrainConfig,
+def hf_to_workdir(hf_checkpoint: str, run: TrainConfig, overrides: list[str],
                   tokenizer: str | None = None):
-  """A new workdir whose step-0 checkpoint holds a Hugging Face folder's parameters."""
-  if os.path.exists(config_path(workdir)):
-    raise WorkdirError(f'{workdir} already holds a run; pass a new --workdir')
-  model, run = load_hf(hf_checkpoint, overrides, dataclasses.replace(run, workdir=workdir),
-                       tokenizer)
+  """A new run.workdir whose step-0 checkpoint holds a Hugging Face folder's parameters."""
+  if os.path.exists(config_path(run.workdir)):
+    raise WorkdirError(f'{run.workdir} already holds a run; pass a new --workdir')
+  model, run = load_hf(hf_checkpoint, overrides, run, tokenizer)
   optimizer = OptimizerConfig().resolved(run.steps, model.config.family)
-  record_config(workdir, {'model': model.config, **dataclasses.asdict(run),
+  record_config(run.workdir, {'model': model.config, **dataclasses.asdict(run),
                           'optimizer': dataclasses.asdict(optimizer)})
-  checkpoints = Checkpoints(workdir)
+  checkpoints = Checkpoints(run.workdir)
   checkpoints.save(0, {'params': nnx.state(model, nnx.Param)},
                    {'step': 0, 'params_only': True, 'source': hf_checkpoint,
                     'tokenizer': run.tokenizer})
