@@ -72,8 +72,13 @@ def test_partly_trained_objective_with_frozen_state(tmp_path, rng):
 
   for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.filter_state(params, HEAD)),
                                     nnx.to_flat_state(head)):
+    # Adam divides each gradient by its own running scale, so for entries whose gradient is
+    # near zero a float32 rounding difference between the two computations moves the update
+    # by a visible fraction of the step size: the bound is 1e-4 of the steps' total size,
+    # where a wrong filter or loss moves entries by the step size itself.
     np.testing.assert_allclose(np.asarray(got[...]), np.asarray(want[...]), rtol=2e-5,
-                               atol=1e-7, err_msg=str(path))
+                               atol=1e-4 * opt_config.learning_rate * run.steps,
+                               err_msg=str(path))
   for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.filter_state(params, nnx.Not(HEAD))),
                                     nnx.to_flat_state(rest)):
     np.testing.assert_array_equal(np.asarray(got[...]), np.asarray(want[...]), str(path))
