@@ -129,8 +129,8 @@ class ModelConfig:
       return None
     try:
       scaling = json.loads(self.rope_scaling)
-    except ValueError as e:
-      raise ConfigError(f'rope_scaling={self.rope_scaling!r} is not JSON ({e})') from None
+    except (ValueError, RecursionError) as e:
+      raise ConfigError(f'rope_scaling={self.rope_scaling!r:.60} is not JSON ({e})') from None
     if not isinstance(scaling, dict):
       raise ConfigError(f'rope_scaling={self.rope_scaling!r} must be a JSON object')
     return scaling
@@ -375,10 +375,16 @@ def to_dict(config: ModelConfig) -> dict:
 
 
 def from_dict(fields: dict) -> ModelConfig:
-  known = {f.name for f in dataclasses.fields(ModelConfig)}
-  unknown = set(fields) - known
+  """The config of to_dict's form (as read from a file), each field checked for its type."""
+  if not isinstance(fields, dict):
+    raise ConfigError(f'a model config must be an object of fields, not {fields!r:.60}')
+  types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+  unknown = set(fields) - set(types)
   if unknown:
     raise ConfigError(f'unknown config fields {sorted(unknown)}')
   if isinstance(fields.get('remat'), bool):  # Configs saved before remat named a policy.
     fields = {**fields, 'remat': 'full' if fields['remat'] else 'none'}
+  for name, value in fields.items():
+    if not (type(value) is types[name] or (types[name] is float and type(value) is int)):
+      raise ConfigError(f'{name}={value!r:.60} is not of type {types[name].__name__}')
   return ModelConfig(**fields)
