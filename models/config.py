@@ -10,6 +10,7 @@ import typing
 
 from lmlab.kernels import attention as attention_lib
 from lmlab.models.errors import ConfigError
+from lmlab.models.json_values import is_finite_number
 from lmlab.models.rope_scaling import rope_frequencies
 
 NORMS = ('rmsnorm', 'layernorm')
@@ -26,6 +27,9 @@ FAMILIES = ('decoder', 'encoder', 'encoder_decoder')
 # recompute the rest in the backward pass); matmuls (keep the outputs of the projection
 # matmuls too and recompute the cheap elementwise work and the attention in between).
 REMATS = ('none', 'full', 'matmuls')
+# Above any width, vocabulary or context length; a larger integer field is a typo or a
+# corrupt file, which must not size tables of gigabytes.
+LARGEST_SIZE = 1 << 24
 # Fields that only one family reads, and their values when unused.
 FAMILY_FIELDS = {
     'encoder': dict(type_vocab_size=0, position_offset=0, pooler=False, mlm_head=False,
@@ -168,6 +172,10 @@ class ModelConfig:
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r} is not one of {", ".join(allowed)}')
+    for f in dataclasses.fields(self):
+      if f.type is int and abs(getattr(self, f.name)) > LARGEST_SIZE:
+        raise ConfigError(f'{f.name}={getattr(self, f.name)} is beyond {LARGEST_SIZE}, larger '
+                          'than any model\'s; a typo?')
     if self.vocab_size < 0:
       raise ConfigError(f'vocab_size={self.vocab_size} must be positive (or 0: the tokenizer\'s)')
     for name in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'ffn_dim',
@@ -385,6 +393,7 @@ def from_dict(fields: dict) -> ModelConfig:
   if isinstance(fields.get('remat'), bool):  # Configs saved before remat named a policy.
     fields = {**fields, 'remat': 'full' if fields['remat'] else 'none'}
   for name, value in fields.items():
-    if not (type(value) is types[name] or (types[name] is float and type(value) is int)):
-      raise ConfigError(f'{name}={value!r:.60} is not of type {types[name].__name__}')
+    if not (is_finite_number(value) if types[name] is float else type(value) is types[name]):
+      wanted = 'a finite number' if types[name] is float else f'of type {types[name].__name__}'
+      raise ConfigError(f'{name}={value!r:.60} is not {wanted}')
   return ModelConfig(**fields)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmlab.models.errors import ConfigError
+from lmlab.models.json_values import is_finite_number
 
 
 def inverse_frequencies(theta, rotary_dim: int):
@@ -183,8 +184,7 @@ NUMBER_LISTS = ('short_factor', 'long_factor')
 
 
 def _is_positive_number(value) -> bool:
-  # Compared, not converted: an integer too large for a float must not raise.
-  return type(value) in (int, float) and 0 < value < math.inf
+  return is_finite_number(value) and value > 0
 
 
 def _check_types(params: dict, theta):

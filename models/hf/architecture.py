@@ -7,26 +7,22 @@ saving in models/hf/__init__.py only walk these descriptions.
 """
 import dataclasses
 import json
-import math
 import typing
 
 from lmlab.models.errors import CheckpointError, ConfigError
-from lmlab.models.config import ModelConfig
+from lmlab.models.config import LARGEST_SIZE, ModelConfig
+from lmlab.models.json_values import is_finite_number
 
 REQUIRED = object()
-# Larger than any model's width, vocabulary or context length: a bigger integer in a
-# config.json is corruption, which must not size tables of gigabytes.
-LARGEST_INT = 1 << 24
-TYPE_NAMES = {int: f'an integer of at most {LARGEST_INT}', float: 'a finite number',
+TYPE_NAMES = {int: f'an integer of at most {LARGEST_SIZE}', float: 'a finite number',
               bool: 'true or false', str: 'a string', dict: 'an object'}
 
 
 def _has_type(value, expected: type) -> bool:
   if expected is float:
-    # Compared, not converted: an integer too large for a float must not raise.
-    return type(value) in (int, float) and -math.inf < value < math.inf
+    return is_finite_number(value)
   if expected is int:
-    return type(value) is int and abs(value) <= LARGEST_INT
+    return type(value) is int and abs(value) <= LARGEST_SIZE
   return type(value) is expected
 
 
