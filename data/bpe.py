@@ -296,7 +296,7 @@ def build_encoding(name: str, ranks: dict[bytes, int], *, pattern: str,
   rank_values = set(ranks.values())
   special_ids = {}
   for token, token_id in special_tokens.items():
-    if not (isinstance(token, str) and token):  # tiktoken loops forever on an empty one.
+    if not token:  # tiktoken loops forever on an empty one.
       raise DataError(f'{source} has a special token {token!r}; name each with some text')
     if (type(token_id) is not int or token_id in rank_values
         or not 0 <= token_id <= LARGEST_TOKEN_ID):
