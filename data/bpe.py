@@ -25,6 +25,11 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
                   r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 PATTERNS = {'gpt2': GPT2_PATTERN, 'cl100k': CL100K_PATTERN}
+# Above any vocabulary's size (o200k_base has 200k tokens): a larger id in a file is
+# corruption, which would otherwise size the model's embedding table.
+LARGEST_TOKEN_ID = (1 << 24) - 1
+# Text of every kind a pattern tells apart, on which no match may be empty.
+SAMPLE_TEXT = "It's 2024:\n\tHello,  WORLD! naïve_x=1.5e3 中文 🙂 (a)[b]{c}\r\n \x00"
 # The alternative of each pattern that matches a run of digits. No other alternative
 # matches a digit, so replacing this one with a single digit splits every number into
 # one pre-token per digit, as Baichuan's and Qwen's tokenizers do.
@@ -210,8 +215,8 @@ def _parse_ranks(path: str, contents: bytes) -> dict[bytes, int]:
       if len(fields) != 2:
         raise ValueError(f'expected 2 fields, found {len(fields)}')
       token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
-      if rank < 0:
-        raise ValueError(f'rank {rank} is negative')
+      if not 0 <= rank <= LARGEST_TOKEN_ID:
+        raise ValueError(f'rank {rank} is not in 0..{LARGEST_TOKEN_ID}')
     except (ValueError, binascii.Error) as error:
       raise DataError(f'{path}, line {number}: {error}; each line must be the base64 of a '
                       'token, a space and its rank') from None
@@ -238,7 +243,7 @@ def _settings(path: str, pattern, special_tokens):
   try:
     with open(sidecar, encoding='utf-8') as f:
       settings = json.load(f)
-  except ValueError:
+  except (ValueError, RecursionError):
     settings = None
   if not (isinstance(settings, dict) and isinstance(settings.get('pattern'), str)
           and isinstance(settings.get('special_tokens'), dict)):
@@ -259,8 +264,11 @@ def load_tiktoken(path: str, *, pattern: str | None = None,
   """The Encoding of a `.tiktoken` ranks file; its name is the file's stem."""
   if not os.path.isfile(path):
     raise DataError(f'no tokenizer file at {path}; pass the path of a .tiktoken ranks file')
-  with open(path, 'rb') as f:
-    contents = f.read()
+  try:
+    with open(path, 'rb') as f:
+      contents = f.read()
+  except OSError as error:
+    raise DataError(f'{path} cannot be read ({error.strerror})') from None
   if expected_sha256 is not None:
     actual = hashlib.sha256(contents).hexdigest()
     if actual != expected_sha256.lower():
@@ -276,13 +284,29 @@ def load_tiktoken(path: str, *, pattern: str | None = None,
 def build_encoding(name: str, ranks: dict[bytes, int], *, pattern: str,
                    special_tokens: dict[str, int], source: str) -> tiktoken.Encoding:
   """A tiktoken Encoding; unusable settings raise DataError naming `source`."""
-  _compiled(pattern)
+  if any(match.start() == match.end() for match in _compiled(pattern).finditer(SAMPLE_TEXT)):
+    # tiktoken stops the process at an empty pre-token.
+    raise DataError(f'the pre-tokenisation pattern of {source}, {pattern!r:.80}, matches the '
+                    'empty string; pass one whose every match holds some text')
+  missing = 256 - sum(len(token) == 1 for token in ranks)
+  if missing:
+    # tiktoken would stop the process at the first text holding a missing byte.
+    raise DataError(f'{source} lacks {missing} of the 256 single-byte tokens that byte-level '
+                    'BPE needs to encode any text; pass a complete vocabulary')
   rank_values = set(ranks.values())
+  special_ids = {}
   for token, token_id in special_tokens.items():
-    if not isinstance(token_id, int) or token_id in rank_values:
-      raise DataError(f'special token {token!r} of {source} has id {token_id!r}, which is '
-                      'not an integer or is the rank of an ordinary token; pass ids no '
-                      f'ordinary token has (above {max(rank_values)}, say)')
+    if not token:  # tiktoken loops forever on an empty one.
+      raise DataError(f'{source} has a special token {token!r}; name each with some text')
+    if (type(token_id) is not int or token_id in rank_values
+        or not 0 <= token_id <= LARGEST_TOKEN_ID):
+      raise DataError(f'special token {token!r} of {source} has id {token_id!r:.60}, which is '
+                      f'not an integer in 0..{LARGEST_TOKEN_ID} or is the rank of an ordinary '
+                      f'token; pass ids no ordinary token has (above {max(rank_values)}, say)')
+    if token_id in special_ids:
+      raise DataError(f'special tokens {special_ids[token_id]!r} and {token!r} of {source} '
+                      f'share the id {token_id}; give each its own')
+    special_ids[token_id] = token
   try:
     return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
                              special_tokens=special_tokens)

@@ -1,4 +1,4 @@
-"""Writing files so that nothing already on disk is lost."""
+"""Reading text files strictly, and writing files so that nothing already on disk is lost."""
 import os
 import tempfile
 
@@ -24,3 +24,25 @@ def write_new_file(path: str, data: bytes, *, overwrite: bool = False):
   finally:
     if os.path.exists(temporary):
       os.remove(temporary)
+
+
+def _universal_newlines(text: str) -> str:
+  """CRLF and lone CR line ends as LF, as Python's text files read them."""
+  return text.replace('\r\n', '\n').replace('\r', '\n')
+
+
+def read_lines(path: str) -> list[str]:
+  """The lines of a UTF-8 text file, without their newlines (any convention); a DataError
+  names the first line that is not UTF-8."""
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read()
+  except OSError as error:
+    raise DataError(f'{path} cannot be read ({error.strerror})') from None
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as error:
+    line = _universal_newlines(raw[:error.start].decode('utf-8')).count('\n') + 1
+    raise DataError(f'{path}, line {line}, is not UTF-8 text ({error.reason} at byte '
+                    f'{error.start}); pass a UTF-8 file') from None
+  return _universal_newlines(text).split('\n')

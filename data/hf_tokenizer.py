@@ -13,7 +13,7 @@ import regex
 import tiktoken
 
 from lmlab.data.errors import DataError
-from lmlab.data.bpe import PATTERNS, build_encoding
+from lmlab.data.bpe import LARGEST_TOKEN_ID, PATTERNS, build_encoding
 
 _SUPPORTED_NORMALIZERS = (None, 'NFC')
 
@@ -36,22 +36,42 @@ def _unsupported(path: str, what: str):
                    'BPE model (GPT-2, Qwen2 or LLaMA-3 style)')
 
 
+def _malformed(path: str, what: str):
+  return DataError(f'{path}: {what}; pass a complete tokenizer.json')
+
+
+def _object(path: str, value, where: str) -> dict:
+  """value if it is a JSON object, {} if it is absent (null)."""
+  if value is None:
+    return {}
+  if not isinstance(value, dict):
+    raise _malformed(path, f'{where} is {value!r:.60}, not an object')
+  return value
+
+
 def _read_json(path: str) -> dict:
   if not os.path.isfile(path):
     raise DataError(f'no tokenizer file at {path}; pass the path of a tokenizer.json')
   try:
     with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except ValueError as error:
+      config = json.load(f)
+  except OSError as error:
+    raise DataError(f'{path} cannot be read ({error.strerror})') from None
+  except (ValueError, RecursionError) as error:
     raise DataError(f'{path} is not valid JSON ({error}); pass a tokenizer.json') from None
+  return _object(path, config, 'the file')
 
 
 def _pattern(path: str, pre_tokenizer) -> str:
   """The pre-tokenisation regex: a Split step's, else the GPT-2 regex of ByteLevel."""
   if pre_tokenizer is None:
     raise _unsupported(path, 'a tokenizer without a ByteLevel pre_tokenizer')
+  pre_tokenizer = _object(path, pre_tokenizer, 'pre_tokenizer')
   steps = (pre_tokenizer.get('pretokenizers', []) if pre_tokenizer.get('type') == 'Sequence'
            else [pre_tokenizer])
+  if not isinstance(steps, list):
+    raise _malformed(path, f'pre_tokenizer.pretokenizers is {steps!r:.60}, not a list')
+  steps = [_object(path, step, 'a pre_tokenizer step') for step in steps]
   kinds = [step.get('type') for step in steps]
   if kinds not in (['ByteLevel'], ['Split', 'ByteLevel']):
     raise _unsupported(path, f'the pre_tokenizer steps {kinds}')
@@ -65,10 +85,10 @@ def _pattern(path: str, pre_tokenizer) -> str:
   split = steps[0]
   if byte_level.get('use_regex', True):
     raise _unsupported(path, 'a Split followed by a ByteLevel that splits again (use_regex)')
-  if ('Regex' not in split.get('pattern', {}) or split.get('behavior') != 'Isolated'
+  pattern = _object(path, split.get('pattern'), 'the Split pattern').get('Regex')
+  if (not isinstance(pattern, str) or split.get('behavior') != 'Isolated'
       or split.get('invert')):
-    raise _unsupported(path, f'the Split {split}, other than an isolating regex')
-  pattern = split['pattern']['Regex']
+    raise _unsupported(path, f'the Split {split!r:.200}, other than an isolating regex')
   # Oniguruma, the regex engine of `tokenizers`, reads x{1,3}+ as (?:x{1,3})+, while
   # tiktoken reads it as a possessive x{1,3}: the two would split text differently.
   if regex.search(r'(?<!\\)\{\d+(?:,\d*)?\}\+', pattern):
@@ -86,9 +106,15 @@ def _token_bytes(path: str, token: str) -> bytes:
 
 def _check_merge_order(path: str, vocab: dict[str, int], merges):
   """tiktoken merges by token rank, so the ids merges make must not go down."""
+  if not isinstance(merges, list):
+    raise _malformed(path, f'model.merges is {merges!r:.60}, not a list')
   previous_id = -1
   for index, merge in enumerate(merges):
-    left, right = merge.split(' ', 1) if isinstance(merge, str) else merge
+    pair = merge.split(' ', 1) if isinstance(merge, str) else merge
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+      raise _malformed(path, f'merge {index} is {merge!r:.60}, not "left right" or [left, '
+                       'right]')
+    left, right = pair
     merged_id = vocab.get(left + right)
     if merged_id is None:
       raise DataError(f'{path}: merge {index} ({left!r}, {right!r}) makes a token that is not '
@@ -100,10 +126,24 @@ def _check_merge_order(path: str, vocab: dict[str, int], merges):
     previous_id = merged_id
 
 
+def _added_tokens(path: str, added_tokens) -> dict[str, int]:
+  """{content: id} of added_tokens, a list of objects (absent: none)."""
+  if added_tokens is None:
+    return {}
+  if not isinstance(added_tokens, list):
+    raise _malformed(path, f'added_tokens is {added_tokens!r:.60}, not a list')
+  for added in added_tokens:
+    if not (isinstance(added, dict) and isinstance(added.get('content'), str)
+            and type(added.get('id')) is int):
+      raise _malformed(path, f'added token {added!r:.60} has no "content" string and "id" '
+                       'integer')
+  return {added['content']: added['id'] for added in added_tokens}
+
+
 def ranks_from_tokenizer_json(path: str):
   """(ranks, pattern, special_tokens) of a byte-level BPE `tokenizer.json`."""
   config = _read_json(path)
-  model = config.get('model') or {}
+  model = _object(path, config.get('model'), 'model')
   if model.get('type') != 'BPE':
     raise _unsupported(path, f'model type {model.get("type")!r}')
   if model.get('byte_fallback'):
@@ -111,20 +151,23 @@ def ranks_from_tokenizer_json(path: str):
   for affix in ('continuing_subword_prefix', 'end_of_word_suffix'):
     if model.get(affix):
       raise _unsupported(path, f'{affix}={model[affix]!r}')
-  normalizer = (config.get('normalizer') or {}).get('type')
+  normalizer = _object(path, config.get('normalizer'), 'normalizer').get('type')
   if normalizer not in _SUPPORTED_NORMALIZERS:
     raise _unsupported(path, f'normalizer {normalizer!r}')
   if not isinstance(model.get('vocab'), dict):
     raise DataError(f'{path} has no model.vocab; pass a complete tokenizer.json')
+  for token, token_id in model['vocab'].items():
+    if type(token_id) is not int or not 0 <= token_id <= LARGEST_TOKEN_ID:
+      raise _malformed(path, f'model.vocab gives {token!r:.60} the id {token_id!r:.60}, not '
+                       f'an integer in 0..{LARGEST_TOKEN_ID}')
+  if len(set(model['vocab'].values())) != len(model['vocab']):
+    raise _malformed(path, 'model.vocab gives two tokens the same id')
   pattern = _pattern(path, config.get('pre_tokenizer'))
-  special_tokens = {added['content']: added['id'] for added in config.get('added_tokens', [])}
+  special_tokens = _added_tokens(path, config.get('added_tokens'))
   special_ids = set(special_tokens.values())
   ranks = {_token_bytes(path, token): token_id for token, token_id in model['vocab'].items()
            if token_id not in special_ids}
-  missing = 256 - sum(len(token) == 1 for token in ranks)
-  if missing:
-    raise _unsupported(path, f'a vocabulary without {missing} of the 256 single bytes')
-  _check_merge_order(path, model['vocab'], model.get('merges', []))
+  _check_merge_order(path, model['vocab'], model.get('merges') or [])
   return ranks, pattern, special_tokens
 
 

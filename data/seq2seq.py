@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from lmlab.data.errors import DataError
+from lmlab.data.files import read_lines
 
 SYNTHETIC_TASKS = {'reverse': lambda ids: ids[::-1], 'sort': np.sort}
 
@@ -71,15 +72,13 @@ def sample_batch(pairs, specials: Seq2SeqSpecials, *, seed: int, step: int, batc
 def read_pairs_tsv(path: str, encode):
   """(source ids, target ids) from `source<TAB>target` lines, encoded with `encode(text)`."""
   pairs = []
-  with open(path, encoding='utf-8', errors='replace') as f:
-    for number, line in enumerate(f, 1):
-      line = line.rstrip('\n')
-      if not line:
-        continue
-      if line.count('\t') != 1:
-        raise DataError(f'{path}:{number}: expected one tab between source and target')
-      source, target = line.split('\t')
-      pairs.append((np.asarray(encode(source)), np.asarray(encode(target))))
+  for number, line in enumerate(read_lines(path), 1):
+    if not line:
+      continue
+    if line.count('\t') != 1:
+      raise DataError(f'{path}:{number}: expected one tab between source and target')
+    source, target = line.split('\t')
+    pairs.append((np.asarray(encode(source)), np.asarray(encode(target))))
   if not pairs:
     raise DataError(f'{path} holds no source<TAB>target pairs')
   return pairs

@@ -11,6 +11,7 @@ import numpy as np
 import tqdm
 
 from lmlab.data import corpus
+from lmlab.data.errors import DataError
 from lmlab.data.tokenizer import separator_id
 
 
@@ -94,7 +95,38 @@ def load_splits(splits, tokenizer, cache_root: str, *, tokenizer_id: str, log=pr
     with open(meta_path + '.partial', 'w') as f:
       json.dump(meta, f, indent=1)
     os.replace(meta_path + '.partial', meta_path)
-  with open(meta_path) as f:
-    meta = json.load(f)
-  return {name: np.memmap(os.path.join(folder, f'{name}.bin'), dtype=meta['dtype'], mode='r')
-          for name in meta['splits']}
+  return {name: _mapped(os.path.join(folder, f'{name}.bin'), tokens, dtype)
+          for name, tokens in _checked_meta(meta_path, tokenizer.name, dtype, splits).items()}
+
+
+def _mapped(path: str, tokens: int, dtype):
+  # numpy cannot map an empty file.
+  return np.memmap(path, dtype=dtype, mode='r') if tokens else np.zeros(0, dtype)
+
+
+def _checked_meta(meta_path: str, tokenizer_name: str, dtype, splits) -> dict:
+  """{split: tokens} of a cache's meta.json, checked against the run and the .bin files."""
+  folder = os.path.dirname(meta_path)
+  remedy = f'; delete {folder} to tokenise the corpus again'
+  try:
+    with open(meta_path, encoding='utf-8') as f:
+      meta = json.load(f)
+  except (OSError, ValueError, RecursionError) as error:
+    raise DataError(f'{meta_path} is unreadable ({error}){remedy}') from None
+  expected = {'tokenizer': tokenizer_name, 'dtype': np.dtype(dtype).name}
+  if not (isinstance(meta, dict) and all(meta.get(k) == v for k, v in expected.items())
+          and isinstance(meta.get('splits'), dict) and set(splits) <= set(meta['splits'])):
+    raise DataError(f'{meta_path} does not describe this cache: expected an object with '
+                    f'{expected} and the splits {sorted(splits)}{remedy}')
+  tokens = {}
+  for name in splits:
+    split = meta['splits'][name]
+    count = split.get('tokens') if isinstance(split, dict) else None
+    path = os.path.join(folder, f'{name}.bin')
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    if type(count) is not int or size != count * np.dtype(dtype).itemsize:
+      held = 'is missing' if size is None else f'holds {size} bytes'
+      raise DataError(f'{path} {held}, not the {count!r:.30} tokens of '
+                      f'{np.dtype(dtype).name} that {meta_path} lists{remedy}')
+    tokens[name] = count
+  return tokens

@@ -33,7 +33,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 
 from lmlab.data.errors import DataError
-from lmlab.data.files import write_new_file
+from lmlab.data.files import read_lines, write_new_file
 
 UNKNOWN = '[UNK]'
 BERT_SPECIAL_TOKENS = ('[PAD]', UNKNOWN, '[CLS]', '[SEP]', '[MASK]')
@@ -298,12 +298,8 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, *, lowercase: bool,
 def _read_vocab_file(path: str) -> list[str]:
   if not os.path.isfile(path):
     raise DataError(f'no vocabulary file at {path}; pass the path of a WordPiece vocab.txt')
-  try:
-    # Universal newlines, as Hugging Face reads vocab.txt, so ids agree on CRLF files.
-    with open(path, encoding='utf-8') as f:
-      lines = f.read().split('\n')
-  except UnicodeDecodeError as error:
-    raise DataError(f'{path} is not UTF-8 text ({error}); pass a WordPiece vocab.txt') from None
+  # Universal newlines, as Hugging Face reads vocab.txt, so ids agree on CRLF files.
+  lines = read_lines(path)
   return lines[:-1] if lines[-1] == '' else lines
 
 

@@ -317,9 +317,39 @@ def final_params(workdir: str):
   return run_lib.restore(workdir).params
 
 
+def _is_number(value) -> bool:
+  return type(value) in (int, float)
+
+
+def _is_metrics_line(entry) -> bool:
+  """Whether `entry` has what training_record reads: an integer step, and with a training
+  loss a positive throughput, with an evaluation a number."""
+  return (isinstance(entry, dict) and type(entry.get('step')) is int
+          and ('loss' not in entry or (_is_number(entry['loss'])
+                                       and _is_number(entry.get('tokens_per_sec'))
+                                       and entry['tokens_per_sec'] > 0))
+          and ('eval_loss' not in entry or _is_number(entry['eval_loss'])))
+
+
 def _metrics_lines(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The lines of metrics.jsonl; one that a killed run left cut short, or any other that is
+  not a metrics line, is skipped with a warning."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  lines = []
+  with open(path, encoding='utf-8', errors='replace') as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        entry = json.loads(line)
+      except (ValueError, RecursionError):
+        entry = None
+      if _is_metrics_line(entry):
+        lines.append(entry)
+      else:
+        print(f'warning: {path}, line {number}, is not a metrics line (cut short by a killed '
+              f'run?); skipped: {line.strip()[:80]!r}', file=sys.stderr)
+  return lines
 
 
 def _steps_to_target(steps, losses, target: float, window: int = 3):

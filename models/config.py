@@ -10,6 +10,7 @@ import typing
 
 from lmlab.kernels import attention as attention_lib
 from lmlab.models.errors import ConfigError
+from lmlab.models.json_values import is_finite_number
 from lmlab.models.rope_scaling import rope_frequencies
 
 NORMS = ('rmsnorm', 'layernorm')
@@ -26,6 +27,9 @@ FAMILIES = ('decoder', 'encoder', 'encoder_decoder')
 # recompute the rest in the backward pass); matmuls (keep the outputs of the projection
 # matmuls too and recompute the cheap elementwise work and the attention in between).
 REMATS = ('none', 'full', 'matmuls')
+# Above any width, vocabulary or context length; a larger integer field is a typo or a
+# corrupt file, which must not size tables of gigabytes.
+LARGEST_SIZE = 1 << 24
 # Fields that only one family reads, and their values when unused.
 FAMILY_FIELDS = {
     'encoder': dict(type_vocab_size=0, position_offset=0, pooler=False, mlm_head=False,
@@ -129,8 +133,8 @@ class ModelConfig:
       return None
     try:
       scaling = json.loads(self.rope_scaling)
-    except ValueError as e:
-      raise ConfigError(f'rope_scaling={self.rope_scaling!r} is not JSON ({e})') from None
+    except (ValueError, RecursionError) as e:
+      raise ConfigError(f'rope_scaling={self.rope_scaling!r:.60} is not JSON ({e})') from None
     if not isinstance(scaling, dict):
       raise ConfigError(f'rope_scaling={self.rope_scaling!r} must be a JSON object')
     return scaling
@@ -168,6 +172,10 @@ class ModelConfig:
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r} is not one of {", ".join(allowed)}')
+    for f in dataclasses.fields(self):
+      if f.type is int and abs(getattr(self, f.name)) > LARGEST_SIZE:
+        raise ConfigError(f'{f.name}={getattr(self, f.name)} is beyond {LARGEST_SIZE}, larger '
+                          'than any model\'s; a typo?')
     if self.vocab_size < 0:
       raise ConfigError(f'vocab_size={self.vocab_size} must be positive (or 0: the tokenizer\'s)')
     for name in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'ffn_dim',
@@ -375,10 +383,17 @@ def to_dict(config: ModelConfig) -> dict:
 
 
 def from_dict(fields: dict) -> ModelConfig:
-  known = {f.name for f in dataclasses.fields(ModelConfig)}
-  unknown = set(fields) - known
+  """The config of to_dict's form (as read from a file), each field checked for its type."""
+  if not isinstance(fields, dict):
+    raise ConfigError(f'a model config must be an object of fields, not {fields!r:.60}')
+  types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+  unknown = set(fields) - set(types)
   if unknown:
     raise ConfigError(f'unknown config fields {sorted(unknown)}')
   if isinstance(fields.get('remat'), bool):  # Configs saved before remat named a policy.
     fields = {**fields, 'remat': 'full' if fields['remat'] else 'none'}
+  for name, value in fields.items():
+    if not (is_finite_number(value) if types[name] is float else type(value) is types[name]):
+      wanted = 'a finite number' if types[name] is float else f'of type {types[name].__name__}'
+      raise ConfigError(f'{name}={value!r:.60} is not {wanted}')
   return ModelConfig(**fields)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmlab.models.errors import ConfigError
+from lmlab.models.json_values import is_finite_number
 
 
 def inverse_frequencies(theta, rotary_dim: int):
@@ -77,6 +78,8 @@ def _linear(rope: RopeInputs):
 
 
 def _ntk_aware_base(theta, scale, rotary_dim: int):
+  if rotary_dim <= 2:
+    raise ConfigError(f'NTK-aware scaling needs more than 2 rotary dimensions, not {rotary_dim}')
   # This exponent divides the lowest frequency by exactly `scale` and leaves the highest alone.
   return theta * scale ** (rotary_dim / (rotary_dim - 2))
 
@@ -173,6 +176,34 @@ def _longrope(rope: RopeInputs):
   return rope.unscaled_inv_freq() / jnp.where(is_long, long_factor, short_factor), attention_factor
 
 
+# The keys of a rope_scaling dict that hold one positive number, and those that hold a list.
+POSITIVE_NUMBERS = ('rope_theta', 'partial_rotary_factor', 'factor',
+                    'original_max_position_embeddings', 'low_freq_factor', 'high_freq_factor',
+                    'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim', 'attention_factor')
+NUMBER_LISTS = ('short_factor', 'long_factor')
+
+
+def _is_positive_number(value) -> bool:
+  return is_finite_number(value) and value > 0
+
+
+def _check_types(params: dict, theta):
+  """ConfigError unless the dict's values (and theta) have the types the functions read."""
+  for key in ('rope_type', 'type'):
+    if key in params and not isinstance(params[key], str):
+      raise ConfigError(f'rope_scaling {key}={params[key]!r:.60} is not a string')
+  for key in POSITIVE_NUMBERS:
+    if params.get(key) is not None and not _is_positive_number(params[key]):
+      raise ConfigError(f'rope_scaling {key}={params[key]!r:.60} is not a positive number')
+  for key in NUMBER_LISTS:
+    value = params.get(key)
+    if value is not None and not (isinstance(value, list)
+                                  and all(map(_is_positive_number, value))):
+      raise ConfigError(f'rope_scaling {key}={value!r:.60} is not a list of positive numbers')
+  if not (_is_positive_number(theta) and theta > 1):
+    raise ConfigError(f'rope_theta={theta!r:.60} must be a number above 1')
+
+
 _FREQUENCIES_BY_TYPE = {
     'default': _default,
     'linear': _linear,
@@ -194,6 +225,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None, *,
   unknown rope_type or a missing key.
   """
   params = dict(scaling or {})
+  _check_types(params, params.get('rope_theta') or theta)
   rope_type = params.get('rope_type', params.get('type', 'default'))
   if rope_type not in _FREQUENCIES_BY_TYPE:
     raise ConfigError(f'rope_scaling rope_type={rope_type!r} is not one of '

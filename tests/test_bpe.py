@@ -213,7 +213,7 @@ def test_a_file_in_openai_format_loads_with_a_given_pattern(rng, tmp_path):
     (b'not*base64 300', 'line 257'),
     (b'YWJj', 'line 257: expected 2 fields'),
     (b'YWJj x', 'line 257'),
-    (b'YWJj -1', 'line 257: rank -1 is negative'),
+    (b'YWJj -1', 'line 257: rank -1 is not in 0..'),
     (b'YWJj 7', 'line 257: rank 7 is already given on line 8'),
     (b'AA== 300', 'line 257: token .* is already given on line 1'),
 ])

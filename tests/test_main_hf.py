@@ -75,3 +75,21 @@ def test_hf_checkpoint_errors(llama_dir, tmp_path):
                          check=False)
   assert unsupported.returncode == 1
   assert unsupported.stderr.count('\n') == 1 and 'not supported' in unsupported.stderr
+
+
+@pytest.mark.parametrize('corruption', ['garbage header length', 'offsets past the end'])
+def test_corrupt_safetensors_is_one_error_line_naming_the_file(llama_dir, corruption, rng):
+  _, path = llama_dir
+  weights = os.path.join(path, 'model.safetensors')
+  with open(weights, 'rb') as f:
+    contents = f.read()
+  if corruption == 'garbage header length':
+    contents = rng.bytes(8) + contents[8:]
+  else:
+    contents = contents[:-4]
+  with open(weights, 'wb') as f:
+    f.write(contents)
+  result = run_main('--mode=eval', f'--hf_checkpoint={path}', '--tokenizer=bytes', check=False)
+  assert result.returncode == 1
+  assert result.stderr.count('\n') == 1 and result.stderr.startswith('error: ')
+  assert weights in result.stderr

@@ -25,6 +25,7 @@ from flax import nnx
 
 from lmlab.data.errors import DataError
 from lmlab.data.corpus import Document
+from lmlab.data.files import read_lines
 from lmlab.data.mlm import NOT_SELECTED, BertBatches, BertSpecials
 from lmlab.models.config import ConfigError
 from lmlab.training.language_modeling import (LanguageModeling, check_fits, load_run_tokenizer,
@@ -149,15 +150,13 @@ class BertPretraining(LanguageModeling):
 def read_labelled(path: str):
   """[(label, text)] of a file of label<TAB>text lines (blank lines skipped)."""
   rows = []
-  with open(path, encoding='utf-8', errors='replace') as f:
-    for number, line in enumerate(f, 1):
-      line = line.rstrip('\n')
-      if not line.strip():
-        continue
-      label, tab, text = line.partition('\t')
-      if not tab or not label:
-        raise DataError(f'{path}:{number}: expected label<TAB>text')
-      rows.append((label, text))
+  for number, line in enumerate(read_lines(path), 1):
+    if not line.strip():
+      continue
+    label, tab, text = line.partition('\t')
+    if not tab or not label:
+      raise DataError(f'{path}:{number}: expected label<TAB>text')
+    rows.append((label, text))
   if not rows:
     raise DataError(f'{path} holds no label<TAB>text lines')
   return rows

@@ -28,11 +28,17 @@ def read_config(workdir: str) -> dict:
   if not os.path.exists(path):
     raise WorkdirError(f'{path} not found: --workdir must be the folder of a training run')
   try:
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
       resolved = json.load(f)
+  except (ValueError, RecursionError) as e:
+    raise WorkdirError(f'{path} is not UTF-8 JSON ({e})') from None
+  if not isinstance(resolved, dict) or 'model' not in resolved:
+    raise WorkdirError(f'{path} is not a run config: expected a JSON object with a "model" '
+                       'object of ModelConfig fields')
+  try:
     resolved['model'] = model_config_lib.from_dict(resolved['model']).validate()
-  except (ValueError, KeyError, TypeError) as e:
-    raise WorkdirError(f'{path} is not a valid run config ({e})') from None
+  except model_config_lib.ConfigError as e:
+    raise WorkdirError(f'{path}: "model" is not a valid model config ({e})') from None
   return resolved
 
 

@@ -22,6 +22,7 @@ from flax import nnx
 from lmlab.models.errors import CheckpointError
 from lmlab.models.config import ModelConfig
 from lmlab.models.hf import bert, bloom, deepseek_v2, llama, safetensors_files
+from lmlab.models.hf.architecture import typed
 from lmlab.models.registry import abstract_model
 
 # In the order save() tries them: the first that can express a config is chosen.
@@ -45,10 +46,14 @@ def _read_json(path: str) -> dict:
   if not os.path.exists(config_path):
     raise CheckpointError(f'{path} has no {CONFIG_FILE}')
   try:
-    with open(config_path) as f:
+    with open(config_path, encoding='utf-8') as f:
       hf_config = json.load(f)
-  except ValueError as e:
-    raise CheckpointError(f'{config_path} is not JSON ({e})') from None
+  except OSError as e:
+    raise CheckpointError(f'{config_path} cannot be read ({e.strerror})') from None
+  except (ValueError, RecursionError) as e:
+    raise CheckpointError(f'{config_path} is not UTF-8 JSON ({e})') from None
+  if not isinstance(hf_config, dict):
+    raise CheckpointError(f'{config_path} holds {type(hf_config).__name__}, not a JSON object')
   return hf_config
 
 
@@ -57,6 +62,9 @@ def read_config(path: str, **run_fields):
   attention_impl, ...) are ours to choose."""
   hf_config = _read_json(path)
   names = hf_config.get('architectures') or []
+  if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+    raise CheckpointError(f'{os.path.join(path, CONFIG_FILE)}: architectures={names!r:.60} is '
+                          'not a list of names')
   supported = [name for name in names if name in ARCHITECTURES]
   if not supported:
     raise CheckpointError(f'{path}: architecture {names or "(none given)"} is not '
@@ -81,7 +89,8 @@ def _stored_names(checkpoint) -> dict:
 def end_token_id(path: str):
   """The checkpoint's end-of-sequence id (the first, if config.json lists several)."""
   eos = _read_json(path).get('eos_token_id')
-  return eos[0] if isinstance(eos, list) else eos
+  first = eos[0] if isinstance(eos, list) and eos else eos
+  return None if first is None else typed('eos_token_id', first, int)
 
 
 def load(path: str, *, dtype: str = 'float32', param_dtype: str | None = None,
@@ -97,7 +106,13 @@ def load(path: str, *, dtype: str = 'float32', param_dtype: str | None = None,
   shapes = {path: variable for path, variable in nnx.to_flat_state(abstract)}
   values, used = {}, set()
   for link in architecture.links(config):
-    arrays = link.to_ours([checkpoint.read(stored.get(name, name)) for name in link.hf])
+    read = [checkpoint.read(stored.get(name, name)) for name in link.hf]
+    try:
+      arrays = link.to_ours(read)
+    except ValueError:  # A split or reshape that the tensor's shape does not allow.
+      raise CheckpointError(f'tensor {" / ".join(link.hf)} has shape '
+                            f'{" / ".join(str(a.shape) for a in read)}, which does not fit '
+                            f'{architecture.name} as config.json describes it') from None
     for our_path, array in zip(link.ours, arrays):
       expected = shapes[our_path]
       if tuple(array.shape) != tuple(expected.shape):

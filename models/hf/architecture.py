@@ -10,15 +10,35 @@ import json
 import typing
 
 from lmlab.models.errors import CheckpointError, ConfigError
-from lmlab.models.config import ModelConfig
+from lmlab.models.config import LARGEST_SIZE, ModelConfig
+from lmlab.models.json_values import is_finite_number
 
 REQUIRED = object()
+TYPE_NAMES = {int: f'an integer of at most {LARGEST_SIZE}', float: 'a finite number',
+              bool: 'true or false', str: 'a string', dict: 'an object'}
 
 
-def field(hf_config: dict, name: str, default=REQUIRED):
-  """hf_config[name], or default; a missing required field is an error naming it."""
+def _has_type(value, expected: type) -> bool:
+  if expected is float:
+    return is_finite_number(value)
+  if expected is int:
+    return type(value) is int and abs(value) <= LARGEST_SIZE
+  return type(value) is expected
+
+
+def typed(name: str, value, expected: type):
+  """`value` of the config.json field `name` as the type `expected` (integers are numbers),
+  else an error naming the field."""
+  if not _has_type(value, expected):
+    raise CheckpointError(f'config.json {name}={value!r:.60} is not {TYPE_NAMES[expected]}')
+  return float(value) if expected is float else value
+
+
+def field(hf_config: dict, name: str, default=REQUIRED, expected: type = int):
+  """hf_config[name] as the type `expected`, or default; a missing required field is an
+  error naming it."""
   if name in hf_config and hf_config[name] is not None:
-    return hf_config[name]
+    return typed(name, hf_config[name], expected)
   if default is REQUIRED:
     raise CheckpointError(f'config.json has no {name!r}, which '
                           f'{hf_config.get("architectures", ["this architecture"])[0]} needs')
@@ -29,7 +49,7 @@ def refuse(hf_config: dict, name: str, supported, why: str):
   """An error for a config.json field whose value we do not implement."""
   value = hf_config.get(name)
   if value is not None and value not in supported:
-    raise CheckpointError(f'config.json {name}={value!r} is not supported: {why}')
+    raise CheckpointError(f'config.json {name}={value!r:.60} is not supported: {why}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,14 +115,19 @@ RUN_FIELDS = ('dtype', 'param_dtype', 'attention_impl', 'remat', 'dropout_rate',
 def rope_from_hf(hf_config: dict) -> dict:
   """rope_theta and rope_scaling from either form of config.json: the older top-level
   rope_theta + rope_scaling, or the newer rope_parameters dict holding both."""
-  parameters = dict(hf_config.get('rope_parameters') or hf_config.get('rope_scaling') or {})
-  theta = parameters.pop('rope_theta', None) or field(hf_config, 'rope_theta', 10000.0)
-  partial = parameters.pop('partial_rotary_factor', None)
-  partial = partial or hf_config.get('partial_rotary_factor') or 1.0
+  name = 'rope_parameters' if hf_config.get('rope_parameters') else 'rope_scaling'
+  parameters = dict(typed(name, hf_config[name], dict) if hf_config.get(name) else {})
+
+  def pop_number(key):
+    value = parameters.pop(key, None)
+    return None if value is None else typed(f'{name}.{key}', value, float)
+
+  theta = pop_number('rope_theta') or field(hf_config, 'rope_theta', 10000.0, expected=float)
+  partial = (pop_number('partial_rotary_factor')
+             or field(hf_config, 'partial_rotary_factor', None, expected=float) or 1.0)
   rope_type = parameters.get('rope_type', parameters.get('type', 'default'))
   scaling = '' if rope_type == 'default' else json.dumps(parameters, sort_keys=True)
-  return dict(rope_theta=float(theta), rope_scaling=scaling,
-              partial_rotary_factor=float(partial))
+  return dict(rope_theta=theta, rope_scaling=scaling, partial_rotary_factor=partial)
 
 
 def rope_to_hf(config: ModelConfig) -> dict:

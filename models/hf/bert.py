@@ -39,10 +39,10 @@ def from_hf(hf_config: dict) -> dict:
               n_layers=field(hf_config, 'num_hidden_layers'), n_heads=n_heads,
               n_kv_heads=n_heads, ffn_dim=field(hf_config, 'intermediate_size'),
               max_seq_len=field(hf_config, 'max_position_embeddings'),
-              norm_eps=field(hf_config, 'layer_norm_eps', 1e-12),
+              norm_eps=field(hf_config, 'layer_norm_eps', 1e-12, expected=float),
               type_vocab_size=field(hf_config, 'type_vocab_size', 2),
-              mlp=ACTIVATIONS[field(hf_config, 'hidden_act', 'gelu')],
-              tie_embeddings=bool(field(hf_config, 'tie_word_embeddings', True)))
+              mlp=ACTIVATIONS[field(hf_config, 'hidden_act', 'gelu', expected=str)],
+              tie_embeddings=field(hf_config, 'tie_word_embeddings', True, expected=bool))
 
 
 def to_hf(config) -> dict:

@@ -19,7 +19,7 @@ def from_hf(hf_config: dict) -> dict:
   return dict(vocab_size=field(hf_config, 'vocab_size'), d_model=d_model,
               n_layers=field(hf_config, 'n_layer', None) or field(hf_config, 'num_hidden_layers'),
               n_heads=n_heads, n_kv_heads=n_heads, ffn_dim=4 * d_model,
-              norm_eps=field(hf_config, 'layer_norm_epsilon', 1e-5),
+              norm_eps=field(hf_config, 'layer_norm_epsilon', 1e-5, expected=float),
               max_seq_len=field(hf_config, 'seq_length', DEFAULT_LENGTH))
 
 

@@ -34,8 +34,8 @@ def from_hf(hf_config: dict) -> dict:
   n_heads = field(hf_config, 'num_attention_heads')
   refuse(hf_config, 'num_key_value_heads', (n_heads,),
          f'MLA expands its latent to every one of the num_attention_heads={n_heads} heads')
-  attention_bias = bool(field(hf_config, 'attention_bias', False))
-  mlp_bias = bool(field(hf_config, 'mlp_bias', False))
+  attention_bias = field(hf_config, 'attention_bias', False, expected=bool)
+  mlp_bias = field(hf_config, 'mlp_bias', False, expected=bool)
   if attention_bias != mlp_bias:
     raise CheckpointError(f'config.json attention_bias={attention_bias} with mlp_bias={mlp_bias} '
                           'is not supported: the output projection shares the MLP\'s biases')
@@ -43,8 +43,8 @@ def from_hf(hf_config: dict) -> dict:
               n_layers=field(hf_config, 'num_hidden_layers'), n_heads=n_heads, n_kv_heads=n_heads,
               ffn_dim=field(hf_config, 'intermediate_size'),
               max_seq_len=field(hf_config, 'max_position_embeddings'),
-              norm_eps=field(hf_config, 'rms_norm_eps'),
-              tie_embeddings=bool(field(hf_config, 'tie_word_embeddings', False)),
+              norm_eps=field(hf_config, 'rms_norm_eps', expected=float),
+              tie_embeddings=field(hf_config, 'tie_word_embeddings', False, expected=bool),
               qkv_bias=attention_bias, use_bias=mlp_bias,
               kv_lora_rank=field(hf_config, 'kv_lora_rank'),
               q_lora_rank=field(hf_config, 'q_lora_rank', 0),

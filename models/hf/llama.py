@@ -5,7 +5,7 @@ biases (Qwen2: q/k/v only), QK-norm (Qwen3), and a sliding window (Mistral).
 """
 from lmlab.models.errors import CheckpointError
 from lmlab.models.hf.architecture import (Architecture, copy, field, linear, refuse, rope_from_hf,
-                                          rope_to_hf)
+                                          rope_to_hf, typed)
 
 LLAMA_FIXED = dict(norm='rmsnorm', norm_placement='pre', mlp='swiglu', position='rope',
                    rope_interleaved=False, parallel_block=False, attention_scale='inv_sqrt_d',
@@ -16,15 +16,16 @@ LLAMA_FIXED = dict(norm='rmsnorm', norm_placement='pre', mlp='swiglu', position=
 def common_from_hf(hf_config: dict) -> dict:
   refuse(hf_config, 'hidden_act', ('silu',), 'the MLP is SwiGLU (silu)')
   d_model, n_heads = field(hf_config, 'hidden_size'), field(hf_config, 'num_attention_heads')
-  head_dim = field(hf_config, 'head_dim', d_model // n_heads)
+  # max(): a count of 0 reaches ModelConfig.validate, which names it, not a division.
+  head_dim = field(hf_config, 'head_dim', d_model // max(n_heads, 1))
   return dict(vocab_size=field(hf_config, 'vocab_size'), d_model=d_model,
               n_layers=field(hf_config, 'num_hidden_layers'), n_heads=n_heads,
               n_kv_heads=field(hf_config, 'num_key_value_heads', n_heads),
               head_dim=0 if head_dim * n_heads == d_model else head_dim,
               ffn_dim=field(hf_config, 'intermediate_size'),
               max_seq_len=field(hf_config, 'max_position_embeddings'),
-              norm_eps=field(hf_config, 'rms_norm_eps'),
-              tie_embeddings=bool(field(hf_config, 'tie_word_embeddings', False)),
+              norm_eps=field(hf_config, 'rms_norm_eps', expected=float),
+              tie_embeddings=field(hf_config, 'tie_word_embeddings', False, expected=bool),
               **rope_from_hf(hf_config))
 
 
@@ -38,8 +39,8 @@ def common_to_hf(config) -> dict:
 
 
 def llama_from_hf(hf_config: dict) -> dict:
-  attention_bias = bool(field(hf_config, 'attention_bias', False))
-  mlp_bias = bool(field(hf_config, 'mlp_bias', False))
+  attention_bias = field(hf_config, 'attention_bias', False, expected=bool)
+  mlp_bias = field(hf_config, 'mlp_bias', False, expected=bool)
   if attention_bias != mlp_bias:
     raise CheckpointError(f'config.json attention_bias={attention_bias} with mlp_bias={mlp_bias} '
                           'is not supported: the output projection shares the MLP\'s biases')
@@ -53,9 +54,11 @@ def llama_to_hf(config) -> dict:
 def qwen_from_hf(hf_config: dict) -> dict:
   """Qwen's long-context checkpoints ask for Dual Chunk Attention at inference."""
   refuse(hf_config, 'use_sliding_window', (False,), 'Qwen layers with a sliding window')
-  dca = hf_config.get('dual_chunk_attention_config') or {}
-  return dict(common_from_hf(hf_config), dca_chunk_size=dca.get('chunk_size', 0),
-              dca_local_size=dca.get('local_size', 0))
+  dca = field(hf_config, 'dual_chunk_attention_config', {}, expected=dict)
+  return dict(common_from_hf(hf_config),
+              **{ours: typed(f'dual_chunk_attention_config.{name}', dca.get(name, 0), int)
+                 for ours, name in (('dca_chunk_size', 'chunk_size'),
+                                    ('dca_local_size', 'local_size'))})
 
 
 def qwen2_to_hf(config) -> dict:
@@ -67,7 +70,7 @@ def qwen2_to_hf(config) -> dict:
 
 
 def qwen3_from_hf(hf_config: dict) -> dict:
-  attention_bias = bool(field(hf_config, 'attention_bias', False))
+  attention_bias = field(hf_config, 'attention_bias', False, expected=bool)
   return dict(qwen_from_hf(hf_config), qkv_bias=attention_bias, use_bias=attention_bias)
 
 
