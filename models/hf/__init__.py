@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from lmlab.models.errors import CheckpointError
+from lmlab.models.json_values import read_json
 from lmlab.models.config import ModelConfig
 from lmlab.models.hf import bert, bloom, deepseek_v2, llama, safetensors_files
 from lmlab.models.hf.architecture import typed
@@ -45,13 +46,7 @@ def _read_json(path: str) -> dict:
                           '(config.json and *.safetensors)')
   if not os.path.exists(config_path):
     raise CheckpointError(f'{path} has no {CONFIG_FILE}')
-  try:
-    with open(config_path, encoding='utf-8') as f:
-      hf_config = json.load(f)
-  except OSError as e:
-    raise CheckpointError(f'{config_path} cannot be read ({e.strerror})') from None
-  except (ValueError, RecursionError) as e:
-    raise CheckpointError(f'{config_path} is not UTF-8 JSON ({e})') from None
+  hf_config = read_json(config_path, CheckpointError)
   if not isinstance(hf_config, dict):
     raise CheckpointError(f'{config_path} holds {type(hf_config).__name__}, not a JSON object')
   return hf_config

@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from lmlab.models.errors import CheckpointError
+from lmlab.models.json_values import read_json
 
 DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
           'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
@@ -123,13 +124,7 @@ def _read_header(path: str):
 
 def _shard_files(index_path: str) -> dict:
   """{tensor: shard file name} of a sharded checkpoint's index."""
-  try:
-    with open(index_path, encoding='utf-8') as f:
-      index = json.load(f)
-  except OSError as e:
-    raise CheckpointError(f'{index_path} cannot be read ({e.strerror})') from None
-  except (ValueError, RecursionError) as e:
-    raise CheckpointError(f'{index_path} is not UTF-8 JSON ({e})') from None
+  index = read_json(index_path, CheckpointError)
   weight_map = index.get('weight_map') if isinstance(index, dict) else None
   if not isinstance(weight_map, dict):
     raise CheckpointError(f'{index_path} has no "weight_map" object (tensor name -> file)')
