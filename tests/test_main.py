@@ -1,11 +1,16 @@
-"""main.py end to end, in subprocesses: train, resume exactly, evaluate, generate, bad input."""
+"""main.py end to end, in subprocesses: train, resume exactly, evaluate, generate, bad input,
+one run per workdir, failed saves and corrupted checkpoints."""
 import hashlib
 import json
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
+
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +64,7 @@ def test_train_eval_generate(tmp_path, corpus_dir):
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['model']['d_model'] == 32
 
+  written = files_of(workdir)
   evaluated = run_main('--mode=eval', f'--workdir={workdir}').stdout
   reported = float(evaluated.split('loss ')[1].split(',')[0])
   assert abs(reported - eval_lines[-1]['eval_loss']) < 1e-3
@@ -68,6 +74,14 @@ def test_train_eval_generate(tmp_path, corpus_dir):
   sample = run_main('--mode=generate', f'--workdir={workdir}', '--prompt=alpha',
                     '--temperature=0', '--max_new_tokens=12').stdout
   assert sample.startswith('alpha')
+  run_main('--mode=convert', f'--workdir={workdir}', f'--hf_out={tmp_path / "exported"}')
+  assert files_of(workdir) == written  # They read the workdir and write nothing there.
+
+
+def files_of(folder):
+  """{path: (size, mtime)} of everything under folder, folders included."""
+  return {path: (os.stat(path).st_size, os.stat(path).st_mtime_ns)
+          for path in [str(folder)] + [str(p) for p in sorted(Path(folder).rglob('*'))]}
 
 
 def test_trained_tokenizers(tmp_path, corpus_dir):
@@ -175,10 +189,96 @@ def test_workdir_errors_keep_everything_on_disk(tmp_path, corpus_dir):
   assert snapshot().keys() >= before.keys()
   assert all(snapshot()[k] == v for k, v in before.items() if 'metrics' not in k)
 
-  # Corrupt the latest checkpoint's arrays: resuming or evaluating names it and stops.
-  for path in (workdir / 'checkpoints' / '4' / 'state').rglob('*'):
+  # Corrupt every checkpoint's arrays: resuming or evaluating names the latest and stops.
+  for path in (workdir / 'checkpoints').glob('*/state/**/*'):
     if path.is_file() and path.stat().st_size > 0:
       path.write_bytes(b'garbage')
   expect_error(*base, '--steps=6', match='checkpoint 4')
   expect_error('--mode=eval', f'--workdir={workdir}', match='checkpoint 4')
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
   expect_error('--mode=eval', f'--workdir={tmp_path / "nothing"}', match='config.json')
+
+
+def wait_for_step(workdir, process, step):
+  deadline = time.time() + 120
+  while max((m['step'] for m in _safe_metrics(workdir) if 'loss' in m), default=0) < step:
+    assert process.poll() is None and time.time() < deadline, 'the first run did not train'
+    time.sleep(0.2)
+
+
+def test_one_run_per_workdir(tmp_path, corpus_dir):
+  workdir = str(tmp_path / 'run')
+  common = [*SMALL, f'--data={corpus_dir}', f'--workdir={workdir}', '--log_every=1',
+            '--save_every=3', '--schedule_steps=100000']
+  first = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *common,
+                            '--steps=100000'], cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    wait_for_step(workdir, first, 4)  # Checkpoint 3 is complete.
+    expect_error(*common, '--steps=100000',
+                 match=f'in use by process {first.pid} on {socket.gethostname()}')
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  latest = max(int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints'))
+               if name.isdigit())
+  out = run_main(*common, f'--steps={latest + 2}').stdout
+  assert f'took over {os.path.join(workdir, "lock")} from process {first.pid}' in out
+  assert f'resumed from checkpoint {latest} in' in out
+  assert not os.path.exists(os.path.join(workdir, 'lock'))
+
+
+def limit_file_size():
+  """In the child: files may not grow past 64 KiB, so saving a checkpoint's arrays fails
+  (write() returns EFBIG: Python ignores SIGXFSZ)."""
+  resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+
+
+def test_failed_saves_and_corrupted_checkpoints_lose_nothing(tmp_path, corpus_dir):
+  common = [*SMALL, f'--data={corpus_dir}', '--log_every=1', '--save_every=3',
+            '--schedule_steps=9', '--set', 'dropout_rate=0.1']
+  straight, workdir = str(tmp_path / 'straight'), tmp_path / 'run'
+  run_main(*common, f'--workdir={straight}', '--steps=9')
+  expected = train_losses(straight)
+  run_main(*common, f'--workdir={workdir}', '--steps=6')
+  checkpoints = workdir / 'checkpoints'
+
+  # Truncate the largest file of checkpoint 6's arrays: evaluating names it and moves nothing.
+  largest = max((p for p in (checkpoints / '6' / 'state').rglob('*') if p.is_file()),
+                key=lambda p: p.stat().st_size)
+  os.truncate(largest, largest.stat().st_size // 2)
+  expect_error('--mode=eval', f'--workdir={workdir}', match='checkpoint 6 in')
+  assert sorted(os.listdir(checkpoints)) == ['3', '6']
+
+  # Training falls back to checkpoint 3 with a warning, then saving checkpoint 6 fails.
+  failed = run_main(*common, f'--workdir={workdir}', '--steps=9', check=False,
+                    preexec_fn=limit_file_size)
+  assert failed.returncode == 1
+  [error] = [line for line in failed.stderr.splitlines() if line.startswith('error:')]
+  assert f'saving checkpoint 6 in {checkpoints} failed' in error, failed.stderr[-2000:]
+  assert 'checkpoint 3 is kept' in error and 'Traceback' not in failed.stderr
+  [warning] = [line for line in failed.stdout.splitlines() if line.startswith('warning:')]
+  assert f'checkpoint 6 in {checkpoints} cannot be read' in warning
+  assert f'moved to {checkpoints / "6.unreadable"}, resuming from checkpoint 3' in warning
+  assert 'resumed from checkpoint 3' in failed.stdout
+  left = sorted(os.listdir(checkpoints))
+  assert [name for name in left if name.isdigit()] == ['3'] and len(left) == 3  # And a tmp.
+  # The half-written step is not a step to read, and evaluating leaves it where it is.
+  assert run_main('--mode=eval', f'--workdir={workdir}').stdout.startswith('checkpoint 3:')
+  assert sorted(os.listdir(checkpoints)) == left
+
+  # The next run resumes from checkpoint 3, removes the half-written step and computes the
+  # uninterrupted run's losses.
+  out = run_main(*common, f'--workdir={workdir}', '--steps=9').stdout
+  assert 'resumed from checkpoint 3' in out
+  assert sorted(os.listdir(checkpoints)) == ['3', '6', '6.unreadable', '9']
+  assert {s: train_losses(workdir)[s] for s in range(4, 10)} == {
+      s: expected[s] for s in range(4, 10)}
+
+  # --resume_step goes back to an older checkpoint, moving the newer ones aside.
+  out = run_main(*common, f'--workdir={workdir}', '--steps=9', '--resume_step=3').stdout
+  assert f'checkpoint 9 moved to {checkpoints / "9.superseded"}' in out
+  assert sorted(os.listdir(checkpoints)) == ['3', '6', '6.superseded', '6.unreadable', '9',
+                                             '9.superseded']
+  assert {s: train_losses(workdir)[s] for s in range(4, 10)} == {
+      s: expected[s] for s in range(4, 10)}

@@ -47,6 +47,9 @@ class TrainConfig:
   eval_batches: int = 16  # Validation batches per evaluation.
   save_every: int = 100  # Checkpoint every N steps.
   keep_checkpoints: int = 3  # Checkpoints kept.
+  # Resume from this checkpoint step; newer ones are moved aside to <step>.superseded.
+  # Default: the newest readable one (unreadable newer ones are moved to <step>.unreadable).
+  resume_step: int | None = None
   log_every: int = 10  # Log a metrics line every N steps.
   # Device mesh: sizes of the data, fsdp and tensor axes, e.g. data:2,fsdp:2,tensor:2 (-1: the
   # devices left; unnamed axes: 1).
@@ -84,6 +87,8 @@ class TrainConfig:
     if self.batch_size % self.grad_accum:
       raise ConfigError(f'--batch_size={self.batch_size} is not divisible by '
                         f'--grad_accum={self.grad_accum}')
+    if self.resume_step is not None and self.resume_step < 0:
+      raise ConfigError(f'--resume_step={self.resume_step} must be >= 0')
     if self.beam_size < 1:
       raise ConfigError(f'--beam_size={self.beam_size} must be at least 1')
     for name in ('z_loss', 'max_z_loss', 'label_smoothing'):

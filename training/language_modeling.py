@@ -33,12 +33,28 @@ def load_run_tokenizer(train_config: TrainConfig, splits=None):
       pattern=train_config.tokenizer_pattern, expected_sha256=train_config.tokenizer_sha256)
 
 
-def tokenize(train_config: TrainConfig, tokenizer, splits, *, log=print):
-  """{split name: token memmap}, from the workdir's cache when it holds them."""
+def tokenize(train_config: TrainConfig, tokenizer, splits, *, log=print,
+             scratch: str | None = None):
+  """{split name: token memmap}, from the workdir's cache when it holds them. scratch: a
+  folder that takes the caches made here, so that nothing is written into the workdir."""
   identity = tokenizer_lib.fingerprint(train_config.tokenizer,
                                        tokenizer_dir(train_config.workdir))
-  return token_cache.load_splits(splits, tokenizer, os.path.join(train_config.workdir, 'tokens'),
-                                 tokenizer_id=identity, log=log)
+  cache_root = os.path.join(train_config.workdir, 'tokens')
+  if scratch is not None:
+    _link_complete_caches(cache_root, scratch)
+    cache_root = scratch
+  return token_cache.load_splits(splits, tokenizer, cache_root, tokenizer_id=identity, log=log)
+
+
+def _link_complete_caches(cache_root: str, scratch: str):
+  """Links into scratch the caches of cache_root that are complete: those with the meta.json
+  that data/token_cache.py writes last (a partial one may be a running training's)."""
+  if not os.path.isdir(cache_root):
+    return
+  for name in os.listdir(cache_root):
+    folder = os.path.join(os.path.abspath(cache_root), name)
+    if os.path.exists(os.path.join(folder, 'meta.json')):
+      os.symlink(folder, os.path.join(scratch, name))
 
 
 def resolve_vocab(model_config: ModelConfig, tokenizer) -> ModelConfig:

@@ -9,6 +9,7 @@ training/objectives.py) and the mesh, initialises or restores the state, compile
 once and hands it to a Trainer (training/trainer.py) with a run's hooks: metrics and
 progress, the non-finite guard, evaluation and checkpoints.
 """
+import contextlib
 import dataclasses
 import functools
 
@@ -88,8 +89,8 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
   new run (another initialisation, or weights to fine-tune); a resumed run ignores it.
 
   The state lives on the mesh of train_config.mesh (training/parallel.py); with several
-  processes, only process 0 writes the config, metrics and progress, and every process
-  takes part in each checkpoint.
+  processes, only process 0 holds the workdir's lock (training/workdir.py) and writes the
+  config, metrics and progress, and every process takes part in each checkpoint.
   """
   model_config.validate()
   train_config = train_config.resolved(model_config).validate()
@@ -105,20 +106,24 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
   if not lead:
     print_fn = lambda *args, **kwargs: None
 
-  def prepare():
-    task = make_objective(train_config, model_config, log=print_fn)
-    if lead:
-      workdir_lib.record_config(train_config.workdir, {
-          'model': task.model_config, **dataclasses.asdict(train_config),
-          'optimizer': dataclasses.asdict(opt_config)})
-    task.load_data()
-    return task
+  with contextlib.ExitStack() as held:
 
-  task = _process_zero_first(prepare)
-  task.put_batch = layout.put_batch
-  with sharding.activation_rules(layout.rules):
-    return _run(train_config, opt_config, task, layout, print_fn=print_fn,
-                init_params=init_params, lead=lead)
+    def prepare():
+      if lead:  # Before anything is written into the workdir.
+        held.enter_context(workdir_lib.locked(train_config.workdir, note=print_fn))
+      task = make_objective(train_config, model_config, log=print_fn)
+      if lead:
+        workdir_lib.record_config(train_config.workdir, {
+            'model': task.model_config, **dataclasses.asdict(train_config),
+            'optimizer': dataclasses.asdict(opt_config)})
+      task.load_data()
+      return task
+
+    task = _process_zero_first(prepare)
+    task.put_batch = layout.put_batch
+    with sharding.activation_rules(layout.rules):
+      return _run(train_config, opt_config, task, layout, print_fn=print_fn,
+                  init_params=init_params, lead=lead)
 
 
 def _initial_state(task, train_config, layout, checkpoints, init_opt_state, init_params,
@@ -137,16 +142,16 @@ def _initial_state(task, train_config, layout, checkpoints, init_opt_state, init
     params = jax.jit(new_params, out_shardings=params_at)()
     return params if init_params is None else jax.device_put(init_params(params), params_at)
 
-  latest = checkpoints.latest_step()
-  if latest is None:
-    params, opt_state = initial_params(), None
+  resumed = checkpoints.resume(abstract_params, init_opt_state, step=train_config.resume_step,
+                               place=layout.abstract, warn=print_fn)
+  if resumed is None:
+    step, params, opt_state = 0, initial_params(), None
   else:
-    params, opt_state, _ = checkpoints.restore(latest, abstract_params, init_opt_state,
-                                               place=layout.abstract)
-    print_fn(f'resumed from checkpoint {latest} in {checkpoints.directory}')
+    step, params, opt_state, _ = resumed
+    print_fn(f'resumed from checkpoint {step} in {checkpoints.directory}')
   if opt_state is None:
     opt_state = jax.jit(init_opt_state, out_shardings=opt_state_at)(params)
-  return TrainState(params, opt_state), latest or 0, (params_at, opt_state_at), initial_params
+  return TrainState(params, opt_state), step, (params_at, opt_state_at), initial_params
 
 
 def _hooks(task, train_config, graphdef, checkpoints, *, lead: bool, peak_flops):

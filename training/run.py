@@ -5,6 +5,7 @@ run's parameters, evaluate, sample, convert between the two formats, train a tok
 import dataclasses
 import math
 import os
+import tempfile
 import time
 
 import jax
@@ -28,7 +29,8 @@ from lmlab.training.config import TrainConfig, default_objective
 from lmlab.training.language_modeling import (end_token, evaluate_tokens, load_run_tokenizer,
                                               tokenize, tokenizer_dir)
 from lmlab.training.optimizer import OptimizerConfig, make_optimizer
-from lmlab.training.workdir import WorkdirError, config_path, read_config, record_config
+from lmlab.training.workdir import (WorkdirError, config_path, locked, read_config,
+                                    record_config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +52,13 @@ def default_workdir(model: str, hf_checkpoint: str | None = None) -> str:
 
 
 def restore(workdir: str) -> Loaded:
-  """The latest checkpoint of a training run's workdir."""
+  """The latest checkpoint of a training run's workdir, read without writing there (a run
+  may be using it)."""
   resolved = read_config(workdir)
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   run = TrainConfig(**{k: v for k, v in resolved.items() if k in fields})
   graphdef, abstract_params = nnx.split(abstract_model(resolved['model']))
-  checkpoints = Checkpoints(workdir)
+  checkpoints = Checkpoints(workdir, read_only=True)
   try:
     step = checkpoints.latest_step()
     if step is None:
@@ -139,15 +142,16 @@ def evaluate(loaded: Loaded, data: str | None = None, eval_batches: int | None =
     documents = [corpus_lib.Document(p, p) for p in paths if os.path.getsize(p)]
     if not documents:
       raise DataError(f'--data={data!r} has no non-empty files')
-    tokens = tokenize(run, loaded.tokenizer, {'eval': documents})['eval']
+    splits, name = {'eval': documents}, 'eval'
   else:
-    tokens = tokenize(run, loaded.tokenizer,
-                      corpus_lib.split_corpus(run.data, run.val_fraction))['val']
-  batches_lib.check_length(tokens, run.seq_len, 'evaluation')
-  loss = evaluate_tokens(steps_lib.make_eval_step(loaded.graphdef), loaded.params, tokens,
-                         batch_size=run.micro_batch_size, seq_len=run.seq_len,
-                         max_batches=eval_batches or run.eval_batches,
-                         end_token=end_token(run, loaded.tokenizer))
+    splits, name = corpus_lib.split_corpus(run.data, run.val_fraction), 'val'
+  with tempfile.TemporaryDirectory() as scratch:  # A token cache made here is not kept.
+    tokens = tokenize(run, loaded.tokenizer, splits, scratch=scratch)[name]
+    batches_lib.check_length(tokens, run.seq_len, 'evaluation')
+    loss = evaluate_tokens(steps_lib.make_eval_step(loaded.graphdef), loaded.params, tokens,
+                           batch_size=run.micro_batch_size, seq_len=run.seq_len,
+                           max_batches=eval_batches or run.eval_batches,
+                           end_token=end_token(run, loaded.tokenizer))
   return {'loss': loss, 'perplexity': math.exp(min(loss, 700))}
 
 
@@ -174,13 +178,14 @@ def hf_to_workdir(hf_checkpoint: str, run: TrainConfig, overrides: list[str],
     raise WorkdirError(f'{run.workdir} already holds a run; pass a new --workdir')
   model, run = load_hf(hf_checkpoint, overrides, run, tokenizer)
   optimizer = OptimizerConfig().resolved(run.steps, model.config.family)
-  record_config(run.workdir, {'model': model.config, **dataclasses.asdict(run),
-                          'optimizer': dataclasses.asdict(optimizer)})
-  checkpoints = Checkpoints(run.workdir)
-  checkpoints.save(0, {'params': nnx.state(model, nnx.Param)},
-                   {'step': 0, 'params_only': True, 'source': hf_checkpoint,
-                    'tokenizer': run.tokenizer})
-  checkpoints.close()
+  with locked(run.workdir):
+    record_config(run.workdir, {'model': model.config, **dataclasses.asdict(run),
+                                'optimizer': dataclasses.asdict(optimizer)})
+    checkpoints = Checkpoints(run.workdir)
+    checkpoints.save(0, {'params': nnx.state(model, nnx.Param)},
+                     {'step': 0, 'params_only': True, 'source': hf_checkpoint,
+                      'tokenizer': run.tokenizer})
+    checkpoints.close()
 
 
 def workdir_to_hf(workdir: str, hf_out: str) -> int:

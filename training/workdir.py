@@ -1,14 +1,24 @@
-"""A run's workdir: config.json (the resolved config), metrics.jsonl, tokens/, checkpoints/.
+"""A run's workdir: config.json (the resolved config), metrics.jsonl, tokens/, checkpoints/,
+and `lock` while a training run uses it.
 
 config.json is written when a run starts and never rewritten; a later run in the same
 workdir must describe the same model, tokenizer and data, or it is refused.
 """
+import contextlib
 import json
 import os
+import socket
+import time
+
+try:
+  import fcntl
+except ImportError:  # Windows: the lock file alone.
+  fcntl = None
 
 from lmlab.models import config as model_config_lib
 
 CONFIG_FILE = 'config.json'
+LOCK_FILE = 'lock'
 # What a checkpoint means depends on these; the training schedule may change on resume.
 MUST_MATCH = ('model', 'tokenizer', 'tokenizer_pattern', 'data', 'val_fraction')
 # Model fields that change how a step runs, not what a checkpoint holds.
@@ -78,3 +88,132 @@ def record_config(workdir: str, resolved: dict):
   with open(path + '.partial', 'w') as f:
     json.dump(resolved, f, indent=2)
   os.replace(path + '.partial', path)
+
+
+def lock_path(workdir: str) -> str:
+  return os.path.join(workdir, LOCK_FILE)
+
+
+@contextlib.contextmanager
+def locked(workdir: str, note=print):
+  """Holds <workdir>/lock, which names this process and host, so that one training run at a
+  time uses the workdir; another run that finds it live stops with a WorkdirError naming the
+  holder.
+
+  The file is created atomically (O_CREAT | O_EXCL) and held under an exclusive flock that
+  the kernel releases however the holder ends, so a live holder is told from a file left
+  behind. A file left by a process of this host that no longer runs (killed) is taken over,
+  with a note. One of another host is not: whether flock reaches across hosts depends on the
+  shared file system (NFS: yes; many others: no), so that run may be alive, and the error
+  says to delete the file once it is over.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = lock_path(workdir)
+  fd = _acquire(path, note)
+  try:
+    yield
+  finally:
+    try:
+      if _is_file_at(fd, path):
+        os.unlink(path)
+    finally:
+      os.close(fd)
+
+
+def _acquire(path: str, note) -> int:
+  """The open lock file, written with this process's pid and host and flocked where the file
+  system can."""
+  while True:
+    try:
+      fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+    except FileExistsError:
+      try:
+        fd, created = os.open(path, os.O_RDWR), False
+      except FileNotFoundError:  # Released in between.
+        continue
+    flocked = _flock(fd)
+    if flocked is not False and not _is_file_at(fd, path):
+      os.close(fd)  # Released (deleted) in between: take the next one.
+      continue
+    holder = _read_holder(fd)
+    if flocked is False:
+      os.close(fd)
+      raise WorkdirError(_in_use_message(path, holder))
+    if not created:
+      if holder.get('host') != socket.gethostname():
+        os.close(fd)
+        raise WorkdirError(
+            f'{os.path.dirname(path)} is locked by {_describe(holder)} (lock file {path}); a '
+            'lock of another host is not taken over: delete that file once that run is over')
+      if not (flocked or _process_ended(holder['pid'])):  # Without flock: by the pid.
+        os.close(fd)
+        raise WorkdirError(_in_use_message(path, holder))
+      note(f'note: took over {path} from {_describe(holder)}, which no longer runs')
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}).encode())
+    os.fsync(fd)
+    return fd
+
+
+def _flock(fd: int, patience_seconds: float = 1.0) -> bool | None:
+  """True: held now; False: a live process holds it; None: flock is not available here.
+  A run checking a lock file holds its flock for an instant, hence the patience."""
+  if fcntl is None:
+    return None
+  deadline = time.monotonic() + patience_seconds
+  while True:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return True
+    except BlockingIOError:
+      if time.monotonic() > deadline:
+        return False
+      time.sleep(0.05)
+    except OSError:  # Not supported by this file system.
+      return None
+
+
+def _is_file_at(fd: int, path: str) -> bool:
+  try:
+    at_path = os.stat(path)
+  except FileNotFoundError:
+    return False
+  held = os.fstat(fd)
+  return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
+
+
+def _read_holder(fd: int) -> dict:
+  """{'pid': ..., 'host': ...}; empty while its writer has yet to write it."""
+  try:
+    os.lseek(fd, 0, os.SEEK_SET)
+    holder = json.loads(os.read(fd, 4096))
+  except ValueError:
+    return {}
+  return holder if isinstance(holder, dict) else {}
+
+
+def _process_ended(pid) -> bool:
+  """Whether no process `pid` runs on this host (elsewhere than POSIX: assumed running)."""
+  if pid == os.getpid():
+    return True
+  if os.name != 'posix':  # Windows' os.kill would end the process.
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:  # It runs, as another user.
+    return False
+  return False
+
+
+def _describe(holder: dict) -> str:
+  if not holder:
+    return 'a run that has yet to write its pid'
+  return f'process {holder["pid"]} on {holder["host"]}'
+
+
+def _in_use_message(path: str, holder: dict) -> str:
+  return (f'{os.path.dirname(path)} is in use by {_describe(holder)} (lock file {path}); wait '
+          'for that run to end or stop it, or use another --workdir')
