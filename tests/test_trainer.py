@@ -49,7 +49,10 @@ def test_partly_trained_objective_with_frozen_state(tmp_path, rng):
                     seq_len=16, seed=seed, document_masking=False, eval_every=100,
                     eval_batches=1, save_every=100, log_every=1)
   model_config = small_config(vocab_size=0, tie_embeddings=False)
-  opt_config = OptimizerConfig(learning_rate=1e-2, warmup_steps=1)
+  # Adam's default eps makes an entry's update its gradient's sign where the gradient is near
+  # zero, so two float32 computations of one tiny gradient could move it by the full step in
+  # opposite directions; a large eps keeps the update proportional to the gradient there.
+  opt_config = OptimizerConfig(learning_rate=1e-2, warmup_steps=1, eps=1e-2)
   params, _, _, _ = train(run, model_config, opt_config, objective=HeadAnchored,
                           print_fn=lambda *a: None)
 
@@ -72,13 +75,8 @@ def test_partly_trained_objective_with_frozen_state(tmp_path, rng):
 
   for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.filter_state(params, HEAD)),
                                     nnx.to_flat_state(head)):
-    # Adam divides each gradient by its own running scale, so for entries whose gradient is
-    # near zero a float32 rounding difference between the two computations moves the update
-    # by a visible fraction of the step size: the bound is 1e-4 of the steps' total size,
-    # where a wrong filter or loss moves entries by the step size itself.
     np.testing.assert_allclose(np.asarray(got[...]), np.asarray(want[...]), rtol=2e-5,
-                               atol=1e-4 * opt_config.learning_rate * run.steps,
-                               err_msg=str(path))
+                               atol=1e-7, err_msg=str(path))
   for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.filter_state(params, nnx.Not(HEAD))),
                                     nnx.to_flat_state(rest)):
     np.testing.assert_array_equal(np.asarray(got[...]), np.asarray(want[...]), str(path))
