@@ -3,7 +3,6 @@ one run per workdir, failed saves and corrupted checkpoints."""
 import hashlib
 import json
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -32,8 +31,8 @@ def corpus_dir(tmp_path, rng):
   return folder
 
 
-def run_main(*args, check=True, **popen):
-  result = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *args],
+def run_main(*args, check=True, prefix=(), **popen):
+  result = subprocess.run([*prefix, sys.executable, os.path.join(ROOT, 'main.py'), *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, **popen)
   if check and result.returncode != 0:
     raise AssertionError(f'main.py failed ({result.returncode}):\n{result.stderr[-3000:]}')
@@ -228,10 +227,10 @@ def test_one_run_per_workdir(tmp_path, corpus_dir):
   assert not os.path.exists(os.path.join(workdir, 'lock'))
 
 
-def limit_file_size():
-  """In the child: files may not grow past 64 KiB, so saving a checkpoint's arrays fails
-  (write() returns EFBIG: Python ignores SIGXFSZ)."""
-  resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+# Runs a command whose files may not grow past 64 KiB, so saving a checkpoint's arrays fails
+# (write() returns EFBIG: Python ignores SIGXFSZ). A shell sets the limit rather than a
+# preexec_fn, which would fork this multithreaded process.
+LIMIT_FILE_SIZE = ('bash', '-c', 'ulimit -f 64 && exec "$@"', 'bash')
 
 
 def test_failed_saves_and_corrupted_checkpoints_lose_nothing(tmp_path, corpus_dir):
@@ -252,7 +251,7 @@ def test_failed_saves_and_corrupted_checkpoints_lose_nothing(tmp_path, corpus_di
 
   # Training falls back to checkpoint 3 with a warning, then saving checkpoint 6 fails.
   failed = run_main(*common, f'--workdir={workdir}', '--steps=9', check=False,
-                    preexec_fn=limit_file_size)
+                    prefix=LIMIT_FILE_SIZE)
   assert failed.returncode == 1
   [error] = [line for line in failed.stderr.splitlines() if line.startswith('error:')]
   assert f'saving checkpoint 6 in {checkpoints} failed' in error, failed.stderr[-2000:]
