@@ -45,12 +45,13 @@ def pretokenizer_pattern(name: str, *, split_digits: bool = False) -> str:
   return PATTERNS[name].replace(_DIGIT_RUNS[name], r'\p{N}')
 
 
-def _compiled(pattern: str):
+def _compiled(pattern: str, source: str | None = None):
   try:
     return regex.compile(pattern)
   except (regex.error, TypeError) as error:
-    raise DataError(f'pre-tokenisation pattern {pattern!r} is not a valid regex ({error}); '
-                    'pass one of data.bpe.PATTERNS or a regex string') from None
+    where = f' of {source}' if source else ''
+    raise DataError(f'pre-tokenisation pattern{where} {pattern!r:.80} is not a valid regex '
+                    f'({error}); pass one of lmlab.data.bpe.PATTERNS or a regex string') from None
 
 
 def pretokenize(text: str, pattern: str) -> list[str]:
@@ -238,7 +239,7 @@ def _settings(path: str, pattern, special_tokens):
   if not os.path.exists(sidecar):
     if pattern is None:
       raise DataError(f'{path} has no {sidecar} beside it to give its pre-tokenisation '
-                      'pattern; pass pattern= (for example data.bpe.PATTERNS["cl100k"])')
+                      'pattern; pass pattern= (for example lmlab.data.bpe.PATTERNS["cl100k"])')
     return pattern, dict(special_tokens or {})
   try:
     with open(sidecar, encoding='utf-8') as f:
@@ -284,7 +285,8 @@ def load_tiktoken(path: str, *, pattern: str | None = None,
 def build_encoding(name: str, ranks: dict[bytes, int], *, pattern: str,
                    special_tokens: dict[str, int], source: str) -> tiktoken.Encoding:
   """A tiktoken Encoding; unusable settings raise DataError naming `source`."""
-  if any(match.start() == match.end() for match in _compiled(pattern).finditer(SAMPLE_TEXT)):
+  matches = _compiled(pattern, source).finditer(SAMPLE_TEXT)
+  if any(match.start() == match.end() for match in matches):
     # tiktoken stops the process at an empty pre-token.
     raise DataError(f'the pre-tokenisation pattern of {source}, {pattern!r:.80}, matches the '
                     'empty string; pass one whose every match holds some text')
