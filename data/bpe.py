@@ -28,7 +28,7 @@ PATTERNS = {'gpt2': GPT2_PATTERN, 'cl100k': CL100K_PATTERN}
 # Above any vocabulary's size (o200k_base has 200k tokens): a larger id in a file is
 # corruption, which would otherwise size the model's embedding table.
 LARGEST_TOKEN_ID = (1 << 24) - 1
-# Text of every kind a pattern tells apart, on which no match may be empty.
+# Text of every kind a pattern tells apart, which its matches must cover, none of them empty.
 SAMPLE_TEXT = "It's 2024:\n\tHello,  WORLD! naïve_x=1.5e3 中文 🙂 (a)[b]{c}\r\n \x00"
 # The alternative of each pattern that matches a run of digits. No other alternative
 # matches a digit, so replacing this one with a single digit splits every number into
@@ -285,11 +285,15 @@ def load_tiktoken(path: str, *, pattern: str | None = None,
 def build_encoding(name: str, ranks: dict[bytes, int], *, pattern: str,
                    special_tokens: dict[str, int], source: str) -> tiktoken.Encoding:
   """A tiktoken Encoding; unusable settings raise DataError naming `source`."""
-  matches = _compiled(pattern, source).finditer(SAMPLE_TEXT)
+  matches = list(_compiled(pattern, source).finditer(SAMPLE_TEXT))
   if any(match.start() == match.end() for match in matches):
     # tiktoken stops the process at an empty pre-token.
     raise DataError(f'the pre-tokenisation pattern of {source}, {pattern!r:.80}, matches the '
                     'empty string; pass one whose every match holds some text')
+  if ''.join(match.group() for match in matches) != SAMPLE_TEXT:
+    # tiktoken drops the text between matches without a word.
+    raise DataError(f'the pre-tokenisation pattern of {source}, {pattern!r:.80}, skips some '
+                    'of a sample text; pass one whose matches cover any text')
   missing = 256 - sum(len(token) == 1 for token in ranks)
   if missing:
     # tiktoken would stop the process at the first text holding a missing byte.

@@ -1,6 +1,7 @@
 """Shared helpers: small configs and per-run random seeds."""
 import dataclasses
 import os
+import unicodedata
 
 import jax
 import numpy as np
@@ -23,6 +24,20 @@ from lmlab.models.config import ModelConfig  # noqa: E402
 # tests/test_sharding.py runs it in a process of its own, with this variable set.
 MULTI_DEVICE_RUN = 'LMLAB_MULTI_DEVICE_TESTS'
 collect_ignore = [] if os.environ.get(MULTI_DEVICE_RUN) else ['multi_device']
+
+
+def random_code_points(rng, n: int) -> str:
+  """n code points whose Unicode category every regex engine agrees on: those assigned in
+  Python's Unicode database (an assigned point keeps its category in later versions), the
+  planes 4-13 that no version assigns and the private-use planes 15-16. A point that one
+  engine's newer tables call a letter and another's call unassigned splits text differently
+  in tiktoken (Rust) and in Python's `regex`, which is no fault of ours."""
+  assigned = [p for p in rng.integers(0, 0x40000, 8 * n)
+              if unicodedata.category(chr(p)) not in ('Cn', 'Cs')]
+  stable = np.where(rng.random(n) < 0.2, rng.integers(0xF0000, 0x110000, n),
+                    rng.integers(0x40000, 0xE0000, n))
+  points = rng.permutation(assigned[:n] + list(stable))[:n]
+  return ''.join(map(chr, points))
 
 
 def small_config(**fields) -> ModelConfig:

@@ -8,6 +8,7 @@ import pytest
 import regex
 import tiktoken.load
 
+from conftest import random_code_points
 from lmlab.data.errors import DataError
 from lmlab.data import bpe
 
@@ -25,12 +26,6 @@ def random_text(rng, n_runs, alphabets=ALPHABETS):
     alphabet = list(alphabets[rng.integers(len(alphabets))])
     runs.append(''.join(rng.choice(alphabet, rng.integers(1, 7))))
   return ''.join(runs)
-
-
-def random_unicode(rng, n):
-  # Any code point but the surrogates, which UTF-8 cannot carry.
-  points = rng.integers(0, 0x110000, n)
-  return ''.join(map(chr, points[(points < 0xD800) | (points > 0xDFFF)]))
 
 
 def random_pattern(rng):
@@ -100,7 +95,7 @@ def test_ranks_are_bytes_then_merges_and_fill_the_vocabulary(rng):
 
 def test_tiktoken_encodes_as_the_reference_encoder(rng):
   encoding, ranks, pattern, _ = trained_encoding(rng)
-  for text in [random_text(rng, 200), random_unicode(rng, 100) + random_text(rng, 50)]:
+  for text in [random_text(rng, 200), random_code_points(rng, 100) + random_text(rng, 50)]:
     assert encoding.encode_ordinary(text) == bpe.reference_encode(ranks, text, pattern)
 
 
@@ -121,7 +116,7 @@ def test_tiktoken_encodes_as_the_reference_encoder_with_arbitrary_ranks(rng):
 
 def test_any_unicode_round_trips(rng):
   encoding, *_ = trained_encoding(rng)
-  text = random_unicode(rng, 500) + random_text(rng, 100)
+  text = random_code_points(rng, 500) + random_text(rng, 100)
   ids = encoding.encode_ordinary(text)
   assert encoding.decode_bytes(ids) == text.encode('utf-8')
   assert encoding.decode(ids) == text
@@ -167,7 +162,7 @@ def test_save_load_round_trip(rng, tmp_path, monkeypatch):
   assert loaded.name == 'mine'
   assert loaded.n_vocab == encoding.n_vocab
   assert loaded.encode_single_token(END_OF_TEXT) == specials[END_OF_TEXT]
-  text = random_text(rng, 100) + random_unicode(rng, 50)
+  text = random_text(rng, 100) + random_code_points(rng, 50)
   assert loaded.encode_ordinary(text) == bpe.reference_encode(ranks, text, pattern)
 
 
@@ -243,6 +238,19 @@ def test_bad_or_contradicted_sidecar_is_an_error(tmp_path):
     f.write('{"pattern": 3}')
   with pytest.raises(DataError, match='not a tokenizer settings file'):
     bpe.load_tiktoken(path)
+
+
+@pytest.mark.parametrize('pattern, error', [
+    (r'\p{L}+|\s+', 'skips some'),        # digits and punctuation fall between matches
+    (r'\p{L}*|\s', 'matches the empty'),
+    (r'[a-', 'not a valid regex'),
+])
+def test_unusable_pattern_is_refused_naming_the_file(tmp_path, pattern, error):
+  path = str(tmp_path / 'bytes.tiktoken')
+  write_ranks_file(path, byte_rank_lines())
+  with pytest.raises(DataError, match=f'{error}.*') as raised:
+    bpe.load_tiktoken(path, pattern=pattern)
+  assert path in str(raised.value)
 
 
 def test_special_token_id_that_is_a_rank_is_an_error(tmp_path):

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+from conftest import random_code_points
 from lmlab.data import bpe, token_cache, wordpiece
 from lmlab.data.corpus import Document
 from lmlab.data.errors import DataError
@@ -332,9 +333,7 @@ def test_corrupt_run_config_is_refused_or_read_as_written(data):
 # ---- tokenizer files ---------------------------------------------------------------------
 
 def random_text(rng) -> str:
-  points = rng.integers(0, 0x110000, 40)
-  unicode = ''.join(map(chr, points[(points < 0xD800) | (points > 0xDFFF)]))
-  return rng.choice(['the cat', "it's 42 ", '中文 🙂', ' \t\n']) * 3 + unicode
+  return rng.choice(['the cat', "it's 42 ", '中文 🙂', ' \t\n']) * 3 + random_code_points(rng, 40)
 
 
 @st.composite

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from conftest import random_code_points
 from lmlab.data.errors import DataError
 from lmlab.data import bpe
 from lmlab.data.hf_tokenizer import encoding_from_tokenizer_json, ranks_from_tokenizer_json
@@ -25,9 +26,7 @@ def random_sentences(rng, n):
 
 def random_text(rng):
   # Trained words, unseen words and arbitrary code points (no surrogates).
-  points = rng.integers(0, 0x110000, 60)
-  points = points[(points < 0xD800) | (points > 0xDFFF)]
-  return ' '.join(random_sentences(rng, 5)) + ' zebra 99 ' + ''.join(map(chr, points))
+  return ' '.join(random_sentences(rng, 5)) + ' zebra 99 ' + random_code_points(rng, 60)
 
 
 def trained_tokenizer(rng, split_pattern=None):
