@@ -1,6 +1,7 @@
 """Chat data for fine-tuning: templates against transformers' apply_chat_template and the
 documented formats, loss masks by token ids, special tokens, packing, and bad JSONL."""
 import dataclasses
+import itertools
 import json
 
 import numpy as np
@@ -17,17 +18,18 @@ WORDS = ['the', 'cat', 'sat', "it's", '中文', '🙂', 'naïve', '42', '<b>', '
          '{{ x }}', '{% if %}', '[INST]', '\n', '\n\n', '\t', '  ']
 
 # Hugging Face-style templates, as a model's tokenizer_config.json might carry them.
-# Zephyr-like: a tag per role, eos after every turn, unknown roles refused.
+# Zephyr-like: a tag per role, eos after every turn, unknown roles refused; block tags indented
+# (lstrip_blocks removes the indent).
 TAGGED = """\
 {% for message in messages %}
-{% if message['role'] not in ['system', 'user', 'assistant'] %}
-{{ raise_exception('unknown role ' + message['role']) }}
-{% endif %}
+  {% if message['role'] not in ['system', 'user', 'assistant'] %}
+    {{ raise_exception('unknown role ' + message['role']) }}
+  {% endif %}
 <|{{ message['role'] }}|>
 {{ message['content'] }}{{ eos_token }}
 {% endfor %}
 {% if add_generation_prompt %}
-<|assistant|>
+  <|assistant|>
 {% endif %}"""
 # Mistral-like: the system message joins the first user turn; roles must alternate.
 INSTRUCT = """\
@@ -67,8 +69,13 @@ TURNS = """\
 {% if add_generation_prompt %}
 <start_of_turn>model
 {% endif %}"""
-# Function-calling-like: every message as a JSON object.
+# Function-calling-like: tools when given, then every message as a JSON object; a bos_token
+# that this model (like Qwen) does not have.
 JSON_LINES = """\
+{{ bos_token }}
+{%- if tools is not none %}
+<|tools|>{{ tools | tojson }}<|end|>
+{% endif %}
 {% for message in messages %}
 <|msg|>{{ message | tojson }}<|end|>
 {% endfor %}
@@ -140,7 +147,19 @@ def test_templates_refuse_what_transformers_refuses(name, rng, hf_render):
     messages.insert(at, dict(messages[at]))
   with pytest.raises(Exception, match='role|turns'):
     hf_render(template, messages)
-  with pytest.raises(DataError, match=f"chat template '{name}' fails on"):
+  with pytest.raises(DataError, match=f"chat template '{name}' fails on the conversation: "
+                     '.*(role|turns)'):
+    render(template, messages)
+
+
+def test_templates_run_in_an_immutable_sandbox(rng, hf_render):
+  """A template from a model folder is untrusted code: it may not change its inputs."""
+  template = ChatTemplate('popping', '{% set _ = messages.pop() %}{{ messages | length }}',
+                          special_tokens=(), end_token='')
+  messages = random_conversation(rng)
+  with pytest.raises(Exception, match='unsafe'):
+    hf_render(template, messages)
+  with pytest.raises(DataError, match="'popping' fails on the conversation: .*unsafe"):
     render(template, messages)
 
 
@@ -295,6 +314,17 @@ def test_folder_template_from_a_list_in_tokenizer_config(tmp_path):
   assert chat_template(write_folder(tmp_path / 'both', config, TAGGED)).source == TAGGED
 
 
+def test_turn_end_is_the_first_special_token_after_a_reply(tmp_path):
+  source = BUILT_IN['chatml'].source + '{{ eos_token }}'
+  added = {str(i): {'content': token, 'special': True}
+           for i, token in enumerate(['<|endoftext|>', '<|im_start|>', '<|im_end|>', '<|x|>'])}
+  config = {'chat_template': source, 'eos_token': '<|endoftext|>', 'bos_token': None,
+            'added_tokens_decoder': added}
+  template = chat_template(write_folder(tmp_path / 'qwen', config))
+  assert template.end_token == '<|im_end|>'
+  assert set(template.special_tokens) == {'<|endoftext|>', '<|im_start|>', '<|im_end|>'}
+
+
 @pytest.mark.parametrize('config, jinja, message', [
     ({'chat_template': [{'name': 'tool_use', 'template': 'x'}]}, None,
      'none named "default"'),
@@ -316,10 +346,18 @@ def test_unknown_template_spec_is_an_error(tmp_path):
 
 
 def random_conversations(rng, count, seq_len):
-  """EncodedConversations of 1 to 2 * seq_len tokens, each starting with its own id."""
+  """EncodedConversations, each starting with its own id: the first two fill seq_len exactly,
+  most are short, some longer than seq_len + 1, one just that long, one a token longer, three
+  single tokens."""
+  lengths = [int(rng.integers(2, seq_len // 2)) if rng.random() < 0.8
+             else int(rng.integers(seq_len // 2, 2 * seq_len)) for _ in range(count)]
+  lengths[0] = int(rng.integers(2, seq_len + 1))
+  lengths[1] = seq_len - lengths[0] + 2
+  for index, length in zip(rng.choice(range(2, count), 5, replace=False),
+                           [seq_len + 1, seq_len + 2, 1, 1, 1]):
+    lengths[index] = length
   conversations = []
-  for index in range(count):
-    length = int(rng.integers(1, 2 * seq_len))
+  for index, length in enumerate(lengths):
     ids = np.concatenate([[1000 + index], rng.integers(0, 999, length - 1)]).astype(np.int32)
     conversations.append(chat.EncodedConversation(ids, rng.random(length) < 0.5))
   return conversations
@@ -348,53 +386,72 @@ def check_segment(batch, row, span, conversation, seq_len):
   assert batch['loss_mask'][row, span].tolist() == conversation.loss_mask[1:n + 1].tolist()
 
 
-def test_train_batch_packs_whole_conversations_as_a_pure_function_of_seed_and_step(rng):
-  seq_len, batch_size = int(rng.integers(8, 40)), int(rng.integers(1, 5))
-  conversations = random_conversations(rng, int(rng.integers(10, 40)), seq_len)
-  seed, step = int(rng.integers(1 << 30)), int(rng.integers(1 << 20))
-  batch = sft_batches.train_batch(conversations, seed=seed, step=step, batch_size=batch_size,
-                                  seq_len=seq_len)
-  again = sft_batches.train_batch(conversations, seed=seed, step=step, batch_size=batch_size,
-                                  seq_len=seq_len)
-  assert batch.keys() == set(sft_batches.KEYS)
-  assert all(batch[key].shape == (batch_size, seq_len) and batch[key].dtype == np.int32
-             and np.array_equal(batch[key], again[key]) for key in batch)
-  placed, room = [], []
-  for row in range(batch_size):
-    segments = segments_of(batch, row)
-    for index, span in segments:
-      if index is None:
-        assert not batch['inputs'][row, span].any()
-      else:
-        check_segment(batch, row, span, conversations[index], seq_len)
-        placed.append(index)
-    room.append(seq_len - sum(span.stop - span.start for index, span in segments
-                              if index is not None))
-  # The conversations drawn, in the order of the permutations of (seed, step), up to the first
-  # that fits in no row; single tokens predict nothing and are passed over.
+def packed_rows(conversations, *, seed, step, batch_size, seq_len):
+  """The conversation indices of each row by the documented packing: conversations in the order
+  of permutations drawn from np.random.default_rng([seed, step]), passing over single tokens
+  (they predict nothing), each into the first row with room for it, until one fits in no row."""
   order_rng = np.random.default_rng([seed, step])
-  drawn = []
-  while len(drawn) <= len(placed):
-    drawn += [i for i in order_rng.permutation(len(conversations))
-              if len(conversations[i].token_ids) > 1]
-  assert sorted(placed) == sorted(drawn[:len(placed)])
-  assert min(len(conversations[drawn[len(placed)]].token_ids) - 1, seq_len) > max(room)
-  later = sft_batches.train_batch(conversations, seed=seed, step=step + 1, batch_size=batch_size,
-                                  seq_len=seq_len)
-  assert not all(np.array_equal(batch[key], later[key]) for key in batch)
+  draws = itertools.chain.from_iterable(
+      order_rng.permutation(len(conversations)) for _ in itertools.count())
+  rows, room = [[] for _ in range(batch_size)], [seq_len] * batch_size
+  for index in draws:
+    n = min(len(conversations[index].token_ids) - 1, seq_len)
+    if n == 0:
+      continue
+    fitting = [row for row in range(batch_size) if room[row] >= n]
+    if not fitting:
+      return rows
+    rows[fitting[0]].append(index)
+    room[fitting[0]] -= n
+
+
+def test_train_batch_packs_whole_conversations_as_a_pure_function_of_seed_and_step(rng):
+  seq_len, batch_size = int(rng.integers(8, 40)), int(rng.integers(2, 5))
+  conversations = random_conversations(rng, int(rng.integers(10, 60)), seq_len)
+  seed, first_step = int(rng.integers(1 << 30)), int(rng.integers(1 << 20))
+  batches = []
+  for step in range(first_step, first_step + 5):
+    batch = sft_batches.train_batch(conversations, seed=seed, step=step, batch_size=batch_size,
+                                    seq_len=seq_len)
+    assert batch.keys() == set(sft_batches.KEYS)
+    assert all(array.shape == (batch_size, seq_len) and array.dtype == np.int32
+               for array in batch.values())
+    rows = []
+    for row in range(batch_size):
+      segments = segments_of(batch, row)
+      for index, span in segments:
+        if index is None:
+          assert not batch['inputs'][row, span].any()
+        else:
+          check_segment(batch, row, span, conversations[index], seq_len)
+      rows.append([index for index, _ in segments if index is not None])
+    assert rows == packed_rows(conversations, seed=seed, step=step, batch_size=batch_size,
+                               seq_len=seq_len)
+    batches.append(batch)
+  again = sft_batches.train_batch(conversations, seed=seed, step=first_step,
+                                  batch_size=batch_size, seq_len=seq_len)
+  assert all(np.array_equal(batches[0][key], again[key]) for key in again)
+  assert not all(np.array_equal(batches[0][key], batches[1][key]) for key in again)
 
 
 def test_eval_batches_hold_every_conversation_once_in_order(rng):
   seq_len, batch_size = int(rng.integers(8, 40)), int(rng.integers(1, 5))
-  conversations = random_conversations(rng, int(rng.integers(5, 30)), seq_len)
-  placed = []
+  conversations = random_conversations(rng, int(rng.integers(7, 40)), seq_len)
+  predictions = lambda index: min(len(conversations[index].token_ids) - 1, seq_len)
+  rows = []
   for batch in sft_batches.eval_batches(conversations, batch_size=batch_size, seq_len=seq_len):
     for row in range(batch_size):
-      for index, span in segments_of(batch, row):
-        if index is not None:
-          check_segment(batch, row, span, conversations[index], seq_len)
-          placed.append(index)
-  assert placed == [i for i, c in enumerate(conversations) if len(c.token_ids) > 1]
+      placed = [(index, span) for index, span in segments_of(batch, row) if index is not None]
+      for index, span in placed:
+        check_segment(batch, row, span, conversations[index], seq_len)
+      rows.append([index for index, _ in placed])
+  while not rows[-1]:  # The last batch's missing rows.
+    rows.pop()
+  assert [index for row in rows for index in row] == [
+      i for i, c in enumerate(conversations) if len(c.token_ids) > 1]
+  # A row ends only when the next conversation does not fit in it.
+  for row, following in zip(rows, rows[1:]):
+    assert seq_len - sum(map(predictions, row)) < predictions(following[0])
   too_long = sum(len(c.token_ids) > seq_len + 1 for c in conversations)
   assert sft_batches.count_truncated(conversations, seq_len) == too_long
 
@@ -442,6 +499,8 @@ BAD_LINES = {
                                                  ' {"role": "assistant", "content": 3}]}'),
     "message 1 has the role 'robot'": ('{"messages": [{"role": "user", "content": "a"}, '
                                        '{"role": "robot", "content": "b"}]}'),
+    'message 0 is .*"name".* not an object of exactly': (
+        '{"messages": [{"role": "user", "content": "a", "name": "b"}]}'),
     'no assistant turn': '{"messages": [{"role": "user", "content": "a"}]}',
     'both "messages" and "prompt"': '{"messages": [], "prompt": "a", "completion": "b"}',
 }
