@@ -102,6 +102,7 @@ def with_special_tokens(tokenizer: tiktoken.Encoding, tokens) -> tuple[tiktoken.
   if not added:
     return tokenizer, []
   first = tokenizer.max_token_value + 1
+  # tiktoken's README extends an Encoding through these attributes.
   special_tokens = {**tokenizer._special_tokens,
                     **{token: first + i for i, token in enumerate(added)}}
   extended = bpe.build_encoding(tokenizer.name, tokenizer._mergeable_ranks,

@@ -218,7 +218,9 @@ def _turn_end(template: ChatTemplate, folder: str) -> str:
 
 def _folder_template(folder: str) -> ChatTemplate:
   """The chat template of a Hugging Face folder: chat_template.jinja if there is one (as
-  transformers prefers it), else the chat_template of tokenizer_config.json."""
+  transformers prefers it), else the chat_template of tokenizer_config.json. Its special tokens
+  are the tokens tokenizer_config.json declares that its text holds, and bos and eos where it
+  names their variables."""
   config_path = os.path.join(folder, 'tokenizer_config.json')
   jinja_path = os.path.join(folder, 'chat_template.jinja')
   config = _json_object(config_path) if os.path.isfile(config_path) else {}

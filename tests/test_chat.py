@@ -244,8 +244,9 @@ def test_a_template_whose_prefixes_are_not_prefixes_cannot_be_masked(rng, small_
   source = '{{ messages | length }}<|im_end|>' + BUILT_IN['chatml'].source
   counting = dataclasses.replace(BUILT_IN['chatml'], name='counting', source=source)
   tokenizer, _ = chat.with_special_tokens(small_bpe, counting.special_tokens)
-  with pytest.raises(DataError, match="'counting' does not render .* cannot be told apart"):
-    chat.encode_conversation(counting, tokenizer, random_conversation(rng))
+  with pytest.raises(DataError, match="'counting' does not render chat.jsonl:7 up to message "
+                     '.* cannot be told apart'):
+    chat.encode_conversation(counting, tokenizer, random_conversation(rng), where='chat.jsonl:7')
 
 
 def test_special_tokens_are_added_after_the_vocabulary_once(rng, small_bpe):
