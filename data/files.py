@@ -31,9 +31,9 @@ def _universal_newlines(text: str) -> str:
   return text.replace('\r\n', '\n').replace('\r', '\n')
 
 
-def read_lines(path: str) -> list[str]:
-  """The lines of a UTF-8 text file, without their newlines (any convention); a DataError
-  names the first line that is not UTF-8."""
+def read_text(path: str) -> str:
+  """A UTF-8 text file's text, its line ends (any convention) as LF; a DataError names the
+  first line that is not UTF-8."""
   try:
     with open(path, 'rb') as f:
       raw = f.read()
@@ -45,4 +45,9 @@ def read_lines(path: str) -> list[str]:
     line = _universal_newlines(raw[:error.start].decode('utf-8')).count('\n') + 1
     raise DataError(f'{path}, line {line}, is not UTF-8 text ({error.reason} at byte '
                     f'{error.start}); pass a UTF-8 file') from None
-  return _universal_newlines(text).split('\n')
+  return _universal_newlines(text)
+
+
+def read_lines(path: str) -> list[str]:
+  """The lines of a UTF-8 text file (see read_text), without their newlines."""
+  return read_text(path).split('\n')
