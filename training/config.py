@@ -35,10 +35,14 @@ class TrainConfig:
   document_masking: bool = True
   z_loss: float = 0.0  # Weight of the log^2 Z logit penalty (PaLM: 1e-4); 0: off.
   max_z_loss: float = 0.0  # Weight of the max-logit^2 penalty (Baichuan 2: 2e-4); 0: off.
-  # What to learn (training/objectives.py: lm, bert, roberta, classify, seq2seq); default: lm
-  # for decoders, bert or roberta for encoders (by their NSP head), seq2seq for
+  # What to learn (training/objectives.py: lm, sft, bert, roberta, classify, seq2seq);
+  # default: lm for decoders, bert or roberta for encoders (by their NSP head), seq2seq for
   # encoder-decoders.
   objective: str | None = None
+  # sft and --mode=chat: how conversations are rendered: chatml, llama2, llama3, or a Hugging
+  # Face folder whose tokenizer_config.json (or chat_template.jinja) has a chat_template; its
+  # special tokens join the tokenizer. Default for sft: chatml.
+  chat_template: str | None = None
   # seq2seq: target mass spread over the vocabulary; default 0.1 (Vaswani et al. 2017), else 0.
   label_smoothing: float | None = None
   beam_size: int = 4  # seq2seq eval: beam search width beside greedy decoding; 1: greedy only.
@@ -74,8 +78,9 @@ class TrainConfig:
       smoothing = 0.1 if objective == 'seq2seq' else 0.0
     tokenizer = self.tokenizer or ('wordpiece:8192' if model_config.family == 'encoder'
                                    else 'bytes')
+    chat_template = self.chat_template or ('chatml' if objective == 'sft' else None)
     return dataclasses.replace(self, objective=objective, label_smoothing=smoothing,
-                               tokenizer=tokenizer)
+                               tokenizer=tokenizer, chat_template=chat_template)
 
   def validate(self) -> 'TrainConfig':
     if not self.workdir:

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmlab.data import batches as batches_lib
+from lmlab.data import chat
 from lmlab.data import corpus as corpus_lib
 from lmlab.data import token_cache
 from lmlab.data import tokenizer as tokenizer_lib
+from lmlab.data.chat_template import chat_template
 from lmlab.models.config import ModelConfig
 from lmlab.models.errors import ConfigError
 from lmlab.training import steps as steps_lib
@@ -26,11 +28,17 @@ def tokenizer_dir(workdir: str) -> str:
 
 
 def load_run_tokenizer(train_config: TrainConfig, splits=None):
-  """The run's tokenizer; a trainable spec is trained on the training split once."""
-  return tokenizer_lib.load_tokenizer(
+  """The run's tokenizer; a trainable spec is trained on the training split once. With a
+  chat template, the template's special tokens are special tokens of it (added after the
+  largest id where missing, so the same ids each time)."""
+  tokenizer = tokenizer_lib.load_tokenizer(
       train_config.tokenizer, cache_dir=tokenizer_dir(train_config.workdir),
       train_texts=None if splits is None else lambda: corpus_lib.texts_of(splits['train']),
       pattern=train_config.tokenizer_pattern, expected_sha256=train_config.tokenizer_sha256)
+  if train_config.chat_template:
+    template = chat_template(train_config.chat_template)
+    tokenizer, _ = chat.with_special_tokens(tokenizer, template.special_tokens)
+  return tokenizer
 
 
 def tokenize(train_config: TrainConfig, tokenizer, splits, *, log=print,

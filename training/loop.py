@@ -78,6 +78,15 @@ def _compiled_memory(compiled) -> dict:
           if getattr(analysis, attribute, None) is not None}
 
 
+def _parameter_sizes(state: TrainState, trainable) -> dict:
+  """How many parameters train, of how many, and the optimizer state's bytes per device: the
+  memory a fine-tuning method saves."""
+  count = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree))
+  total, trained = count(state.params), count(steps_lib.trainable_part(state.params, trainable))
+  return {'params': total, 'trainable_params': trained, 'trainable_share': trained / total,
+          'opt_state_bytes_per_device': parallel.bytes_per_device(state.opt_state)}
+
+
 def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: OptimizerConfig,
           *, print_fn=print, init_params=None, objective=None):
   """Trains (or resumes) in train_config.workdir; returns (params, graphdef, tokenizer, summary).
@@ -183,9 +192,12 @@ def _run(train_config, opt_config, task, layout, *, print_fn, init_params, lead)
       task, train_config, layout, checkpoints, init_opt_state, init_params, print_fn)
   frozen = task.frozen(initial_params)
   param_bytes = parallel.bytes_per_device(state.params)
+  sizes = _parameter_sizes(state, task.trainable)
   print_fn(f'mesh {dict(layout.mesh.shape)} on {jax.device_count()} devices '
            f'({jax.process_count()} processes); parameters: {param_bytes / 2**20:.1f} MiB '
-           'on the fullest device')
+           f'on the fullest device; trains {sizes["trainable_params"]:,} of '
+           f'{sizes["params"]:,} ({sizes["trainable_share"]:.2%}), optimizer state '
+           f'{sizes["opt_state_bytes_per_device"] / 2**20:.1f} MiB')
 
   def batch_at(step):
     micro_batches = {k: np.asarray(v).reshape(train_config.grad_accum, -1, *np.shape(v)[1:])
@@ -207,7 +219,7 @@ def _run(train_config, opt_config, task, layout, *, print_fn, init_params, lead)
              'device')
   if lead:
     MetricsLog(train_config.workdir).write(step=start_step, param_bytes_per_device=param_bytes,
-                                           devices=jax.device_count(), **memory)
+                                           devices=jax.device_count(), **sizes, **memory)
   hooks = _hooks(task, train_config, graphdef, checkpoints, lead=lead,
                  peak_flops=(train_config.peak_flops
                              or mfu_lib.peak_flops(jax.devices()[0].device_kind)))

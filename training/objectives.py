@@ -4,6 +4,9 @@
   BertPretraining         `--model=bert-tiny`: masked LM (80/10/10) + next sentence, or with
                           `--model=roberta-tiny` (--objective=roberta) RoBERTa's masked LM
                           of full-length spans with dynamic masking and no next sentence
+  SupervisedFineTuning    `--objective=sft --data=chats.jsonl --init_from=runs/tiny`: the
+                          next-token loss on the assistant turns of chat data
+                          (training/sft.py)
   SequenceClassification  `--objective=classify --data=labels.tsv`: one label<TAB>text per
                           line, a classifier on BERT's pooled output; `--init_from` a
                           pre-trained run fine-tunes it
@@ -32,6 +35,7 @@ from lmlab.training.language_modeling import (LanguageModeling, check_fits, load
                                               resolve_vocab)
 from lmlab.training.objective import Objective
 from lmlab.training.seq2seq import Seq2Seq
+from lmlab.training.sft import SupervisedFineTuning
 
 BERT_SPECIALS = ('[PAD]', '[CLS]', '[SEP]', '[MASK]')
 
@@ -243,8 +247,9 @@ class SequenceClassification(Objective):
 
 
 # --objective names and their classes; 'bert' and 'roberta' differ in the run's TrainConfig.
-OBJECTIVES = {'lm': LanguageModeling, 'bert': BertPretraining, 'roberta': BertPretraining,
-              'classify': SequenceClassification, 'seq2seq': Seq2Seq}
+OBJECTIVES = {'lm': LanguageModeling, 'sft': SupervisedFineTuning, 'bert': BertPretraining,
+              'roberta': BertPretraining, 'classify': SequenceClassification,
+              'seq2seq': Seq2Seq}
 
 
 def by_name(name: str):

@@ -3,6 +3,7 @@ run's latest checkpoint, load a Hugging Face folder with its tokenizer, start fr
 run's parameters, evaluate, sample, convert between the two formats, train a tokenizer.
 """
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -15,6 +16,7 @@ from flax import nnx
 from lmlab.data import batches as batches_lib
 from lmlab.data import corpus as corpus_lib
 from lmlab.data import tokenizer as tokenizer_lib
+from lmlab.data.chat_template import ChatTemplate, render
 from lmlab.data.errors import DataError
 from lmlab.models import hf
 from lmlab.models.config import ModelConfig, preset, with_overrides
@@ -22,6 +24,7 @@ from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.generation import SamplingConfig, make_generate
 from lmlab.models.hf.architecture import RUN_FIELDS
 from lmlab.models.registry import abstract_model
+from lmlab.models.sharding import VOCAB, logical_axes
 from lmlab.training import objectives
 from lmlab.training import steps as steps_lib
 from lmlab.training.checkpoint import Checkpoints
@@ -108,15 +111,30 @@ def init_from(workdir: str, overrides: list[str]):
   """(model config, tokenizer spec, init_params) to start a run from another run's latest
   parameters: its config with overrides on top, its tokenizer, and its parameters wherever
   the new model has one of the same path and shape (a classifier keeps the pre-trained
-  encoder and gets a fresh head)."""
+  encoder and gets a fresh head; LoRA adapters start fresh beside the pre-trained kernels).
+  Where only the vocabulary axis grew (a chat template's tokens joined the tokenizer), the
+  old tokens' rows are carried over and the new ones keep their fresh initialisation."""
   loaded = restore(workdir)
   source = dict(nnx.to_flat_state(loaded.params))
   path = tokenizer_lib.source_file(loaded.run.tokenizer, tokenizer_dir(workdir))
 
+  def carried(name, value):
+    old = source.get(name)
+    if old is None or old.ndim != value.ndim:
+      return value
+    if old.shape == value.shape:
+      return old
+    axes = logical_axes(value) or ()
+    changed = [i for i, (was, now) in enumerate(zip(old.shape, value.shape)) if was != now]
+    if (len(changed) != 1 or axes[changed[0]:changed[0] + 1] != (VOCAB,)
+        or old.shape[changed[0]] > value.shape[changed[0]]):
+      return value
+    rows = tuple(slice(0, size) for size in old.shape)
+    return value.replace(jnp.asarray(value[...]).at[rows].set(old[...]))
+
   def init_params(params):
-    return nnx.from_flat_state([
-        (name, source[name] if name in source and source[name].shape == value.shape else value)
-        for name, value in nnx.to_flat_state(params)])
+    return nnx.from_flat_state([(name, carried(name, value))
+                                for name, value in nnx.to_flat_state(params)])
 
   model_config = with_overrides(read_config(workdir)['model'], overrides).validate()
   return model_config, path or loaded.run.tokenizer, init_params
@@ -155,20 +173,42 @@ def evaluate(loaded: Loaded, data: str | None = None, eval_batches: int | None =
   return {'loss': loss, 'perplexity': math.exp(min(loss, 700))}
 
 
-def sample(graphdef, params, tokenizer, prompt: str, sampling: SamplingConfig, *, seed: int,
-           eot: int | None = None) -> str:
-  """The prompt and its continuation; eot (default: the tokenizer's end-of-text) ends it."""
+# One compiled generator per model and settings, reused by each sample and chat turn.
+_generator = functools.lru_cache(maxsize=4)(make_generate)
+
+
+def _continuation(graphdef, params, tokenizer, prompt_tokens: list[int], sampling, *,
+                  seed: int, eot: int) -> str:
+  """The text sampled after prompt_tokens, up to (without) eot."""
   family = nnx.merge(graphdef, params).config.family
   if family != 'decoder':
     raise ConfigError(f'--mode=generate samples from decoders, not family={family}')
-  eot = tokenizer_lib.separator_id(tokenizer) if eot is None else eot
-  prompt_tokens = tokenizer.encode_ordinary(prompt) or [eot]
-  generate = make_generate(graphdef, sampling, end_token=eot, n_valid=tokenizer.n_vocab)
+  generate = _generator(graphdef, sampling, end_token=eot, n_valid=tokenizer.n_vocab)
   new_tokens = jax.device_get(generate(params, jnp.asarray([prompt_tokens], jnp.int32),
                                        jax.random.key(seed)))[0].tolist()
   if eot in new_tokens:
     new_tokens = new_tokens[:new_tokens.index(eot)]
-  return prompt + tokenizer.decode(new_tokens, errors='replace')
+  return tokenizer.decode(new_tokens, errors='replace')
+
+
+def sample(graphdef, params, tokenizer, prompt: str, sampling: SamplingConfig, *, seed: int,
+           eot: int | None = None) -> str:
+  """The prompt and its continuation; eot (default: the tokenizer's end-of-text) ends it."""
+  eot = tokenizer_lib.separator_id(tokenizer) if eot is None else eot
+  prompt_tokens = tokenizer.encode_ordinary(prompt) or [eot]
+  return prompt + _continuation(graphdef, params, tokenizer, prompt_tokens, sampling, seed=seed,
+                                eot=eot)
+
+
+def chat_reply(graphdef, params, tokenizer, template: ChatTemplate, messages: list[dict],
+               sampling: SamplingConfig, *, seed: int) -> str:
+  """The assistant's next message after `messages`, rendered with the template's generation
+  prompt; it ends at the template's end-of-turn token."""
+  prompt = render(template, messages, add_generation_prompt=True)
+  prompt_tokens = tokenizer.encode(prompt, allowed_special=set(template.special_tokens),
+                                   disallowed_special=())
+  return _continuation(graphdef, params, tokenizer, prompt_tokens, sampling, seed=seed,
+                       eot=tokenizer.encode_single_token(template.end_token))
 
 
 def hf_to_workdir(hf_checkpoint: str, run: TrainConfig, overrides: list[str],
