@@ -328,6 +328,8 @@ class ModelConfig:
       raise ConfigError(f'lora_dropout={self.lora_dropout} must be in [0, 1)')
     self.lora_target_names  # Raises on a name that is not a target.
 
+  @property
+  def decoder_layers(self) -> int:
     """Layers of an encoder_decoder's decoder."""
     return self.n_decoder_layers or self.n_layers
 
