@@ -14,6 +14,7 @@ from lmlab.models.dense import Dense
 from lmlab.models.normalization import RMSNorm
 from lmlab.models.positions import RotaryPositions
 from lmlab.models.sharding import BATCH, EMBED, HEADS, KV_HEADS, LENGTH, constrain
+from lmlab.models.stack import split_keys
 
 
 def empty_kv_cache(config, batch: int, length: int, dtype):
@@ -54,7 +55,8 @@ class SelfAttention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def __call__(self, x_btd, rotate, *, alibi_slopes=None, segment_ids_bt=None,
-               prefix_len_b=None, cache=None, cache_index=None, positions_bt=None):
+               prefix_len_b=None, cache=None, cache_index=None, positions_bt=None,
+               dropout_key=None):
     """Causal self-attention (both ways with config.causal=False); `rotate(x_bthd)` applies
     the position encoding to q and k, and alibi_slopes [H], when given, a distance bias that
     the kernel computes from positions.
@@ -70,15 +72,17 @@ class SelfAttention(nnx.Module):
     With config.dca_chunk_size, the attention is Dual Chunk Attention (models/dca.py) of the
     tokens at positions_bt (default cache_index or 0 onwards), the cache at slots 0..S-1;
     `rotate` is unused then and the cache holds keys before RoPE.
+    Dropout inside the projections (LoRA's adapters) is on when a dropout_key is given.
     Returns (y_btd, updated cache or None).
     """
     b, t, _ = x_btd.shape
-    q_bthd = constrain(self.q_proj(x_btd).reshape(b, t, self.n_heads, self.head_dim),
-                       (BATCH, LENGTH, HEADS, None))
-    k_btkd = constrain(self.k_proj(x_btd).reshape(b, t, self.n_kv_heads, self.head_dim),
-                       (BATCH, LENGTH, KV_HEADS, None))
-    v_btkd = constrain(self.v_proj(x_btd).reshape(b, t, self.n_kv_heads, self.head_dim),
-                       (BATCH, LENGTH, KV_HEADS, None))
+    q_key, k_key, v_key, o_key = split_keys(dropout_key, 4)
+    q_bthd = self.q_proj(x_btd, dropout_key=q_key).reshape(b, t, self.n_heads, self.head_dim)
+    k_btkd = self.k_proj(x_btd, dropout_key=k_key).reshape(b, t, self.n_kv_heads, self.head_dim)
+    v_btkd = self.v_proj(x_btd, dropout_key=v_key).reshape(b, t, self.n_kv_heads, self.head_dim)
+    q_bthd = constrain(q_bthd, (BATCH, LENGTH, HEADS, None))
+    k_btkd = constrain(k_btkd, (BATCH, LENGTH, KV_HEADS, None))
+    v_btkd = constrain(v_btkd, (BATCH, LENGTH, KV_HEADS, None))
     if self.q_norm is not None:
       q_bthd, k_btkd = self.q_norm(q_bthd), self.k_norm(k_btkd)
     if self.dca_rope is None:
@@ -104,7 +108,8 @@ class SelfAttention(nnx.Module):
                                  prefix_len=prefix_len_b, alibi_slopes=alibi_slopes,
                                  q_offset=q_offset, impl=self.impl)
     y_bthd = constrain(y_bthd, (BATCH, LENGTH, HEADS, None))
-    return self.o_proj(y_bthd.reshape(b, t, self.n_heads * self.head_dim)), cache
+    return self.o_proj(y_bthd.reshape(b, t, self.n_heads * self.head_dim),
+                       dropout_key=o_key), cache
 
   def _dual_chunk(self, q_bthd, k_bskd, v_bskd, positions_bt, q_offset, *, segment_ids,
                   prefix_len_b, cached):

@@ -22,6 +22,7 @@ from lmlab.models.cross_attention import CrossAttention
 from lmlab.models.mla import LatentAttention, empty_latent_cache
 from lmlab.models.mlp import MLP
 from lmlab.models.normalization import make_norm
+from lmlab.models.stack import split_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,12 @@ def deepnorm_constants(n_layers: int):
 
 def identity(x):
   return x
+
+
+def sublayer_key(branch_key):
+  """The key of the dropout inside a sublayer (LoRA's adapters), folded from its branch's
+  key, so that the branch's own dropout mask stays that of a model without adapters."""
+  return None if branch_key is None else jax.random.fold_in(branch_key, 1)
 
 
 class Block(nnx.Module):
@@ -96,23 +103,24 @@ class Block(nnx.Module):
     `memory` is the cross-attention's (CrossAttention.memory) in a block that has one.
     Dropout is on when a dropout_key is given (training) and off otherwise.
     """
-    n_branches = 2 if self.cross_attention is None else 3
-    keys = iter(jax.random.split(dropout_key, n_branches) if dropout_key is not None
-                else [None] * n_branches)
+    keys = split_keys(dropout_key, 2 if self.cross_attention is None else 3)
+    attn_key, mlp_key = keys[0], keys[-1]
 
-    def branch_output(y_btd, out_norm):
-      return self.dropout(out_norm(y_btd), deterministic=dropout_key is None, rngs=next(keys))
+    def branch_output(y_btd, out_norm, key):
+      return self.dropout(out_norm(y_btd), deterministic=key is None, rngs=key)
 
     h_btd = self.attn_in_norm(x_btd)
-    attn_btd, cache = self.attention(h_btd, rotate, cache=cache, cache_index=cache_index, **mask)
-    attn_btd = branch_output(attn_btd, self.attn_out_norm)
+    attn_btd, cache = self.attention(h_btd, rotate, cache=cache, cache_index=cache_index,
+                                     dropout_key=sublayer_key(attn_key), **mask)
+    attn_btd = branch_output(attn_btd, self.attn_out_norm, attn_key)
+    mlp = lambda h_btd: self.mlp(h_btd, dropout_key=sublayer_key(mlp_key))
     if self.parallel:
-      mlp_btd = branch_output(self.mlp(h_btd), self.mlp_out_norm)
+      mlp_btd = branch_output(mlp(h_btd), self.mlp_out_norm, mlp_key)
       return self.attn_sum_norm(self.residual_scale * x_btd + attn_btd + mlp_btd), cache
     x_btd = self.attn_sum_norm(self.residual_scale * x_btd + attn_btd)
     if self.cross_attention is not None:
       cross_btd = self.cross_attention(self.cross_in_norm(x_btd), memory)
       x_btd = self.cross_sum_norm(self.residual_scale * x_btd
-                                  + branch_output(cross_btd, self.cross_out_norm))
-    mlp_btd = branch_output(self.mlp(self.mlp_in_norm(x_btd)), self.mlp_out_norm)
+                                  + branch_output(cross_btd, self.cross_out_norm, keys[1]))
+    mlp_btd = branch_output(mlp(self.mlp_in_norm(x_btd)), self.mlp_out_norm, mlp_key)
     return self.mlp_sum_norm(self.residual_scale * x_btd + mlp_btd), cache

@@ -36,6 +36,14 @@ FAMILY_FIELDS = {
                     nsp_head=False, n_labels=0),
     'encoder_decoder': dict(n_decoder_layers=0, embed_scale=False),
 }
+# Parameter-efficient fine-tuning methods ('': none, the whole model trains), and the fields
+# that only each one reads, which stay at their defaults under any other peft.
+PEFTS = ('', 'lora')
+PEFT_FIELDS = {'lora': ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets',
+                        'lora_rslora')}
+# The layers of a block that LoRA adapts (models/lora.py). peft's target_modules names for
+# them (q_proj, ..., gate_proj, up_proj, down_proj) are these with '_proj' and mean the same.
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +118,16 @@ class ModelConfig:
   dropout_rate: float = 0.0     # on embeddings and on each sublayer's output.
   init_std: float = 0.02
 
+  # Parameter-efficient fine-tuning, one of PEFTS. 'lora' adds to each projection that
+  # lora_targets names a trained low-rank update x A B * scale, A [d_in, rank] and
+  # B [rank, d_out], with scale lora_alpha / rank (Hu et al. 2021; models/lora.py).
+  peft: str = ''
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0     # on each adapter's input, in training.
+  lora_targets: str = 'q,k,v,o'  # comma-separated LORA_TARGETS (or peft's q_proj, ...).
+  lora_rslora: bool = False     # scale lora_alpha / sqrt(rank) (Kalajdzievski 2023, rsLoRA).
+
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
@@ -138,6 +156,24 @@ class ModelConfig:
     if not isinstance(scaling, dict):
       raise ConfigError(f'rope_scaling={self.rope_scaling!r} must be a JSON object')
     return scaling
+
+  @property
+  def lora_target_names(self) -> tuple:
+    """lora_targets as LORA_TARGETS names, each once, in the order given."""
+    names = []
+    for item in self.lora_targets.split(','):
+      name = item.strip().removesuffix('_proj')
+      if name not in LORA_TARGETS:
+        raise ConfigError(f'lora_targets={self.lora_targets!r}: {item.strip()!r} is not one of '
+                          f'{", ".join(LORA_TARGETS)} (or peft\'s q_proj, ..., down_proj)')
+      if name not in names:
+        names.append(name)
+    return tuple(names)
+
+  @property
+  def lora_scale(self) -> float:
+    """What each LoRA update x A B is multiplied by."""
+    return self.lora_alpha / (math.sqrt(self.lora_rank) if self.lora_rslora else self.lora_rank)
 
   @property
   def softmax_scale(self) -> float:
@@ -221,6 +257,7 @@ class ModelConfig:
     self._validate_family()
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f'dropout_rate={self.dropout_rate} must be in [0, 1)')
+    self._validate_peft()
     return self
 
   def _validate_dca(self):
@@ -269,10 +306,39 @@ class ModelConfig:
       raise ConfigError(f'position_offset={self.position_offset} indexes a learned position '
                         f'table; it needs position=learned, not {self.position!r}')
 
+  def _validate_peft(self):
+    if self.peft not in PEFTS:
+      raise ConfigError(f'peft={self.peft!r} is not one of {", ".join(map(repr, PEFTS))}')
+    for method, names in PEFT_FIELDS.items():
+      for name in names:
+        # A dataclass field's class attribute is its default.
+        if self.peft != method and getattr(self, name) != getattr(ModelConfig, name):
+          raise ConfigError(f'{name}={getattr(self, name)!r} applies to peft={method} only, not '
+                            f'peft={self.peft!r}')
+    if self.peft != 'lora':
+      return
+    if self.family != 'decoder' or self.attention_type != 'mha':
+      raise ConfigError(f'peft=lora covers the decoder\'s MHA projections and MLP for now, not '
+                        f'family={self.family} with attention_type={self.attention_type}')
+    if self.lora_rank <= 0:
+      raise ConfigError(f'lora_rank={self.lora_rank} must be positive')
+    if self.lora_alpha <= 0:
+      raise ConfigError(f'lora_alpha={self.lora_alpha} must be positive')
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ConfigError(f'lora_dropout={self.lora_dropout} must be in [0, 1)')
+    self.lora_target_names  # Raises on a name that is not a target.
+
   @property
   def decoder_layers(self) -> int:
     """Layers of an encoder_decoder's decoder."""
     return self.n_decoder_layers or self.n_layers
+
+
+def without_peft(config: ModelConfig) -> ModelConfig:
+  """The config of the model that config's adapters adapt (or are merged into): peft='' and
+  every peft field at its default."""
+  return dataclasses.replace(config, peft='', **{name: getattr(ModelConfig, name) for names in
+                                                 PEFT_FIELDS.values() for name in names})
 
 
 def _llama(**fields) -> ModelConfig:

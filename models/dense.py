@@ -27,7 +27,9 @@ class Dense(nnx.Module):
     self.bias = (sharding.param(jnp.zeros((d_out,), param_dtype), axes[1:]) if use_bias
                  else None)
 
-  def __call__(self, x):
+  def __call__(self, x, dropout_key=None):
+    """dropout_key is for the adapter of a LoRADense (models/lora.py); a Dense has no
+    dropout."""
     y = matmul_last_axis(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)

@@ -105,14 +105,15 @@ class LatentAttention(nnx.Module):
     return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_btd)))
 
   def __call__(self, x_btd, rotate, *, alibi_slopes=None, segment_ids_bt=None, prefix_len_b=None,
-               cache=None, cache_index=None):
+               cache=None, cache_index=None, dropout_key=None):
     """Causal MLA with SelfAttention's interface: `rotate` rotates the RoPE parts (last dim
     qk_rope_head_dim), alibi_slopes [H], segment_ids_bt and prefix_len_b describe the mask.
 
     Without a cache, attends within x over per-head keys and values. With a cache (from
     `empty_latent_cache`), writes this call's latents at cache_index and attends over the whole
     cache in the absorbed form; the causal mask with q_offset=cache_index hides the slots not
-    yet written. Returns (y_btd, updated cache or None).
+    yet written. Returns (y_btd, updated cache or None). dropout_key, SelfAttention's key of
+    its adapters' dropout, is unused: LoRA (models/lora.py) does not cover MLA yet.
     """
     b, t, _ = x_btd.shape
     q_bthd = self._queries(x_btd).reshape(b, t, self.n_heads, self.nope_dim + self.rope_dim)

@@ -4,6 +4,7 @@ from flax import nnx
 
 from lmlab.models.dense import Dense
 from lmlab.models.sharding import BATCH, EMBED, LENGTH, MLP as HIDDEN, constrain
+from lmlab.models.stack import split_keys
 
 ACTIVATIONS = {
     'relu': jax.nn.relu,
@@ -30,10 +31,13 @@ class MLP(nnx.Module):
     self.up = linear(config.d_model, config.ffn_dim, (EMBED, HIDDEN))
     self.down = linear(config.ffn_dim, config.d_model, (HIDDEN, EMBED))
 
-  def __call__(self, x_btd):
+  def __call__(self, x_btd, dropout_key=None):
+    """dropout_key: dropout inside the layers (LoRA's adapters) is on when one is given."""
     activation = ACTIVATIONS[self.kind]
+    gate_key, up_key, down_key = split_keys(dropout_key, 3)
     if self.kind in GATED:
-      hidden_btf = activation(self.gate(x_btd)) * self.up(x_btd)
+      hidden_btf = (activation(self.gate(x_btd, dropout_key=gate_key))
+                    * self.up(x_btd, dropout_key=up_key))
     else:
-      hidden_btf = activation(self.up(x_btd))
-    return self.down(constrain(hidden_btf, (BATCH, LENGTH, HIDDEN)))
+      hidden_btf = activation(self.up(x_btd, dropout_key=up_key))
+    return self.down(constrain(hidden_btf, (BATCH, LENGTH, HIDDEN)), dropout_key=down_key)

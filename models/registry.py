@@ -5,6 +5,7 @@ from flax import nnx
 from lmlab.models.bert import Bert
 from lmlab.models.config import ModelConfig
 from lmlab.models.decoder import DecoderLM
+from lmlab.models.lora import add_lora
 from lmlab.models.seq2seq import EncoderDecoder
 
 FAMILY_CLASSES = {'decoder': DecoderLM, 'encoder': Bert, 'encoder_decoder': EncoderDecoder}
@@ -15,7 +16,8 @@ def model_class(config: ModelConfig):
 
 
 def build(config: ModelConfig, *, rngs: nnx.Rngs):
-  return model_class(config)(config, rngs=rngs)
+  model = model_class(config)(config, rngs=rngs)
+  return add_lora(model, config, rngs=rngs) if config.peft == 'lora' else model
 
 
 def abstract_model(config: ModelConfig):

@@ -36,9 +36,10 @@ DEFAULT_RULES = {BATCH: ('data', 'fsdp'), LENGTH: (), EMBED: ('fsdp',), MLP: ('t
                  HEADS: ('tensor',), KV_HEADS: ('tensor',), VOCAB: ('tensor',), NORM: ()}
 
 
-def param(value, axes):
-  """An nnx.Param whose dimensions are named `axes`."""
-  return nnx.Param(value, logical_axes=tuple(axes))
+def param(value, axes, kind=nnx.Param):
+  """An nnx.Param (or a `kind` of it, such as nnx.LoRAParam) whose dimensions are named
+  `axes`."""
+  return kind(value, logical_axes=tuple(axes))
 
 
 def initializer(init, axes):

@@ -65,9 +65,13 @@ def copy(hf_name: str, our_path: tuple) -> Link:
   return Link((hf_name,), (our_path,), list, list)
 
 
+def transpose(arrays: list) -> list:
+  """A Link's transform both ways between a torch Linear's weight [out, in] and our kernel."""
+  return [arrays[0].T]
+
+
 def linear(hf_prefix: str, our_path: tuple, *, bias: bool) -> list:
   """A torch Linear (weight [out, in]) and our Dense (kernel [in, out])."""
-  transpose = lambda arrays: [arrays[0].T]
   links = [Link((f'{hf_prefix}.weight',), (our_path + ('kernel',),), transpose, transpose)]
   if bias:
     links.append(copy(f'{hf_prefix}.bias', our_path + ('bias',)))

@@ -137,19 +137,23 @@ def _shard_files(index_path: str) -> dict:
   return weight_map
 
 
+def _checkpoint_files(directory: str) -> list:
+  """The safetensors files of a checkpoint directory: its index's, or model.safetensors."""
+  index_path = os.path.join(directory, INDEX_FILE)
+  if os.path.exists(index_path):
+    return sorted(set(_shard_files(index_path).values()))
+  if os.path.exists(os.path.join(directory, SINGLE_FILE)):
+    return [SINGLE_FILE]
+  raise CheckpointError(f'{directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}')
+
+
 class Checkpoint:
   """The tensors of a checkpoint directory by name, read one at a time on demand."""
 
-  def __init__(self, directory: str):
-    index_path = os.path.join(directory, INDEX_FILE)
-    if os.path.exists(index_path):
-      files = sorted(set(_shard_files(index_path).values()))
-    elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
-      files = [SINGLE_FILE]
-    else:
-      raise CheckpointError(f'{directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}')
+  def __init__(self, directory: str, files: list | None = None):
+    """files: the names of the safetensors files to read; default: the checkpoint's."""
     self._where = {}
-    for name in files:
+    for name in files if files is not None else _checkpoint_files(directory):
       path = os.path.join(directory, name)
       if not os.path.isfile(path):
         raise CheckpointError(f'{path} is missing or is not a file')

@@ -1,0 +1,229 @@
+"""LoRA adapters (models/lora.py) as Hugging Face peft folders, both ways.
+
+  from lmlab.models import hf
+  from lmlab.models.hf import peft
+  peft.save_lora(model, 'adapter', base_model_name_or_path='Qwen/Qwen2-0.5B')
+  adapted = peft.load_lora(hf.load('Qwen2-0.5B'), 'adapter')
+
+A peft LoRA folder holds adapter_config.json (peft_type LORA, r, lora_alpha, target_modules,
+...) and adapter_model.safetensors, whose tensors are named after the modules of the
+transformers model the adapter is for: base_model.model.<module>.lora_A.weight [U, D_in] and
+.lora_B.weight [D_out, U] (U: the rank). The modules are those of the checkpoint hf.save
+writes of the base model, found through its architecture's Links; each targeted kernel's Link
+must be a plain transpose, and transposes A and B as well.
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lmlab.models.config import without_peft
+from lmlab.models.errors import CheckpointError, ConfigError
+from lmlab.models.hf import architecture_for, safetensors_files
+from lmlab.models.hf.architecture import transpose
+from lmlab.models.json_values import is_finite_number, read_json
+from lmlab.models.lora import TARGET_PATHS
+from lmlab.models.registry import abstract_model
+
+CONFIG_FILE = 'adapter_config.json'
+WEIGHTS_FILE = 'adapter_model.safetensors'
+PREFIX = 'base_model.model.'  # What peft's PeftModel puts before the module names.
+TENSORS = {'lora_a': 'lora_A', 'lora_b': 'lora_B'}  # Our parameter: peft's module.
+# adapter_config.json fields of peft features that our LoRA lacks, and their values (or null,
+# or no field at all) that leave them off.
+FEATURES_OFF = {'use_dora': False, 'bias': 'none', 'lora_bias': False, 'fan_in_fan_out': False,
+                'rank_pattern': {}, 'alpha_pattern': {}, 'layers_to_transform': None,
+                'layer_replication': None, 'modules_to_save': None, 'exclude_modules': None,
+                'target_parameters': None, 'trainable_token_indices': None}
+TYPE_NAMES = {int: 'an integer', float: 'a number', bool: 'true or false',
+              list: 'a list of module names'}
+
+
+def _module_name(tensor: str) -> str:
+  """'model.layers.0.self_attn.q_proj.weight' -> 'model.layers.0.self_attn.q_proj'."""
+  return tensor.rsplit('.', 1)[0]
+
+
+def _target_links(config, architecture):
+  """(the Architecture of config's base, {target: the Link of its kernel in each block} for
+  the targets the base has, the names of all its modules)."""
+  base = without_peft(config)
+  arch = architecture_for(base, architecture)
+  links = arch.links(base)
+  by_path = {path: link for link in links for path in link.ours}
+  by_target = {}
+  for name, (sublayer, layer) in TARGET_PATHS.items():
+    kernels = [by_path.get(('blocks', i, sublayer, layer, 'kernel')) for i in range(base.n_layers)]
+    if None not in kernels:
+      by_target[name] = kernels
+  return arch, by_target, {_module_name(tensor) for link in links for tensor in link.hf}
+
+
+def _module(arch, link, target: str) -> str:
+  """The transformers module that holds a target's kernel."""
+  if len(link.ours) != 1 or link.to_hf is not transpose:
+    raise CheckpointError(f'{arch.name} stores the {target!r} layers fused with others or '
+                          f'rearranged ({link.hf[0]}); peft cannot adapt them as ours are')
+  return _module_name(link.hf[0])
+
+
+def _matches(module: str, entry: str) -> bool:
+  """peft's rule: a target_modules entry names the modules it equals or ends after a dot."""
+  return module == entry or module.endswith('.' + entry)
+
+
+def _peft_names(modules: list, all_modules: set) -> list:
+  """target_modules entries that name exactly `modules`: their shortest common dotted suffix
+  that names no other module, else each module in full."""
+  parts = modules[0].split('.')
+  for n in range(1, len(parts) + 1):
+    suffix = '.'.join(parts[-n:])
+    if {m for m in all_modules if _matches(m, suffix)} == set(modules):
+      return [suffix]
+  return modules
+
+
+def save_lora(model, folder: str, *, base_model_name_or_path: str | None = None,
+              architecture: str | None = None):
+  """Writes the LoRA adapters of `model` (peft=lora) as a peft folder in a new or empty
+  directory, for the transformers model that hf.save writes of the base (see hf.save for
+  `architecture`); tensors keep the parameters' dtype. base_model_name_or_path (a Hub name or
+  a folder) is where peft's tools look for the base."""
+  config = model.config
+  if config.peft != 'lora':
+    raise CheckpointError(f'save_lora writes LoRA adapters; this model has peft={config.peft!r}')
+  arch, by_target, all_modules = _target_links(config, architecture)
+  params = {path: np.asarray(variable.get_value())
+            for path, variable in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+  tensors, target_modules = {}, []
+  for name in config.lora_target_names:
+    modules = [_module(arch, link, name) for link in by_target[name]]
+    for i, (link, module) in enumerate(zip(by_target[name], modules)):
+      for ours, theirs in TENSORS.items():
+        tensors[f'{PREFIX}{module}.{theirs}.weight'] = link.to_hf(
+            [params[('blocks', i, *TARGET_PATHS[name], ours)]])[0]
+    target_modules += _peft_names(modules, all_modules)
+  if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+    raise CheckpointError(f'{folder} exists and is not an empty directory; choose a new path')
+  adapter_config = dict(
+      peft_type='LORA', task_type='CAUSAL_LM', base_model_name_or_path=base_model_name_or_path,
+      r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+      use_rslora=config.lora_rslora, target_modules=sorted(target_modules),
+      init_lora_weights=True, inference_mode=True, **FEATURES_OFF)
+  os.makedirs(folder, exist_ok=True)
+  safetensors_files.write(os.path.join(folder, WEIGHTS_FILE), tensors)
+  with open(os.path.join(folder, CONFIG_FILE), 'x') as f:
+    json.dump(adapter_config, f, indent=2)
+
+
+def _field(adapter: dict, path: str, name: str, kind: type, default):
+  value = adapter.get(name, default)
+  if not (is_finite_number(value) if kind is float else type(value) is kind):
+    raise CheckpointError(f'{path}: {name}={value!r:.60} is not {TYPE_NAMES[kind]}')
+  return value
+
+
+def _targets(entries: list, by_target: dict, all_modules: set, path: str) -> list:
+  """Our target names for peft's target_modules entries, which must name whole targets."""
+  wanted = set()
+  for entry in entries:
+    matched = {module for module in all_modules if _matches(module, entry)}
+    if not matched:
+      raise CheckpointError(f'{path}: target_modules entry {entry!r} names no module of the '
+                            'base model')
+    wanted |= matched
+  names, covered = [], set()
+  for name, links in by_target.items():
+    modules = {_module_name(link.hf[0]) for link in links}
+    if wanted & modules and not modules <= wanted:
+      raise CheckpointError(f'{path}: target_modules adapt the {name!r} layers of some blocks '
+                            'only; our LoRA adapts a target in every block')
+    if modules <= wanted:
+      names.append(name)
+      covered |= modules
+  if wanted - covered:
+    raise CheckpointError(f'{path}: target_modules name {sorted(wanted - covered)[0]!r}, which '
+                          f'is not among the layers LoRA adapts here ({", ".join(by_target)})')
+  return names
+
+
+def _lora_config(adapter, path: str, base, by_target: dict, all_modules: set):
+  """The ModelConfig of `base` with the LoRA that adapter_config.json describes."""
+  if not isinstance(adapter, dict):
+    raise CheckpointError(f'{path} holds {type(adapter).__name__}, not a JSON object')
+  if adapter.get('peft_type') != 'LORA':
+    raise CheckpointError(f'{path}: peft_type={adapter.get("peft_type")!r:.60} is not LORA, the '
+                          'peft method read here')
+  if adapter.get('task_type') not in (None, 'CAUSAL_LM'):
+    raise CheckpointError(f'{path}: task_type={adapter["task_type"]!r:.60} is not CAUSAL_LM')
+  for name, off in FEATURES_OFF.items():
+    if adapter.get(name) not in (None, off):
+      raise CheckpointError(f'{path}: {name}={adapter[name]!r:.60} is not supported (only '
+                            f'{off!r})')
+  # Defaults as peft's LoraConfig has them.
+  rank = _field(adapter, path, 'r', int, 8)
+  if rank <= 0:
+    raise CheckpointError(f'{path}: r={rank} must be positive')
+  entries = _field(adapter, path, 'target_modules', list, None)
+  if not all(isinstance(entry, str) for entry in entries):
+    raise CheckpointError(f'{path}: target_modules={entries!r:.60} is not a list of names')
+  targets = _targets(entries, by_target, all_modules, path)
+  try:
+    return dataclasses.replace(
+        base, peft='lora', lora_rank=rank,
+        lora_alpha=float(_field(adapter, path, 'lora_alpha', float, 8)),
+        lora_dropout=float(_field(adapter, path, 'lora_dropout', float, 0.0)),
+        lora_targets=','.join(targets),
+        lora_rslora=_field(adapter, path, 'use_rslora', bool, False)).validate()
+  except ConfigError as e:
+    raise CheckpointError(f'{path}: {e}') from None
+
+
+def load_lora(model, folder: str, *, architecture: str | None = None):
+  """A new model: `model` (a plain one, such as hf.load gives) with the LoRA adapters of a
+  peft folder, whose adapter_config.json sets the LoRA fields of its config. `model` is
+  unchanged (the new one shares its arrays); see hf.save for `architecture`."""
+  config_path = os.path.join(folder, CONFIG_FILE)
+  weights_path = os.path.join(folder, WEIGHTS_FILE)
+  for path in (config_path, weights_path):
+    if not os.path.isfile(path):
+      raise CheckpointError(f'{folder} has no {os.path.basename(path)}; pass a peft LoRA folder')
+  if model.config.peft:
+    raise CheckpointError(f'load_lora adds adapters to a plain model, not to one with '
+                          f'peft={model.config.peft!r}')
+  arch, by_target, all_modules = _target_links(model.config, architecture)
+  config = _lora_config(read_json(config_path, CheckpointError), config_path, model.config,
+                        by_target, all_modules)
+  checkpoint = safetensors_files.Checkpoint(folder, [WEIGHTS_FILE])
+  values = {path: variable.get_value()
+            for path, variable in nnx.to_flat_state(nnx.state(model))}
+  used = set()
+  for name in config.lora_target_names:
+    for i, link in enumerate(by_target[name]):
+      module = _module(arch, link, name)
+      ours = ('blocks', i, *TARGET_PATHS[name])
+      kernel = values[ours + ('kernel',)]
+      (d_in, d_out), rank = kernel.shape, config.lora_rank
+      for key, shape in (('lora_a', (d_in, rank)), ('lora_b', (rank, d_out))):
+        tensor = f'{PREFIX}{module}.{TENSORS[key]}.weight'
+        if tensor not in checkpoint:
+          raise CheckpointError(f'{weights_path} has no tensor {tensor!r}, which '
+                                'target_modules asks for')
+        stored = checkpoint.read(tensor)
+        if stored.shape != shape[::-1]:  # The Link transposes.
+          raise CheckpointError(f'{weights_path}: tensor {tensor!r} has shape {stored.shape}, '
+                                f'not {shape[::-1]}: r={rank} on {d_in} -> {d_out} features of '
+                                'the base model\'s layer; is the adapter for another base?')
+        array = link.to_ours([stored])[0]
+        values[ours + (key,)] = jax.device_put(np.asarray(array, dtype=kernel.dtype))
+        used.add(tensor)
+  unused = sorted(checkpoint.names() - used)
+  if unused:
+    raise CheckpointError(f'{weights_path} holds {len(unused)} tensors that target_modules does '
+                          f'not account for, e.g. {unused[0]!r}')
+  graphdef, abstract = nnx.split(abstract_model(config))
+  return nnx.merge(graphdef, nnx.from_flat_state(
+      [(path, variable.replace(values[path])) for path, variable in nnx.to_flat_state(abstract)]))

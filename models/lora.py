@@ -1,0 +1,101 @@
+"""LoRA (Hu et al. 2021): trained low-rank updates of a decoder's projections.
+
+A targeted Dense computes x W + b + dropout(x) A B * scale, with A [D_in, U] and B [U, D_out]
+(U: the rank) the only parameters a LoRA run trains: they are nnx.LoRAParam, so the trainable
+filter is nnx.LoRAParam. scale is lora_alpha / U, or lora_alpha / sqrt(U) with rsLoRA. A is
+drawn as Hugging Face peft draws it and B starts at zero, so an adapted model starts out
+computing what its base does.
+
+This is ours rather than nnx.LoRA, which has neither the alpha / U (or rsLoRA) scale nor
+dropout, and which nests the base layer, moving its kernel from q_proj/kernel to
+q_proj/base_module/kernel: a LoRADense keeps the base parameters' paths, so a pre-trained
+model's parameters load into a LoRA model path by path.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmlab.models import sharding
+from lmlab.models.config import without_peft
+from lmlab.models.dense import Dense, matmul_last_axis
+from lmlab.models.errors import ConfigError
+
+# Where each of config.LORA_TARGETS is in a Block: (sublayer, layer).
+TARGET_PATHS = {'q': ('attention', 'q_proj'), 'k': ('attention', 'k_proj'),
+                'v': ('attention', 'v_proj'), 'o': ('attention', 'o_proj'),
+                'gate': ('mlp', 'gate'), 'up': ('mlp', 'up'), 'down': ('mlp', 'down')}
+
+
+class LoRADense(Dense):
+  """A Dense with an adapter; its kernel and bias are those of the Dense it replaces."""
+
+  def __init__(self, base: Dense, *, rank: int, scale: float, dropout: float,
+               rngs: nnx.Rngs):
+    self.dtype, self.kernel, self.bias = base.dtype, base.kernel, base.bias
+    kernel = base.kernel.get_value()
+    d_in, d_out = kernel.shape
+    in_axis, out_axis = sharding.logical_axes(base.kernel)
+    # A as peft draws it (torch's kaiming_uniform_ with a=sqrt(5) of its [U, D_in] weight):
+    # uniform on [-1/sqrt(D_in), 1/sqrt(D_in)].
+    bound = d_in ** -0.5
+    self.lora_a = sharding.param(
+        jax.random.uniform(rngs.params(), (d_in, rank), kernel.dtype, -bound, bound),
+        (in_axis, None), kind=nnx.LoRAParam)
+    self.lora_b = sharding.param(jnp.zeros((rank, d_out), kernel.dtype), (None, out_axis),
+                                 kind=nnx.LoRAParam)
+    self.scale = scale
+    self.dropout = nnx.Dropout(dropout)
+
+  def __call__(self, x, dropout_key=None):
+    """The adapter's dropout is on when a dropout_key is given."""
+    dropped_xd = self.dropout(x.astype(self.dtype), deterministic=dropout_key is None,
+                              rngs=dropout_key)
+    low_xu = matmul_last_axis(dropped_xd, self.lora_a[...].astype(self.dtype))
+    return (super().__call__(x)
+            + matmul_last_axis(low_xu, self.lora_b[...].astype(self.dtype)) * self.scale)
+
+  def merged_kernel(self):
+    """W + A B * scale, in the kernel's dtype."""
+    kernel = self.kernel[...]
+    update = jnp.dot(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    return (kernel.astype(jnp.float32) + update * self.scale).astype(kernel.dtype)
+
+
+def add_lora(model, config, *, rngs: nnx.Rngs):
+  """`model` with a LoRADense in place of each Dense that config.lora_targets names, in every
+  block, and `config` as its config; changed in place and returned. model is a decoder built
+  from config (models/registry.build calls this) or from its base, without_peft(config)."""
+  if config.peft != 'lora':
+    raise ConfigError(f'add_lora needs a config with peft=lora, not peft={config.peft!r}')
+  if model.config not in (config, without_peft(config)):
+    raise ConfigError('add_lora: the config describes another model than the one given '
+                      '(they must differ in the peft fields only)')
+  for name in config.lora_target_names:
+    sublayer_name, layer_name = TARGET_PATHS[name]
+    for block in model.blocks:
+      sublayer = getattr(block, sublayer_name)
+      layer = getattr(sublayer, layer_name, None)
+      if layer is None:
+        raise ConfigError(f'lora_targets names {name!r}, but this model has no '
+                          f'{sublayer_name}/{layer_name} (mlp={config.mlp})')
+      setattr(sublayer, layer_name, LoRADense(layer, rank=config.lora_rank,
+                                              scale=config.lora_scale,
+                                              dropout=config.lora_dropout, rngs=rngs))
+  model.config = config
+  return model
+
+
+def merge(model):
+  """A plain model of without_peft(model.config) whose kernels are model's, each adapter folded
+  into its own: W + A B * scale. `model` is unchanged."""
+  config = without_peft(model.config)
+  values = {path: variable.get_value() for path, variable in nnx.to_flat_state(nnx.state(model))}
+  for name in model.config.lora_target_names:
+    sublayer_name, layer_name = TARGET_PATHS[name]
+    for i, block in enumerate(model.blocks):
+      layer = getattr(getattr(block, sublayer_name), layer_name)
+      values[('blocks', i, sublayer_name, layer_name, 'kernel')] = layer.merged_kernel()
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: type(model)(config, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, nnx.from_flat_state(
+      [(path, variable.replace(values[path])) for path, variable in nnx.to_flat_state(abstract)]))
