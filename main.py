@@ -12,9 +12,16 @@
   python main.py --mode=generate --hf_checkpoint=path/to/Qwen2-0.5B --prompt='def '
   python main.py --mode=convert --hf_checkpoint=path/to/Qwen2-0.5B --workdir=runs/qwen
   python main.py --mode=convert --workdir=runs/tiny --hf_out=exported/tiny
+  python main.py --objective=sft --data=chats.jsonl --init_from=runs/tiny --peft=lora \
+      --workdir=runs/tiny-chat              # supervised fine-tuning of LoRA adapters
+  python main.py --mode=chat --workdir=runs/tiny-chat   # talk to it (or --prompt=...)
+  python main.py --mode=merge --workdir=runs/tiny-chat --hf_out=exported/merged
+  python main.py --mode=convert --workdir=runs/tiny-chat --hf_out=exported/base \
+      --peft_out=exported/adapter          # a Hugging Face model and its peft adapter
 
-Any ModelConfig field can be overridden with --set field=value (repeatable); the resolved
-config is written to <workdir>/config.json. Re-running a train command in the same workdir
+Any ModelConfig field can be overridden with --set field=value (repeatable; --peft and the
+--lora_* flags are shortcuts for theirs); the resolved config is written to
+<workdir>/config.json. Re-running a train command in the same workdir
 resumes from its latest checkpoint.
 """
 import dataclasses
@@ -23,18 +30,22 @@ import sys
 import jax
 from absl import app, flags, logging
 
+from lmlab.data.chat_template import chat_template
 from lmlab.data.errors import DataError
+from lmlab.models.config import PEFT_FIELDS, ModelConfig
 from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.generation import SamplingConfig
 from lmlab.training import loop, parallel
 from lmlab.training import run as run_lib
 from lmlab.training.config import TrainConfig
-from lmlab.training.dataclass_flags import define, from_flags
+from lmlab.training.dataclass_flags import define, field_comments, from_flags
 from lmlab.training.optimizer import OptimizerConfig
 from lmlab.training.trainer import Interrupted, TrainingError
 from lmlab.training.workdir import WorkdirError
 
-MODES = ('train', 'eval', 'generate', 'tokenizer', 'convert')
+MODES = ('train', 'eval', 'generate', 'chat', 'tokenizer', 'convert', 'merge')
+# ModelConfig fields with flags of their own, each the same as --set name=value.
+MODEL_FLAGS = ('peft', *PEFT_FIELDS['lora'])
 OPTIMIZER_FLAGS = {'total_steps': 'schedule_steps'}
 
 flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
@@ -52,7 +63,16 @@ flags.DEFINE_string('hf_checkpoint', None, 'A Hugging Face folder (config.json, 
                     'param_dtype, attention_impl, dca_chunk_size, ...).')
 flags.DEFINE_string('hf_out', None, '--mode=convert: write the --workdir\'s latest checkpoint to '
                     'this new folder in Hugging Face format.')
-flags.DEFINE_string('prompt', '', 'Prompt for generation (empty: start of a document).')
+flags.DEFINE_string('peft_out', None, '--mode=convert of a LoRA run: write its adapters to this '
+                    'new folder as a Hugging Face peft adapter (with --hf_out, the base model).')
+flags.DEFINE_string('peft_checkpoint', None, 'A Hugging Face peft LoRA folder whose adapters '
+                    '--mode=eval/generate/chat put on the model (--hf_checkpoint or --workdir).')
+flags.DEFINE_string('merged_workdir', None, '--mode=merge: write the merged model to this new '
+                    'workdir (beside or instead of --hf_out).')
+flags.DEFINE_string('prompt', '', 'Prompt for generation (empty: start of a document); '
+                    '--mode=chat: one user message to answer, instead of a conversation on stdin.')
+for _name in MODEL_FLAGS:
+  flags.DEFINE_string(_name, None, f'{field_comments(ModelConfig)[_name]} (--set {_name}=...)')
 flags.DEFINE_bool('distributed', False, 'Join a multi-process run (jax.distributed.initialize); '
                   'the three flags below, where not given, come from the environment.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (this flag and the '
@@ -76,17 +96,26 @@ def _sample(graphdef, params, tokenizer, eot=None) -> str:
                         seed=FLAGS.seed, eot=eot)
 
 
+def _overrides() -> list[str]:
+  """--set, and the model flags given, as field=value."""
+  return FLAGS.set + [f'{name}={FLAGS[name].value}' for name in MODEL_FLAGS
+                      if FLAGS[name].value is not None]
+
+
 def _loaded():
-  return run_lib.load(_train_config(), FLAGS.hf_checkpoint, FLAGS.set, FLAGS.tokenizer)
+  loaded = run_lib.load(_train_config(), FLAGS.hf_checkpoint, _overrides(), FLAGS.tokenizer)
+  if FLAGS.peft_checkpoint:
+    loaded = run_lib.with_peft_checkpoint(loaded, FLAGS.peft_checkpoint)
+  return loaded
 
 
 def train():
   train_config, init_params = _train_config(), None
   if FLAGS.init_from:
-    model_config, tokenizer, init_params = run_lib.init_from(FLAGS.init_from, FLAGS.set)
+    model_config, tokenizer, init_params = run_lib.init_from(FLAGS.init_from, _overrides())
     train_config = dataclasses.replace(train_config, tokenizer=FLAGS.tokenizer or tokenizer)
   else:
-    model_config = run_lib.preset_config(FLAGS.model, FLAGS.set)
+    model_config = run_lib.preset_config(FLAGS.model, _overrides())
   params, graphdef, tokenizer, summary = loop.train(
       train_config, model_config, from_flags(OptimizerConfig, names=OPTIMIZER_FLAGS),
       init_params=init_params)
@@ -122,18 +151,47 @@ def generate():
   print(_sample(loaded.graphdef, loaded.params, loaded.tokenizer, loaded.end_token))
 
 
+def chat():
+  """Answers --prompt, or each line of stdin as the next user turn of one conversation."""
+  loaded = _loaded()
+  template = chat_template(FLAGS.chat_template or loaded.run.chat_template or 'chatml')
+
+  def reply(messages):
+    return run_lib.chat_reply(loaded.graphdef, loaded.params, loaded.tokenizer, template,
+                              messages, from_flags(SamplingConfig), seed=FLAGS.seed)
+
+  if FLAGS.prompt:
+    print(reply([{'role': 'user', 'content': FLAGS.prompt}]))
+    return
+  messages = []
+  for line in sys.stdin:
+    messages.append({'role': 'user', 'content': line.rstrip('\n')})
+    messages.append({'role': 'assistant', 'content': reply(messages)})
+    print(messages[-1]['content'], flush=True)
+
+
 def convert():
-  """--hf_checkpoint -> a new --workdir checkpoint, or a --workdir's latest -> --hf_out."""
+  """--hf_checkpoint -> a new --workdir checkpoint, or a --workdir's latest -> --hf_out
+  (and a LoRA run's adapters -> --peft_out)."""
   workdir = _train_config().workdir
   if FLAGS.hf_checkpoint:
-    run_lib.hf_to_workdir(FLAGS.hf_checkpoint, _train_config(), FLAGS.set, FLAGS.tokenizer)
+    run_lib.hf_to_workdir(FLAGS.hf_checkpoint, _train_config(), _overrides(), FLAGS.tokenizer)
     print(f'wrote {workdir}: step-0 checkpoint of {FLAGS.hf_checkpoint}')
-  elif FLAGS.hf_out:
-    step = run_lib.workdir_to_hf(workdir, FLAGS.hf_out)
-    print(f'wrote {FLAGS.hf_out}: checkpoint {step} of {workdir}')
+  elif FLAGS.hf_out or FLAGS.peft_out:
+    step = run_lib.workdir_to_hf(workdir, FLAGS.hf_out, FLAGS.peft_out)
+    written = ' and '.join(filter(None, (FLAGS.hf_out, FLAGS.peft_out)))
+    print(f'wrote {written}: checkpoint {step} of {workdir}')
   else:
     raise CheckpointError('--mode=convert needs --hf_checkpoint=<folder> (to a workdir) or '
-                          '--hf_out=<new folder> (from --workdir)')
+                          '--hf_out=<new folder> / --peft_out=<new folder> (from --workdir)')
+
+
+def merge():
+  """A LoRA --workdir's latest, adapters folded in -> --hf_out and/or --merged_workdir."""
+  workdir = _train_config().workdir
+  step = run_lib.merge_lora(workdir, hf_out=FLAGS.hf_out, out_workdir=FLAGS.merged_workdir)
+  written = ' and '.join(filter(None, (FLAGS.hf_out, FLAGS.merged_workdir)))
+  print(f'wrote {written}: checkpoint {step} of {workdir} with its LoRA adapters merged')
 
 
 def train_tokenizer():
@@ -151,8 +209,8 @@ def main(argv):
                                 ('coordinator_address', 'num_processes', 'process_id')):
       parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                       FLAGS.process_id)
-    {'train': train, 'eval': evaluate, 'generate': generate, 'tokenizer': train_tokenizer,
-     'convert': convert}[FLAGS.mode]()
+    {'train': train, 'eval': evaluate, 'generate': generate, 'chat': chat,
+     'tokenizer': train_tokenizer, 'convert': convert, 'merge': merge}[FLAGS.mode]()
   except (ConfigError, DataError, CheckpointError, TrainingError, WorkdirError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -118,12 +118,12 @@ class ModelConfig:
   dropout_rate: float = 0.0     # on embeddings and on each sublayer's output.
   init_std: float = 0.02
 
-  # Parameter-efficient fine-tuning, one of PEFTS. 'lora' adds to each projection that
+  # Parameter-efficient fine-tuning: '' (none) or 'lora', which adds to each projection that
   # lora_targets names a trained low-rank update x A B * scale, A [d_in, rank] and
   # B [rank, d_out], with scale lora_alpha / rank (Hu et al. 2021; models/lora.py).
   peft: str = ''
-  lora_rank: int = 8
-  lora_alpha: float = 16.0
+  lora_rank: int = 8            # U, the rank of each update.
+  lora_alpha: float = 16.0      # the update's scale times the rank.
   lora_dropout: float = 0.0     # on each adapter's input, in training.
   lora_targets: str = 'q,k,v,o'  # comma-separated LORA_TARGETS (or peft's q_proj, ...).
   lora_rslora: bool = False     # scale lora_alpha / sqrt(rank) (Kalajdzievski 2023, rsLoRA).

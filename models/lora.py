@@ -89,13 +89,24 @@ def add_lora(model, config, *, rngs: nnx.Rngs):
 def merge(model):
   """A plain model of without_peft(model.config) whose kernels are model's, each adapter folded
   into its own: W + A B * scale. `model` is unchanged."""
+  return _plain(model, LoRADense.merged_kernel)
+
+
+def base_model(model):
+  """The plain model that model's adapters adapt: its parameters without the adapters."""
+  return _plain(model, lambda layer: layer.kernel[...])
+
+
+def _plain(model, kernel_of):
+  """A plain model of without_peft(model.config) with model's parameters, each adapted layer's
+  kernel kernel_of(layer)."""
   config = without_peft(model.config)
   values = {path: variable.get_value() for path, variable in nnx.to_flat_state(nnx.state(model))}
   for name in model.config.lora_target_names:
     sublayer_name, layer_name = TARGET_PATHS[name]
     for i, block in enumerate(model.blocks):
       layer = getattr(getattr(block, sublayer_name), layer_name)
-      values[('blocks', i, sublayer_name, layer_name, 'kernel')] = layer.merged_kernel()
+      values[('blocks', i, sublayer_name, layer_name, 'kernel')] = kernel_of(layer)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: type(model)(config, rngs=nnx.Rngs(0))))
   return nnx.merge(graphdef, nnx.from_flat_state(
       [(path, variable.replace(values[path])) for path, variable in nnx.to_flat_state(abstract)]))

@@ -1,4 +1,5 @@
-"""The module class a ModelConfig builds, chosen by its `family`."""
+"""The module class a ModelConfig builds, chosen by its `family`, with its parameter-efficient
+fine-tuning method's parameters, and which of them train."""
 import jax
 from flax import nnx
 
@@ -18,6 +19,12 @@ def model_class(config: ModelConfig):
 def build(config: ModelConfig, *, rngs: nnx.Rngs):
   model = model_class(config)(config, rngs=rngs)
   return add_lora(model, config, rngs=rngs) if config.peft == 'lora' else model
+
+
+def trainable(config: ModelConfig):
+  """The nnx filter of the parameters a run of `config` trains: its PEFT method's (a LoRA
+  run's adapters), or None for all of them."""
+  return nnx.LoRAParam if config.peft == 'lora' else None
 
 
 def abstract_model(config: ModelConfig):

@@ -207,8 +207,9 @@ def _run(train_config, opt_config, task, layout, *, print_fn, init_params, lead)
   first_batch = batch_at(start_step)
   step = steps_lib.make_train_step(
       graphdef, optimizer, schedule(opt_config), seed=train_config.seed,
-      use_dropout=model_config.dropout_rate > 0, z_loss=train_config.z_loss,
-      max_z_loss=train_config.max_z_loss, loss_fn=task.loss, trainable=task.trainable,
+      use_dropout=model_config.dropout_rate > 0 or model_config.lora_dropout > 0,
+      z_loss=train_config.z_loss, max_z_loss=train_config.max_z_loss, loss_fn=task.loss,
+      trainable=task.trainable,
       shardings=(params_at, opt_state_at, {k: v.sharding for k, v in first_batch.items()},
                  layout.replicated, jax.tree.map(lambda x: x.sharding, frozen)))
   compiled = step.lower(state.params, state.opt_state, first_batch,

@@ -8,7 +8,8 @@ An objective is made as objective(train_config, model_config, log=print) and pro
   loss                      loss(model, batch, dropout_key, frozen) -> (loss, metrics with
                             'loss'), or None for the next-token loss of training/steps.py
   evaluate(graphdef, params) -> {'eval_loss': ..., and other eval_* metrics}
-  trainable                 an nnx filter of the parameters the optimizer updates; None: all
+  trainable                 an nnx filter of the parameters the optimizer updates; None: all;
+                            default: the model's PEFT method's (models/registry.trainable)
   frozen(params)            state the loss reads but does not train (a reference or teacher
                             model's parameters), made from the run's initial parameters, or
                             None; it is placed like the parameters and passed to every step
@@ -18,14 +19,18 @@ An objective is made as objective(train_config, model_config, log=print) and pro
 To add one: a class in a file of its own (or beside its kin in training/objectives.py), a line
 in training/objectives.py:OBJECTIVES naming it for --objective, and its test.
 """
+from lmlab.models import registry
 
 
 class Objective:
-  """Defaults for the optional parts: the next-token loss, every parameter trained, nothing
-  frozen."""
+  """Defaults for the optional parts: the next-token loss, the parameters the model config
+  trains (all of them, or a PEFT method's), nothing frozen."""
   loss = None
-  trainable = None
   put_batch = None
+
+  @property
+  def trainable(self):
+    return registry.trainable(self.model_config)
 
   def frozen(self, params):
     del params

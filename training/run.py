@@ -18,12 +18,13 @@ from lmlab.data import corpus as corpus_lib
 from lmlab.data import tokenizer as tokenizer_lib
 from lmlab.data.chat_template import ChatTemplate, render
 from lmlab.data.errors import DataError
-from lmlab.models import hf
+from lmlab.models import hf, lora
+from lmlab.models.hf import peft as hf_peft
 from lmlab.models.config import ModelConfig, preset, with_overrides
 from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.generation import SamplingConfig, make_generate
 from lmlab.models.hf.architecture import RUN_FIELDS
-from lmlab.models.registry import abstract_model
+from lmlab.models.registry import abstract_model, trainable
 from lmlab.models.sharding import VOCAB, logical_axes
 from lmlab.training import objectives
 from lmlab.training import steps as steps_lib
@@ -68,7 +69,9 @@ def restore(workdir: str) -> Loaded:
       raise CheckpointError(f'no checkpoint in {checkpoints.directory}; train first')
     optimizer = make_optimizer(OptimizerConfig(**resolved['optimizer']).resolved(
         run.steps, resolved['model'].family))
-    params, _, _ = checkpoints.restore(step, abstract_params, optimizer.init)
+    params, _, _ = checkpoints.restore(
+        step, abstract_params, lambda params: optimizer.init(steps_lib.trainable_part(
+            params, trainable(resolved['model']))))
   finally:
     checkpoints.close()
   return Loaded(graphdef, params, load_run_tokenizer(run), run, f'checkpoint {step}', step)
@@ -214,25 +217,67 @@ def chat_reply(graphdef, params, tokenizer, template: ChatTemplate, messages: li
 def hf_to_workdir(hf_checkpoint: str, run: TrainConfig, overrides: list[str],
                   tokenizer: str | None = None):
   """A new run.workdir whose step-0 checkpoint holds a Hugging Face folder's parameters."""
+  model, run = load_hf(hf_checkpoint, overrides, run, tokenizer)
+  _write_workdir(model, run, hf_checkpoint)
+
+
+def _write_workdir(model, run: TrainConfig, source: str):
+  """A new run.workdir whose step-0 checkpoint holds model's parameters, from `source`."""
   if os.path.exists(config_path(run.workdir)):
     raise WorkdirError(f'{run.workdir} already holds a run; pass a new --workdir')
-  model, run = load_hf(hf_checkpoint, overrides, run, tokenizer)
   optimizer = OptimizerConfig().resolved(run.steps, model.config.family)
   with locked(run.workdir):
     record_config(run.workdir, {'model': model.config, **dataclasses.asdict(run),
                                 'optimizer': dataclasses.asdict(optimizer)})
     checkpoints = Checkpoints(run.workdir)
     checkpoints.save(0, {'params': nnx.state(model, nnx.Param)},
-                     {'step': 0, 'params_only': True, 'source': hf_checkpoint,
+                     {'step': 0, 'params_only': True, 'source': source,
                       'tokenizer': run.tokenizer})
     checkpoints.close()
 
 
-def workdir_to_hf(workdir: str, hf_out: str) -> int:
-  """Writes the workdir's latest parameters to a new Hugging Face folder; returns the step."""
+def workdir_to_hf(workdir: str, hf_out: str | None, peft_out: str | None = None) -> int:
+  """Writes the workdir's latest parameters to a new Hugging Face folder and, for a LoRA run,
+  its adapters to a new peft folder (then hf_out gets the base model they adapt, so that
+  peft.PeftModel.from_pretrained(<hf_out model>, peft_out) is the run's model); returns the
+  step."""
   loaded = restore(workdir)
-  hf.save(nnx.merge(loaded.graphdef, loaded.params), hf_out)
+  model = nnx.merge(loaded.graphdef, loaded.params)
+  if peft_out:
+    if model.config.peft != 'lora':
+      raise ConfigError(f'{workdir} is not a LoRA run (peft={model.config.peft!r}); --peft_out '
+                        'writes LoRA adapters')
+    hf_peft.save_lora(model, peft_out, base_model_name_or_path=hf_out)
+  if hf_out:
+    hf.save(lora.base_model(model) if model.config.peft == 'lora' else model, hf_out)
   return loaded.step
+
+
+def merge_lora(workdir: str, *, hf_out: str | None, out_workdir: str | None) -> int:
+  """Writes a LoRA run's latest parameters with the adapters folded into the kernels, as a
+  plain model: to a new Hugging Face folder and/or a new workdir; returns the step."""
+  if not (hf_out or out_workdir):
+    raise ConfigError('--mode=merge needs --hf_out=<new folder> or --merged_workdir=<new '
+                      'workdir> to write the merged model to')
+  loaded = restore(workdir)
+  model = nnx.merge(loaded.graphdef, loaded.params)
+  if model.config.peft != 'lora':
+    raise ConfigError(f'{workdir} has no LoRA adapters to merge (peft={model.config.peft!r})')
+  merged = lora.merge(model)
+  if hf_out:
+    hf.save(merged, hf_out)
+  if out_workdir:
+    _write_workdir(merged, dataclasses.replace(loaded.run, workdir=out_workdir),
+                   f'{workdir} checkpoint {loaded.step}, LoRA merged')
+  return loaded.step
+
+
+def with_peft_checkpoint(loaded: Loaded, folder: str) -> Loaded:
+  """`loaded` (a plain model) with the LoRA adapters of a Hugging Face peft folder."""
+  model = hf_peft.load_lora(nnx.merge(loaded.graphdef, loaded.params), folder)
+  graphdef, params = nnx.split(model)
+  return dataclasses.replace(loaded, graphdef=graphdef, params=params,
+                             source=f'{loaded.source} with {folder}')
 
 
 def train_tokenizer(spec: str | None, data: str | None, val_fraction: float, out: str) -> str:
