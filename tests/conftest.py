@@ -68,6 +68,18 @@ def subprocess_compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def corpus_dir(tmp_path, rng):
+  """A folder of eight random texts of a few words, for main.py runs."""
+  folder = tmp_path / 'corpus'
+  folder.mkdir()
+  words = ['alpha', 'beta', 'gamma', 'delta', 'λ', '数据', 'def', '(', ')', '\n']
+  for i in range(8):
+    text = ' '.join(rng.choice(words, 400))
+    (folder / f'doc{i}.txt').write_text(text, encoding='utf-8')
+  return folder
+
+
+@pytest.fixture
 def rng(request):
   """A numpy Generator seeded fresh per test run (the seed is printed on failure)."""
   seed = int.from_bytes(os.urandom(4), 'little')

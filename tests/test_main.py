@@ -20,17 +20,6 @@ SMALL = ['--set', 'd_model=32', '--set', 'n_layers=1', '--set', 'n_heads=2',
          '--eval_batches=2', '--max_new_tokens=8', '--warmup_steps=2']
 
 
-@pytest.fixture
-def corpus_dir(tmp_path, rng):
-  folder = tmp_path / 'corpus'
-  folder.mkdir()
-  words = ['alpha', 'beta', 'gamma', 'delta', 'λ', '数据', 'def', '(', ')', '\n']
-  for i in range(8):
-    text = ' '.join(rng.choice(words, 400))
-    (folder / f'doc{i}.txt').write_text(text, encoding='utf-8')
-  return folder
-
-
 def run_main(*args, check=True, prefix=(), **popen):
   result = subprocess.run([*prefix, sys.executable, os.path.join(ROOT, 'main.py'), *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, **popen)

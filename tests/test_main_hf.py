@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from test_hf import hf_logits, hf_model
-from test_main import corpus_dir, run_main  # noqa: F401 (a fixture)
+from test_main import run_main
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')

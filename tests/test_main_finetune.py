@@ -1,0 +1,82 @@
+"""Fine-tuning through main.py: SFT of LoRA adapters on a pre-trained run, chat, merge and
+export to Hugging Face peft."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmlab.models import hf, lora
+from lmlab.models.hf import peft as hf_peft
+from lmlab.training import run as run_lib
+from test_main import SMALL, expect_error, metrics, run_main
+
+LORA = ['--peft=lora', '--lora_rank=2', '--lora_alpha=4', '--lora_targets=q,v,down']
+
+
+def logits(model, tokens):
+  return np.asarray(nnx.jit(lambda model, tokens: model(tokens))(model, jnp.asarray(tokens)))
+
+
+def adapted_shapes(config) -> int:
+  """Parameters LoRA adds: per block and target, rank * (d_in + d_out)."""
+  head = config.n_heads * config.resolved_head_dim
+  kv = config.n_kv_heads * config.resolved_head_dim
+  sizes = {'q': (config.d_model, head), 'v': (config.d_model, kv),
+           'down': (config.ffn_dim, config.d_model)}
+  return config.n_layers * sum(config.lora_rank * (d_in + d_out) for d_in, d_out in
+                               (sizes[name] for name in config.lora_target_names))
+
+
+def test_lora_sft_run_trains_only_adapters_and_merges_and_exports(tmp_path, corpus_dir, rng):
+  base, tuned = str(tmp_path / 'base'), str(tmp_path / 'tuned')
+  run_main(*SMALL, f'--data={corpus_dir}', f'--workdir={base}', '--steps=4')
+  words = ['alpha', 'beta', 'gamma', 'delta']
+  chats = tmp_path / 'chats.jsonl'
+  chats.write_text(''.join(json.dumps({'prompt': str(rng.choice(words)),
+                                       'completion': str(rng.choice(words))}) + '\n'
+                           for _ in range(40)), encoding='utf-8')
+  run_main(*SMALL, *LORA, '--objective=sft', f'--data={chats}', f'--init_from={base}',
+           f'--workdir={tuned}', '--steps=6', '--seq_len=32', '--learning_rate=3e-2')
+
+  before, after = run_lib.restore(base), run_lib.restore(tuned)
+  config = nnx.merge(after.graphdef, after.params).config
+  first = metrics(tuned)[0]
+  assert first['trainable_params'] == adapted_shapes(config)
+  assert first['params'] == first['trainable_params'] + sum(
+      x.size for x in jax.tree.leaves(before.params))
+  # Adam's two moments of the adapters, and its step count: nothing of the base.
+  assert first['opt_state_bytes_per_device'] <= 2 * 4 * adapted_shapes(config) + 64
+  tuned_params = dict(nnx.to_flat_state(after.params))
+  for path, value in nnx.to_flat_state(before.params):
+    np.testing.assert_array_equal(tuned_params[path][...], value[...], err_msg=str(path))
+  assert any(np.abs(value[...]).max() > 0 for path, value in tuned_params.items()
+             if path[-1] == 'lora_b')
+
+  reply = run_main('--mode=chat', f'--workdir={tuned}', '--prompt=alpha', '--temperature=0',
+                   '--max_new_tokens=4')
+  assert reply.returncode == 0 and reply.stdout.strip() != ''
+
+  merged, exported, adapter = (str(tmp_path / name) for name in ('merged', 'base_hf', 'adapter'))
+  run_main('--mode=merge', f'--workdir={tuned}', f'--hf_out={merged}')
+  run_main('--mode=convert', f'--workdir={tuned}', f'--hf_out={exported}',
+           f'--peft_out={adapter}')
+  model = nnx.merge(after.graphdef, after.params)
+  tokens = rng.integers(0, 256, (2, 12))
+  expected = logits(model, tokens)
+  np.testing.assert_allclose(logits(hf.load(merged), tokens), expected, atol=1e-5)
+  np.testing.assert_allclose(logits(hf_peft.load_lora(hf.load(exported), adapter), tokens),
+                             expected, atol=1e-5)
+  np.testing.assert_allclose(logits(lora.base_model(model), tokens),
+                             logits(nnx.merge(before.graphdef, before.params), tokens), atol=0)
+
+  expect_error('--mode=merge', f'--workdir={base}', f'--hf_out={tmp_path / "no"}',
+               match='no LoRA adapters')
+
+
+@pytest.mark.parametrize('flag, match', [('--lora_rank=0', 'lora_rank=0 must be positive'),
+                                         ('--lora_targets=q,qq', "'qq' is not one of")])
+def test_bad_lora_flags(tmp_path, flag, match):
+  expect_error(f'--workdir={tmp_path / "run"}', '--steps=1', '--peft=lora', flag, match=match)
