@@ -361,6 +361,12 @@ def _steps_to_target(steps, losses, target: float, window: int = 3):
   return None
 
 
+def run_sizes(workdir: str) -> dict:
+  """The first metrics line's sizes: parameters, trainable ones, optimizer state and the
+  compiled step's memory (training/loop.py)."""
+  return next((m for m in _metrics_lines(workdir) if 'trainable_params' in m), {})
+
+
 def training_record(workdir: str, setup: Setup, target_loss: float, error: str | None) -> dict:
   """What metrics.jsonl says about a run: losses, divergence, speed and curves.
 

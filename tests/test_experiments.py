@@ -9,8 +9,8 @@ import statistics
 import pytest
 from absl import flags
 
-from lmlab.experiments import (activations, attention_scale, attention_types, initialisation,
-                               norm_placement, position_extrapolation)
+from lmlab.experiments import (activations, attention_scale, attention_types, finetuning,
+                               initialisation, norm_placement, position_extrapolation)
 from lmlab.models.config import ModelConfig
 from lmlab.models.registry import param_count
 
@@ -132,6 +132,21 @@ def test_attention_scale(tmp_path, corpus):
   run_script(attention_scale, tmp_path, corpus, '--softmax_scales=none', '--head_dims=8')
   check_outputs(tmp_path, ['softmax_scale', 'head_dim'], 'entropy at init', 'init_entropy', 1)
   assert 0.0 < float(csv_rows(tmp_path)[0]['init_entropy']) <= 1.0
+
+
+def test_finetuning(tmp_path, corpus):
+  run_script(finetuning, tmp_path, corpus, '--methods=full,lora2', '--sft_steps=2',
+             '--task_examples=40', '--seq_len=48')
+  check_outputs(tmp_path, ['method'], 'task loss', 'final_eval_loss', 2)
+  rows = {row['method']: row for row in csv_rows(tmp_path)}
+  with open(tmp_path / 'base' / 'config.json') as f:
+    base = ModelConfig(**json.load(f)['model'])
+  d, f_dim = base.d_model, base.ffn_dim
+  # Rank 2 on q, k, v, o (d x d here) and gate, up, down: rank * (d_in + d_out) each.
+  adapters = base.n_layers * 2 * (4 * (d + d) + 2 * (d + f_dim) + (f_dim + d))
+  assert int(rows['lora2']['trainable_params']) == adapters
+  assert int(rows['full']['trainable_params']) == param_count(base)
+  assert all(float(row['forgetting']) == float(row['forgetting']) for row in rows.values())
 
 
 def test_initialisation(tmp_path, corpus):

@@ -125,8 +125,8 @@ def init_from(workdir: str, overrides: list[str]):
     old = source.get(name)
     if old is None or old.ndim != value.ndim:
       return value
-    if old.shape == value.shape:
-      return old
+    if old.shape == value.shape:  # A copy: a train step donates (deletes) what it is given.
+      return value.replace(jnp.array(old[...], copy=True))
     axes = logical_axes(value) or ()
     changed = [i for i, (was, now) in enumerate(zip(old.shape, value.shape)) if was != now]
     if (len(changed) != 1 or axes[changed[0]:changed[0] + 1] != (VOCAB,)
