@@ -20,7 +20,8 @@
       --peft_out=exported/adapter          # a Hugging Face model and its peft adapter
 
 Any ModelConfig field can be overridden with --set field=value (repeatable; --peft and the
---lora_* flags are shortcuts for theirs); the resolved config is written to
+flags of its methods' fields, --lora_*, --adapter_size and --adaption_*, are shortcuts for
+theirs); the resolved config is written to
 <workdir>/config.json. Re-running a train command in the same workdir
 resumes from its latest checkpoint.
 """
@@ -45,7 +46,7 @@ from lmlab.training.workdir import WorkdirError
 
 MODES = ('train', 'eval', 'generate', 'chat', 'tokenizer', 'convert', 'merge')
 # ModelConfig fields with flags of their own, each the same as --set name=value.
-MODEL_FLAGS = ('peft', *PEFT_FIELDS['lora'])
+MODEL_FLAGS = ('peft', *(name for names in PEFT_FIELDS.values() for name in names))
 OPTIMIZER_FLAGS = {'total_steps': 'schedule_steps'}
 
 flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')

@@ -53,6 +53,7 @@ class SelfAttention(nnx.Module):
       self.k_norm = RMSNorm(head_dim, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
     else:
       self.q_norm = self.k_norm = None
+    self.adaption = None  # Its AdaptionPrompt under peft=llama_adapter (models/llama_adapter.py).
 
   def __call__(self, x_btd, rotate, *, alibi_slopes=None, segment_ids_bt=None,
                prefix_len_b=None, cache=None, cache_index=None, positions_bt=None,
@@ -78,13 +79,10 @@ class SelfAttention(nnx.Module):
     b, t, _ = x_btd.shape
     q_key, k_key, v_key, o_key = split_keys(dropout_key, 4)
     q_bthd = self.q_proj(x_btd, dropout_key=q_key).reshape(b, t, self.n_heads, self.head_dim)
-    k_btkd = self.k_proj(x_btd, dropout_key=k_key).reshape(b, t, self.n_kv_heads, self.head_dim)
-    v_btkd = self.v_proj(x_btd, dropout_key=v_key).reshape(b, t, self.n_kv_heads, self.head_dim)
     q_bthd = constrain(q_bthd, (BATCH, LENGTH, HEADS, None))
-    k_btkd = constrain(k_btkd, (BATCH, LENGTH, KV_HEADS, None))
-    v_btkd = constrain(v_btkd, (BATCH, LENGTH, KV_HEADS, None))
     if self.q_norm is not None:
-      q_bthd, k_btkd = self.q_norm(q_bthd), self.k_norm(k_btkd)
+      q_bthd = self.q_norm(q_bthd)
+    k_btkd, v_btkd = self.keys_values(x_btd, k_key, v_key)
     if self.dca_rope is None:
       q_bthd, k_btkd = rotate(q_bthd), rotate(k_btkd)
 
@@ -107,9 +105,21 @@ class SelfAttention(nnx.Module):
                                  sliding_window=self.sliding_window, segment_ids=segment_ids,
                                  prefix_len=prefix_len_b, alibi_slopes=alibi_slopes,
                                  q_offset=q_offset, impl=self.impl)
+    if self.adaption is not None:
+      y_bthd = y_bthd + self.adaption(q_bthd, self.keys_values)
     y_bthd = constrain(y_bthd, (BATCH, LENGTH, HEADS, None))
     return self.o_proj(y_bthd.reshape(b, t, self.n_heads * self.head_dim),
                        dropout_key=o_key), cache
+
+  def keys_values(self, x_btd, k_key=None, v_key=None):
+    """The keys (k_norm'd with qk_norm, before positions) and values of x_btd, each
+    [B, T, Hkv, D]; k_key and v_key are their projections' dropout keys."""
+    b, t, _ = x_btd.shape
+    k_btkd = self.k_proj(x_btd, dropout_key=k_key).reshape(b, t, self.n_kv_heads, self.head_dim)
+    v_btkd = self.v_proj(x_btd, dropout_key=v_key).reshape(b, t, self.n_kv_heads, self.head_dim)
+    k_btkd = constrain(k_btkd, (BATCH, LENGTH, KV_HEADS, None))
+    v_btkd = constrain(v_btkd, (BATCH, LENGTH, KV_HEADS, None))
+    return (k_btkd if self.k_norm is None else self.k_norm(k_btkd)), v_btkd
 
   def _dual_chunk(self, q_bthd, k_bskd, v_bskd, positions_bt, q_offset, *, segment_ids,
                   prefix_len_b, cached):

@@ -9,6 +9,7 @@ and each placement switches some of those norms on:
     deepnorm  sum_norm, alpha=(2N)^(1/4), branch init scaled by beta=(8N)^(-1/4)
               (Wang et al. 2022, DeepNet, decoder-only constants)
 With parallel_block, attention and MLP read the same normed input and are summed.
+Under peft=adapter, F's output passes through its Houlsby adapter first (models/adapter.py).
 A block with cross_attention (the encoder-decoder's decoder) has a third sublayer between
 the two, under the same placement: attention to the encoder's memory.
 """
@@ -92,6 +93,8 @@ class Block(nnx.Module):
     self.mlp_in_norm = norm_if(placement.in_norm and not self.parallel)
     self.mlp_out_norm = norm_if(placement.out_norm)
     self.mlp_sum_norm = norm_if(placement.sum_norm and not self.parallel)
+    # Each sublayer's Houlsby adapter (models/adapter.py) under peft=adapter.
+    self.attn_adapter = self.mlp_adapter = identity
     self.dropout = nnx.Dropout(config.dropout_rate)
 
   def __call__(self, x_btd, rotate, *, cache=None, cache_index=None, dropout_key=None,
@@ -106,21 +109,23 @@ class Block(nnx.Module):
     keys = split_keys(dropout_key, 2 if self.cross_attention is None else 3)
     attn_key, mlp_key = keys[0], keys[-1]
 
-    def branch_output(y_btd, out_norm, key):
-      return self.dropout(out_norm(y_btd), deterministic=key is None, rngs=key)
+    def branch_output(y_btd, adapter, out_norm, key):
+      return self.dropout(out_norm(adapter(y_btd)), deterministic=key is None, rngs=key)
 
     h_btd = self.attn_in_norm(x_btd)
     attn_btd, cache = self.attention(h_btd, rotate, cache=cache, cache_index=cache_index,
                                      dropout_key=sublayer_key(attn_key), **mask)
-    attn_btd = branch_output(attn_btd, self.attn_out_norm, attn_key)
+    attn_btd = branch_output(attn_btd, self.attn_adapter, self.attn_out_norm, attn_key)
     mlp = lambda h_btd: self.mlp(h_btd, dropout_key=sublayer_key(mlp_key))
     if self.parallel:
-      mlp_btd = branch_output(mlp(h_btd), self.mlp_out_norm, mlp_key)
+      mlp_btd = branch_output(mlp(h_btd), self.mlp_adapter, self.mlp_out_norm, mlp_key)
       return self.attn_sum_norm(self.residual_scale * x_btd + attn_btd + mlp_btd), cache
     x_btd = self.attn_sum_norm(self.residual_scale * x_btd + attn_btd)
     if self.cross_attention is not None:
       cross_btd = self.cross_attention(self.cross_in_norm(x_btd), memory)
       x_btd = self.cross_sum_norm(self.residual_scale * x_btd
-                                  + branch_output(cross_btd, self.cross_out_norm, keys[1]))
-    mlp_btd = branch_output(mlp(self.mlp_in_norm(x_btd)), self.mlp_out_norm, mlp_key)
+                                  + branch_output(cross_btd, identity, self.cross_out_norm,
+                                                keys[1]))
+    mlp_btd = branch_output(mlp(self.mlp_in_norm(x_btd)), self.mlp_adapter,
+                            self.mlp_out_norm, mlp_key)
     return self.mlp_sum_norm(self.residual_scale * x_btd + mlp_btd), cache

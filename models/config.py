@@ -38,9 +38,11 @@ FAMILY_FIELDS = {
 }
 # Parameter-efficient fine-tuning methods ('': none, the whole model trains), and the fields
 # that only each one reads, which stay at their defaults under any other peft.
-PEFTS = ('', 'lora')
+PEFTS = ('', 'lora', 'adapter', 'llama_adapter')
 PEFT_FIELDS = {'lora': ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets',
-                        'lora_rslora')}
+                        'lora_rslora'),
+               'adapter': ('adapter_size',),
+               'llama_adapter': ('adaption_layers', 'adaption_tokens')}
 # The layers of a block that LoRA adapts (models/lora.py). peft's target_modules names for
 # them (q_proj, ..., gate_proj, up_proj, down_proj) are these with '_proj' and mean the same.
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
@@ -118,15 +120,22 @@ class ModelConfig:
   dropout_rate: float = 0.0     # on embeddings and on each sublayer's output.
   init_std: float = 0.02
 
-  # Parameter-efficient fine-tuning: '' (none) or 'lora', which adds to each projection that
-  # lora_targets names a trained low-rank update x A B * scale, A [d_in, rank] and
-  # B [rank, d_out], with scale lora_alpha / rank (Hu et al. 2021; models/lora.py).
+  # Parameter-efficient fine-tuning: '' (none), or one of three methods whose parameters alone
+  # train. 'lora' adds to each projection that lora_targets names a low-rank update
+  # x A B * scale, A [d_in, rank] and B [rank, d_out], with scale lora_alpha / rank (Hu et al.
+  # 2021; models/lora.py). 'adapter' puts a bottleneck after each sublayer of every block
+  # (Houlsby et al. 2019; models/adapter.py). 'llama_adapter' gives the top layers' attention
+  # learned prompts behind a zero-initialised gate (Zhang et al. 2023;
+  # models/llama_adapter.py).
   peft: str = ''
   lora_rank: int = 8            # U, the rank of each update.
   lora_alpha: float = 16.0      # the update's scale times the rank.
   lora_dropout: float = 0.0     # on each adapter's input, in training.
   lora_targets: str = 'q,k,v,o'  # comma-separated LORA_TARGETS (or peft's q_proj, ...).
   lora_rslora: bool = False     # scale lora_alpha / sqrt(rank) (Kalajdzievski 2023, rsLoRA).
+  adapter_size: int = 64        # the bottleneck width of each Houlsby adapter.
+  adaption_layers: int = 0      # the top layers that get adaption prompts; 0: all of them.
+  adaption_tokens: int = 10     # learned prompt vectors per adapted layer.
 
   @property
   def resolved_head_dim(self) -> int:
@@ -315,11 +324,18 @@ class ModelConfig:
         if self.peft != method and getattr(self, name) != getattr(ModelConfig, name):
           raise ConfigError(f'{name}={getattr(self, name)!r} applies to peft={method} only, not '
                             f'peft={self.peft!r}')
-    if self.peft != 'lora':
+    if not self.peft:
       return
-    if self.family != 'decoder' or self.attention_type != 'mha':
-      raise ConfigError(f'peft=lora covers the decoder\'s MHA projections and MLP for now, not '
-                        f'family={self.family} with attention_type={self.attention_type}')
+    if self.family != 'decoder':
+      raise ConfigError(f'peft={self.peft} adapts a decoder, not family={self.family}')
+    # Houlsby adapters sit on the block's sublayers, whatever the attention inside.
+    if self.peft != 'adapter' and self.attention_type != 'mha':
+      raise ConfigError(f'peft={self.peft} adapts the MHA projections; attention_type='
+                        f'{self.attention_type} is not covered')
+    {'lora': self._validate_lora, 'adapter': self._validate_adapter,
+     'llama_adapter': self._validate_llama_adapter}[self.peft]()
+
+  def _validate_lora(self):
     if self.lora_rank <= 0:
       raise ConfigError(f'lora_rank={self.lora_rank} must be positive')
     if self.lora_alpha <= 0:
@@ -327,6 +343,20 @@ class ModelConfig:
     if not 0.0 <= self.lora_dropout < 1.0:
       raise ConfigError(f'lora_dropout={self.lora_dropout} must be in [0, 1)')
     self.lora_target_names  # Raises on a name that is not a target.
+
+  def _validate_adapter(self):
+    if self.adapter_size <= 0:
+      raise ConfigError(f'adapter_size={self.adapter_size} must be positive')
+
+  def _validate_llama_adapter(self):
+    if not 0 <= self.adaption_layers <= self.n_layers:
+      raise ConfigError(f'adaption_layers={self.adaption_layers} must be in [0, n_layers='
+                        f'{self.n_layers}] (0: every layer)')
+    if self.adaption_tokens <= 0:
+      raise ConfigError(f'adaption_tokens={self.adaption_tokens} must be positive')
+    if self.dca_chunk_size:
+      raise ConfigError('peft=llama_adapter needs the queries after RoPE, which dual chunk '
+                        'attention (dca_chunk_size) does not form; set dca_chunk_size=0')
 
   @property
   def decoder_layers(self) -> int:
@@ -339,6 +369,16 @@ def without_peft(config: ModelConfig) -> ModelConfig:
   every peft field at its default."""
   return dataclasses.replace(config, peft='', **{name: getattr(ModelConfig, name) for names in
                                                  PEFT_FIELDS.values() for name in names})
+
+
+def check_adds(method: str, config: ModelConfig, model_config: ModelConfig, adder: str):
+  """Raises unless `config` has peft=method and describes the model of model_config to which
+  `adder` adds its parameters: config itself or its base, without_peft(config)."""
+  if config.peft != method:
+    raise ConfigError(f'{adder} needs a config with peft={method}, not peft={config.peft!r}')
+  if model_config not in (config, without_peft(config)):
+    raise ConfigError(f'{adder}: the config describes another model than the one given (they '
+                      'must differ in the peft fields only)')
 
 
 def _llama(**fields) -> ModelConfig:

@@ -19,13 +19,15 @@ def matmul_last_axis(x, w):
 class Dense(nnx.Module):
 
   def __init__(self, d_in: int, d_out: int, *, axes, use_bias: bool, init_std: float, dtype,
-               param_dtype, rngs: nnx.Rngs):
-    """axes: the logical names of (d_in, d_out); see models/sharding.py."""
+               param_dtype, rngs: nnx.Rngs, kind=nnx.Param):
+    """axes: the logical names of (d_in, d_out); see models/sharding.py. kind: the Variable
+    type of the kernel and bias (a PEFT method's own, for its trainable filter)."""
     self.dtype = dtype
     self.kernel = sharding.param(
-        nnx.initializers.normal(init_std)(rngs.params(), (d_in, d_out), param_dtype), axes)
-    self.bias = (sharding.param(jnp.zeros((d_out,), param_dtype), axes[1:]) if use_bias
-                 else None)
+        nnx.initializers.normal(init_std)(rngs.params(), (d_in, d_out), param_dtype), axes,
+        kind=kind)
+    self.bias = (sharding.param(jnp.zeros((d_out,), param_dtype), axes[1:], kind=kind)
+                 if use_bias else None)
 
   def __call__(self, x, dropout_key=None):
     """dropout_key is for the adapter of a LoRADense (models/lora.py); a Dense has no

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmlab.models import sharding
-from lmlab.models.config import without_peft
+from lmlab.models.config import check_adds, without_peft
 from lmlab.models.dense import Dense, matmul_last_axis
 from lmlab.models.errors import ConfigError
 
@@ -66,11 +66,7 @@ def add_lora(model, config, *, rngs: nnx.Rngs):
   """`model` with a LoRADense in place of each Dense that config.lora_targets names, in every
   block, and `config` as its config; changed in place and returned. model is a decoder built
   from config (models/registry.build calls this) or from its base, without_peft(config)."""
-  if config.peft != 'lora':
-    raise ConfigError(f'add_lora needs a config with peft=lora, not peft={config.peft!r}')
-  if model.config not in (config, without_peft(config)):
-    raise ConfigError('add_lora: the config describes another model than the one given '
-                      '(they must differ in the peft fields only)')
+  check_adds('lora', config, model.config, 'add_lora')
   for name in config.lora_target_names:
     sublayer_name, layer_name = TARGET_PATHS[name]
     for block in model.blocks:

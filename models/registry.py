@@ -6,10 +6,15 @@ from flax import nnx
 from lmlab.models.bert import Bert
 from lmlab.models.config import ModelConfig
 from lmlab.models.decoder import DecoderLM
+from lmlab.models.adapter import AdapterParam, add_adapters
+from lmlab.models.llama_adapter import AdaptionPromptParam, add_llama_adapter
 from lmlab.models.lora import add_lora
 from lmlab.models.seq2seq import EncoderDecoder
 
 FAMILY_CLASSES = {'decoder': DecoderLM, 'encoder': Bert, 'encoder_decoder': EncoderDecoder}
+# Each PEFT method: the function that adds its parameters to a built model, and their type.
+PEFT_METHODS = {'lora': (add_lora, nnx.LoRAParam), 'adapter': (add_adapters, AdapterParam),
+                'llama_adapter': (add_llama_adapter, AdaptionPromptParam)}
 
 
 def model_class(config: ModelConfig):
@@ -18,13 +23,16 @@ def model_class(config: ModelConfig):
 
 def build(config: ModelConfig, *, rngs: nnx.Rngs):
   model = model_class(config)(config, rngs=rngs)
-  return add_lora(model, config, rngs=rngs) if config.peft == 'lora' else model
+  if not config.peft:
+    return model
+  add, _ = PEFT_METHODS[config.peft]
+  return add(model, config, rngs=rngs)
 
 
 def trainable(config: ModelConfig):
   """The nnx filter of the parameters a run of `config` trains: its PEFT method's (a LoRA
   run's adapters), or None for all of them."""
-  return nnx.LoRAParam if config.peft == 'lora' else None
+  return PEFT_METHODS[config.peft][1] if config.peft else None
 
 
 def abstract_model(config: ModelConfig):
