@@ -135,9 +135,9 @@ def test_attention_scale(tmp_path, corpus):
 
 
 def test_finetuning(tmp_path, corpus):
-  run_script(finetuning, tmp_path, corpus, '--methods=full,lora2', '--sft_steps=2',
-             '--task_examples=40', '--seq_len=48')
-  check_outputs(tmp_path, ['method'], 'task loss', 'final_eval_loss', 2)
+  run_script(finetuning, tmp_path, corpus, '--methods=full,lora2,adapter3,llama_adapter2',
+             '--sft_steps=2', '--task_examples=40', '--seq_len=48')
+  check_outputs(tmp_path, ['method'], 'task loss', 'final_eval_loss', 4)
   rows = {row['method']: row for row in csv_rows(tmp_path)}
   with open(tmp_path / 'base' / 'config.json') as f:
     base = ModelConfig(**json.load(f)['model'])
@@ -146,7 +146,13 @@ def test_finetuning(tmp_path, corpus):
   adapters = base.n_layers * 2 * (4 * (d + d) + 2 * (d + f_dim) + (f_dim + d))
   assert int(rows['lora2']['trainable_params']) == adapters
   assert int(rows['full']['trainable_params']) == param_count(base)
-  assert all(float(row['forgetting']) == float(row['forgetting']) for row in rows.values())
+  # Houlsby adapters of width 3 after both sublayers: down and up, each with a bias.
+  assert int(rows['adapter3']['trainable_params']) == base.n_layers * 2 * (2 * 3 * d + 3 + d)
+  # LLaMA-Adapter: 2 prompt vectors of d per layer and a gate per head.
+  assert int(rows['llama_adapter2']['trainable_params']) == base.n_layers * (2 * d + base.n_heads)
+  # Every method starts from the same base: the same source loss before fine-tuning.
+  before = [float(row['source_loss']) - float(row['forgetting']) for row in rows.values()]
+  assert max(before) - min(before) < 1e-5 and before[0] > 0
 
 
 def test_initialisation(tmp_path, corpus):
