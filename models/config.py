@@ -38,12 +38,14 @@ FAMILY_FIELDS = {
 }
 # Parameter-efficient fine-tuning methods ('': none, the whole model trains), and the fields
 # that only each one reads, which stay at their defaults under any other peft.
-PEFTS = ('', 'lora')
+PEFTS = ('', 'lora', 'prompt')
 PEFT_FIELDS = {'lora': ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets',
-                        'lora_rslora')}
+                        'lora_rslora'),
+               'prompt': ('prompt_tokens', 'prompt_init')}
 # The layers of a block that LoRA adapts (models/lora.py). peft's target_modules names for
 # them (q_proj, ..., gate_proj, up_proj, down_proj) are these with '_proj' and mean the same.
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+PROMPT_INITS = ('random', 'vocab')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,15 +120,20 @@ class ModelConfig:
   dropout_rate: float = 0.0     # on embeddings and on each sublayer's output.
   init_std: float = 0.02
 
-  # Parameter-efficient fine-tuning: '' (none) or 'lora', which adds to each projection that
+  # Parameter-efficient fine-tuning: '' (none); 'lora', which adds to each projection that
   # lora_targets names a trained low-rank update x A B * scale, A [d_in, rank] and
-  # B [rank, d_out], with scale lora_alpha / rank (Hu et al. 2021; models/lora.py).
+  # B [rank, d_out], with scale lora_alpha / rank (Hu et al. 2021; models/lora.py); or
+  # 'prompt', trained embeddings of virtual tokens before every row (Lester et al. 2021;
+  # models/prompt_tuning.py).
   peft: str = ''
   lora_rank: int = 8            # U, the rank of each update.
   lora_alpha: float = 16.0      # the update's scale times the rank.
   lora_dropout: float = 0.0     # on each adapter's input, in training.
   lora_targets: str = 'q,k,v,o'  # comma-separated LORA_TARGETS (or peft's q_proj, ...).
   lora_rslora: bool = False     # scale lora_alpha / sqrt(rank) (Kalajdzievski 2023, rsLoRA).
+  prompt_tokens: int = 20       # P, the virtual tokens of peft=prompt.
+  # 'random': normal with init_std; 'vocab': rows of the embedding table drawn at random.
+  prompt_init: str = 'random'
 
   @property
   def resolved_head_dim(self) -> int:
@@ -315,6 +322,8 @@ class ModelConfig:
         if self.peft != method and getattr(self, name) != getattr(ModelConfig, name):
           raise ConfigError(f'{name}={getattr(self, name)!r} applies to peft={method} only, not '
                             f'peft={self.peft!r}')
+    if self.peft == 'prompt':
+      self._validate_prompt()
     if self.peft != 'lora':
       return
     if self.family != 'decoder' or self.attention_type != 'mha':
@@ -327,6 +336,17 @@ class ModelConfig:
     if not 0.0 <= self.lora_dropout < 1.0:
       raise ConfigError(f'lora_dropout={self.lora_dropout} must be in [0, 1)')
     self.lora_target_names  # Raises on a name that is not a target.
+
+  def _validate_prompt(self):
+    if self.family != 'decoder':
+      raise ConfigError(f'peft=prompt puts virtual tokens before a decoder\'s rows, not '
+                        f'before family={self.family}\'s')
+    if self.prompt_tokens <= 0:
+      raise ConfigError(f'prompt_tokens={self.prompt_tokens} must be positive')
+    if self.prompt_init not in PROMPT_INITS:
+      raise ConfigError(f'prompt_init={self.prompt_init!r} is not one of '
+                        f'{", ".join(PROMPT_INITS)}')
+    self.check_positions(self.prompt_tokens, 'prompt_tokens', 'use fewer virtual tokens')
 
   @property
   def decoder_layers(self) -> int:

@@ -7,6 +7,7 @@ from lmlab.models.bert import Bert
 from lmlab.models.config import ModelConfig
 from lmlab.models.decoder import DecoderLM
 from lmlab.models.lora import add_lora
+from lmlab.models.prompt_tuning import PromptParam, add_prompt
 from lmlab.models.seq2seq import EncoderDecoder
 
 FAMILY_CLASSES = {'decoder': DecoderLM, 'encoder': Bert, 'encoder_decoder': EncoderDecoder}
@@ -18,13 +19,14 @@ def model_class(config: ModelConfig):
 
 def build(config: ModelConfig, *, rngs: nnx.Rngs):
   model = model_class(config)(config, rngs=rngs)
-  return add_lora(model, config, rngs=rngs) if config.peft == 'lora' else model
+  add_peft = {'lora': add_lora, 'prompt': add_prompt}.get(config.peft)
+  return add_peft(model, config, rngs=rngs) if add_peft else model
 
 
 def trainable(config: ModelConfig):
   """The nnx filter of the parameters a run of `config` trains: its PEFT method's (a LoRA
-  run's adapters), or None for all of them."""
-  return nnx.LoRAParam if config.peft == 'lora' else None
+  run's adapters, a prompt-tuning run's virtual tokens), or None for all of them."""
+  return {'lora': nnx.LoRAParam, 'prompt': PromptParam}.get(config.peft)
 
 
 def abstract_model(config: ModelConfig):
