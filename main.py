@@ -20,8 +20,8 @@
       --peft_out=exported/adapter          # a Hugging Face model and its peft adapter
 
 Any ModelConfig field can be overridden with --set field=value (repeatable; --peft and the
-flags of its methods' fields, --lora_*, --adapter_size and --adaption_*, are shortcuts for
-theirs); the resolved config is written to
+flags of its methods' fields, --lora_*, --adapter_size, --adaption_* and --prompt_*, are
+shortcuts for theirs); the resolved config is written to
 <workdir>/config.json. Re-running a train command in the same workdir
 resumes from its latest checkpoint.
 """
@@ -64,10 +64,12 @@ flags.DEFINE_string('hf_checkpoint', None, 'A Hugging Face folder (config.json, 
                     'param_dtype, attention_impl, dca_chunk_size, ...).')
 flags.DEFINE_string('hf_out', None, '--mode=convert: write the --workdir\'s latest checkpoint to '
                     'this new folder in Hugging Face format.')
-flags.DEFINE_string('peft_out', None, '--mode=convert of a LoRA run: write its adapters to this '
-                    'new folder as a Hugging Face peft adapter (with --hf_out, the base model).')
-flags.DEFINE_string('peft_checkpoint', None, 'A Hugging Face peft LoRA folder whose adapters '
-                    '--mode=eval/generate/chat put on the model (--hf_checkpoint or --workdir).')
+flags.DEFINE_string('peft_out', None, '--mode=convert of a LoRA or prompt-tuning run: write its '
+                    'adapter to this new folder as a Hugging Face peft adapter (with --hf_out, '
+                    'the base model).')
+flags.DEFINE_string('peft_checkpoint', None, 'A Hugging Face peft LoRA or prompt-tuning folder '
+                    'whose adapter --mode=eval/generate/chat put on the model (--hf_checkpoint '
+                    'or --workdir).')
 flags.DEFINE_string('merged_workdir', None, '--mode=merge: write the merged model to this new '
                     'workdir (beside or instead of --hf_out).')
 flags.DEFINE_string('prompt', '', 'Prompt for generation (empty: start of a document); '

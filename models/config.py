@@ -38,14 +38,16 @@ FAMILY_FIELDS = {
 }
 # Parameter-efficient fine-tuning methods ('': none, the whole model trains), and the fields
 # that only each one reads, which stay at their defaults under any other peft.
-PEFTS = ('', 'lora', 'adapter', 'llama_adapter')
+PEFTS = ('', 'lora', 'adapter', 'llama_adapter', 'prompt')
 PEFT_FIELDS = {'lora': ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets',
                         'lora_rslora'),
                'adapter': ('adapter_size',),
-               'llama_adapter': ('adaption_layers', 'adaption_tokens')}
+               'llama_adapter': ('adaption_layers', 'adaption_tokens'),
+               'prompt': ('prompt_tokens', 'prompt_init')}
 # The layers of a block that LoRA adapts (models/lora.py). peft's target_modules names for
 # them (q_proj, ..., gate_proj, up_proj, down_proj) are these with '_proj' and mean the same.
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+PROMPT_INITS = ('random', 'vocab')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +122,14 @@ class ModelConfig:
   dropout_rate: float = 0.0     # on embeddings and on each sublayer's output.
   init_std: float = 0.02
 
-  # Parameter-efficient fine-tuning: '' (none), or one of three methods whose parameters alone
+  # Parameter-efficient fine-tuning: '' (none), or one of four methods whose parameters alone
   # train. 'lora' adds to each projection that lora_targets names a low-rank update
   # x A B * scale, A [d_in, rank] and B [rank, d_out], with scale lora_alpha / rank (Hu et al.
   # 2021; models/lora.py). 'adapter' puts a bottleneck after each sublayer of every block
   # (Houlsby et al. 2019; models/adapter.py). 'llama_adapter' gives the top layers' attention
   # learned prompts behind a zero-initialised gate (Zhang et al. 2023;
-  # models/llama_adapter.py).
+  # models/llama_adapter.py). 'prompt' puts trained embeddings of virtual tokens before every
+  # row (Lester et al. 2021; models/prompt_tuning.py).
   peft: str = ''
   lora_rank: int = 8            # U, the rank of each update.
   lora_alpha: float = 16.0      # the update's scale times the rank.
@@ -136,6 +139,9 @@ class ModelConfig:
   adapter_size: int = 64        # the bottleneck width of each Houlsby adapter.
   adaption_layers: int = 0      # the top layers that get adaption prompts; 0: all of them.
   adaption_tokens: int = 10     # learned prompt vectors per adapted layer.
+  prompt_tokens: int = 20       # P, the virtual tokens of peft=prompt.
+  # 'random': normal with init_std; 'vocab': rows of the embedding table drawn at random.
+  prompt_init: str = 'random'
 
   @property
   def resolved_head_dim(self) -> int:
@@ -328,12 +334,13 @@ class ModelConfig:
       return
     if self.family != 'decoder':
       raise ConfigError(f'peft={self.peft} adapts a decoder, not family={self.family}')
-    # Houlsby adapters sit on the block's sublayers, whatever the attention inside.
-    if self.peft != 'adapter' and self.attention_type != 'mha':
+    # Houlsby adapters sit on the block's sublayers and prompts before the first block,
+    # whatever the attention inside.
+    if self.peft in ('lora', 'llama_adapter') and self.attention_type != 'mha':
       raise ConfigError(f'peft={self.peft} adapts the MHA projections; attention_type='
                         f'{self.attention_type} is not covered')
     {'lora': self._validate_lora, 'adapter': self._validate_adapter,
-     'llama_adapter': self._validate_llama_adapter}[self.peft]()
+     'llama_adapter': self._validate_llama_adapter, 'prompt': self._validate_prompt}[self.peft]()
 
   def _validate_lora(self):
     if self.lora_rank <= 0:
@@ -357,6 +364,14 @@ class ModelConfig:
     if self.dca_chunk_size:
       raise ConfigError('peft=llama_adapter needs the queries after RoPE, which dual chunk '
                         'attention (dca_chunk_size) does not form; set dca_chunk_size=0')
+
+  def _validate_prompt(self):
+    if self.prompt_tokens <= 0:
+      raise ConfigError(f'prompt_tokens={self.prompt_tokens} must be positive')
+    if self.prompt_init not in PROMPT_INITS:
+      raise ConfigError(f'prompt_init={self.prompt_init!r} is not one of '
+                        f'{", ".join(PROMPT_INITS)}')
+    self.check_positions(self.prompt_tokens, 'prompt_tokens', 'use fewer virtual tokens')
 
   @property
   def decoder_layers(self) -> int:

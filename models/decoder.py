@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmlab.models import prompt_tuning
 from lmlab.models.block import ATTENTIONS, PLACEMENTS, Block, identity
 from lmlab.models.config import ModelConfig
 from lmlab.models.dense import Dense, matmul_last_axis
@@ -40,6 +41,7 @@ class DecoderLM(nnx.Module):
                           init_std=config.init_std, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs))
     self.dropout = nnx.Dropout(config.dropout_rate)
+    self.prompt = nnx.data(None)  # peft=prompt: a prompt_tuning.Prompt (registry.build adds it).
 
   def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, prefix_len_b=None,
                attention_mask=None, dropout_key=None):
@@ -51,9 +53,15 @@ class DecoderLM(nnx.Module):
     the shortcut for padded batches, left or right: positions count real tokens only and
     padding is a segment of its own. prefix_len_b [B] makes the first tokens of each row
     a bidirectional prefix (prefix-LM). Dropout is applied only when a dropout_key is given.
+    A prompt-tuned model (peft=prompt) runs its virtual tokens first; see
+    models/prompt_tuning.py.
     """
     t = tokens_bt.shape[1]
-    self.config.check_positions(t, 'sequence length')
+    n_virtual = self._n_virtual()
+    self.config.check_positions(n_virtual + t, 'sequence length' + (
+        f' plus {n_virtual} virtual tokens' if n_virtual else ''))
+    if self.prompt is not None:
+      prompt_tuning.check_inputs(segment_ids_bt, prefix_len_b)
     if attention_mask is not None:
       if positions_bt is not None or segment_ids_bt is not None:
         raise ValueError('pass attention_mask or positions_bt/segment_ids_bt, not both')
@@ -61,30 +69,52 @@ class DecoderLM(nnx.Module):
       positions_bt = jnp.maximum(jnp.cumsum(segment_ids_bt, axis=1) - 1, 0)
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t), tokens_bt.shape)
-    logits, _ = self._forward(tokens_bt, positions_bt, segment_ids_bt=segment_ids_bt,
-                              prefix_len_b=prefix_len_b, caches=None, cache_index=None,
-                              dropout_key=dropout_key)
-    return logits
+    x_btd = self.embed(tokens_bt)
+    if self.prompt is not None:
+      x_btd, positions_bt, segment_ids_bt = self.prompt.prepend(x_btd, positions_bt,
+                                                                segment_ids_bt)
+    hidden_btd, _ = self._forward(x_btd, positions_bt, segment_ids_bt=segment_ids_bt,
+                                  prefix_len_b=prefix_len_b, caches=None, cache_index=None,
+                                  dropout_key=dropout_key)
+    return self.logits(hidden_btd[:, n_virtual:])
+
+  def _n_virtual(self) -> int:
+    """Positions before the row's tokens: the virtual tokens of a prompt-tuned model."""
+    return 0 if self.prompt is None else self.config.prompt_tokens
 
   def init_cache(self, batch: int, length: int):
-    """An empty KV cache for `length` positions (prompt plus generated tokens)."""
-    self.config.check_positions(length, 'prompt plus new tokens', 'ask for fewer tokens')
+    """A KV cache for `length` positions (prompt plus generated tokens), after the virtual
+    tokens of a prompt-tuned model, which it holds already."""
+    n_virtual = self._n_virtual()
+    self.config.check_positions(n_virtual + length, 'prompt plus new tokens',
+                                'ask for fewer tokens')
     _, empty_cache = ATTENTIONS[self.config.attention_type]
-    return [empty_cache(self.config, batch, length, jnp.dtype(self.config.dtype))
-            for _ in range(self.config.n_layers)]
+    caches = [empty_cache(self.config, batch, n_virtual + length, jnp.dtype(self.config.dtype))
+              for _ in range(self.config.n_layers)]
+    if self.prompt is None:
+      return caches
+    positions_by = jnp.broadcast_to(jnp.arange(n_virtual), (batch, n_virtual))
+    return self._forward(self.prompt.embeddings(batch, jnp.dtype(self.config.dtype)),
+                         positions_by, segment_ids_bt=None, prefix_len_b=None, caches=caches,
+                         cache_index=0, dropout_key=None)[1]
 
   def decode(self, tokens_bt, caches, cache_index):
-    """Runs tokens_bt at positions cache_index.. against the cache; returns (logits, caches)."""
+    """Runs tokens_bt at positions cache_index.. (after a prompt-tuned model's virtual tokens)
+    against the cache; returns (logits, caches)."""
     t = tokens_bt.shape[1]
+    cache_index = cache_index + self._n_virtual()
     positions_bt = jnp.broadcast_to(cache_index + jnp.arange(t), tokens_bt.shape)
-    return self._forward(tokens_bt, positions_bt, segment_ids_bt=None, prefix_len_b=None,
-                         caches=caches, cache_index=cache_index, dropout_key=None)
+    hidden_btd, caches = self._forward(self.embed(tokens_bt), positions_bt, segment_ids_bt=None,
+                                       prefix_len_b=None, caches=caches,
+                                       cache_index=cache_index, dropout_key=None)
+    return self.logits(hidden_btd), caches
 
-  def _forward(self, tokens_bt, positions_bt, *, segment_ids_bt, prefix_len_b, caches,
+  def _forward(self, x_btd, positions_bt, *, segment_ids_bt, prefix_len_b, caches,
                cache_index, dropout_key):
+    """The final norm's output [B, T, D] of the token embeddings x_btd, and the caches."""
     n_layers = self.config.n_layers
     keys = split_keys(dropout_key, n_layers + 1)
-    x_btd = self.embed_norm(self.positions.embed(self.embed(tokens_bt), positions_bt))
+    x_btd = self.embed_norm(self.positions.embed(x_btd, positions_bt))
     x_btd = constrain(x_btd, (BATCH, LENGTH, None))
     x_btd = self.dropout(x_btd, deterministic=dropout_key is None, rngs=keys[n_layers])
     rotate = self.positions.rotation(positions_bt)
@@ -95,7 +125,7 @@ class DecoderLM(nnx.Module):
     x_btd, new_caches, _ = run_blocks(self.blocks, x_btd, rotate, mask, dropout_keys=keys,
                                       remat=self.config.remat, caches=caches,
                                       cache_index=cache_index)
-    return self.logits(self.final_norm(x_btd)), new_caches
+    return self.final_norm(x_btd), new_caches
 
   def logits(self, x_btd):
     """The output head: x times the output embedding (the input one when tied), whose rows

@@ -9,12 +9,14 @@ from lmlab.models.decoder import DecoderLM
 from lmlab.models.adapter import AdapterParam, add_adapters
 from lmlab.models.llama_adapter import AdaptionPromptParam, add_llama_adapter
 from lmlab.models.lora import add_lora
+from lmlab.models.prompt_tuning import PromptParam, add_prompt
 from lmlab.models.seq2seq import EncoderDecoder
 
 FAMILY_CLASSES = {'decoder': DecoderLM, 'encoder': Bert, 'encoder_decoder': EncoderDecoder}
 # Each PEFT method: the function that adds its parameters to a built model, and their type.
 PEFT_METHODS = {'lora': (add_lora, nnx.LoRAParam), 'adapter': (add_adapters, AdapterParam),
-                'llama_adapter': (add_llama_adapter, AdaptionPromptParam)}
+                'llama_adapter': (add_llama_adapter, AdaptionPromptParam),
+                'prompt': (add_prompt, PromptParam)}
 
 
 def model_class(config: ModelConfig):
@@ -31,7 +33,7 @@ def build(config: ModelConfig, *, rngs: nnx.Rngs):
 
 def trainable(config: ModelConfig):
   """The nnx filter of the parameters a run of `config` trains: its PEFT method's (a LoRA
-  run's adapters), or None for all of them."""
+  run's adapters, a prompt-tuning run's virtual tokens), or None for all of them."""
   return PEFT_METHODS[config.peft][1] if config.peft else None
 
 

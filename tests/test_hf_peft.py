@@ -15,7 +15,7 @@ from lmlab.models import hf, registry
 from lmlab.models.config import without_peft
 from lmlab.models.errors import CheckpointError
 from lmlab.models.hf import peft as hf_peft
-from lmlab.models.hf import safetensors_files
+from lmlab.models.hf import peft_folders, safetensors_files
 from lmlab.models.lora import add_lora
 from test_hf import TINY, hf_logits, hf_model
 from test_lora import randomise_adapters
@@ -99,7 +99,7 @@ def adapter(rng, tmp_path):
   adapted = add_lora(nnx.clone(base), config, rngs=nnx.Rngs(0))
   folder = str(tmp_path / 'adapter')
   hf_peft.save_lora(adapted, folder)
-  config_path = os.path.join(folder, hf_peft.CONFIG_FILE)
+  config_path = os.path.join(folder, peft_folders.CONFIG_FILE)
   with open(config_path) as f:
     saved = json.load(f)
 
@@ -132,7 +132,7 @@ def test_bad_adapter_config_is_a_named_error(adapter):
   write_config(target_modules=['q_proj', 'down_proj', 'up_proj'])
   with pytest.raises(CheckpointError, match="no tensor 'base_model.model.model.layers.0.mlp.up"):
     hf_peft.load_lora(base, folder)
-  os.remove(os.path.join(folder, hf_peft.CONFIG_FILE))
+  os.remove(os.path.join(folder, peft_folders.CONFIG_FILE))
   with pytest.raises(CheckpointError, match='has no adapter_config.json'):
     hf_peft.load_lora(base, folder)
 
@@ -143,11 +143,11 @@ def test_adapter_of_another_base_is_a_named_error(adapter, rng):
   with pytest.raises(CheckpointError, match=r'mlp.down_proj.lora_A.weight.*shape \(8, 48\), '
                                             r'not \(8, 40\).*another base'):
     hf_peft.load_lora(other, folder)
-  tensors = safetensors_files.Checkpoint(folder, [hf_peft.WEIGHTS_FILE])
+  tensors = safetensors_files.Checkpoint(folder, [peft_folders.WEIGHTS_FILE])
   kept = {name: np.asarray(tensors.read(name)) for name in tensors.names()
           if 'layers.1.self_attn' not in name}
-  os.remove(os.path.join(folder, hf_peft.WEIGHTS_FILE))
-  safetensors_files.write(os.path.join(folder, hf_peft.WEIGHTS_FILE), kept)
+  os.remove(os.path.join(folder, peft_folders.WEIGHTS_FILE))
+  safetensors_files.write(os.path.join(folder, peft_folders.WEIGHTS_FILE), kept)
   with pytest.raises(CheckpointError, match="has no tensor 'base_model.model.model.layers.1"):
     hf_peft.load_lora(base, folder)
 

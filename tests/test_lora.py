@@ -105,8 +105,8 @@ def test_bad_lora_configs_are_named_errors():
     lora_config(lora_alpha=0.0)
   with pytest.raises(ConfigError, match='lora_rank=4 applies to peft=lora only'):
     small_config(lora_rank=4)
-  with pytest.raises(ConfigError, match="peft='prompt' is not one of"):
-    small_config(peft='prompt')
+  with pytest.raises(ConfigError, match="peft='ia3' is not one of"):
+    small_config(peft='ia3')
   with pytest.raises(ConfigError, match='attention_type=mla'):
     lora_config(attention_type='mla', kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
                 v_head_dim=8)

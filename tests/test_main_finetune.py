@@ -1,5 +1,5 @@
 """Fine-tuning through main.py: SFT of LoRA adapters on a pre-trained run, chat, merge and
-export to Hugging Face peft."""
+export to Hugging Face peft; prompt tuning, exported likewise."""
 import json
 
 import jax
@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from lmlab.models import hf, lora
+from lmlab.models.hf import adapters
 from lmlab.models.hf import peft as hf_peft
 from lmlab.training import run as run_lib
 from test_main import SMALL, expect_error, metrics, run_main
@@ -74,6 +75,29 @@ def test_lora_sft_run_trains_only_adapters_and_merges_and_exports(tmp_path, corp
 
   expect_error('--mode=merge', f'--workdir={base}', f'--hf_out={tmp_path / "no"}',
                match='no LoRA adapters')
+
+
+def test_prompt_tuning_run_trains_only_the_prompt_and_exports(tmp_path, corpus_dir, rng):
+  base, tuned = str(tmp_path / 'base'), str(tmp_path / 'tuned')
+  run_main(*SMALL, f'--data={corpus_dir}', f'--workdir={base}', '--steps=2')
+  prompt = ['--peft=prompt', '--prompt_tokens=3', f'--data={corpus_dir}', f'--init_from={base}']
+  expect_error(*SMALL, *prompt, f'--workdir={tmp_path / "packed"}', '--steps=1',
+               match='peft=prompt takes unpacked rows')
+  run_main(*SMALL, *prompt, '--document_masking=false', f'--workdir={tuned}', '--steps=3',
+           '--learning_rate=3e-2')
+
+  before, after = run_lib.restore(base), run_lib.restore(tuned)
+  assert metrics(tuned)[0]['trainable_params'] == 3 * 32
+  tuned_params = dict(nnx.to_flat_state(after.params))
+  for path, value in nnx.to_flat_state(before.params):
+    np.testing.assert_array_equal(tuned_params[path][...], value[...], err_msg=str(path))
+
+  exported, adapter = str(tmp_path / 'base_hf'), str(tmp_path / 'adapter')
+  run_main('--mode=convert', f'--workdir={tuned}', f'--hf_out={exported}',
+           f'--peft_out={adapter}')
+  tokens = rng.integers(0, 256, (2, 12))
+  np.testing.assert_allclose(logits(adapters.load(hf.load(exported), adapter), tokens),
+                             logits(nnx.merge(after.graphdef, after.params), tokens), atol=1e-5)
 
 
 @pytest.mark.parametrize('flag, match', [('--lora_rank=0', 'lora_rank=0 must be positive'),

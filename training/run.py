@@ -19,7 +19,7 @@ from lmlab.data import tokenizer as tokenizer_lib
 from lmlab.data.chat_template import ChatTemplate, render
 from lmlab.data.errors import DataError
 from lmlab.models import hf, lora
-from lmlab.models.hf import peft as hf_peft
+from lmlab.models.hf import adapters
 from lmlab.models.config import ModelConfig, preset, with_overrides
 from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.generation import SamplingConfig, make_generate
@@ -237,19 +237,19 @@ def _write_workdir(model, run: TrainConfig, source: str):
 
 
 def workdir_to_hf(workdir: str, hf_out: str | None, peft_out: str | None = None) -> int:
-  """Writes the workdir's latest parameters to a new Hugging Face folder and, for a LoRA run,
-  its adapters to a new peft folder (then hf_out gets the base model they adapt, so that
-  peft.PeftModel.from_pretrained(<hf_out model>, peft_out) is the run's model); returns the
-  step."""
+  """Writes the workdir's latest parameters to a new Hugging Face folder and, for a LoRA or
+  prompt-tuning run, its adapter to a new peft folder (then hf_out gets the base model it
+  adapts, so that peft.PeftModel.from_pretrained(<hf_out model>, peft_out) is the run's
+  model); returns the step."""
   loaded = restore(workdir)
   model = nnx.merge(loaded.graphdef, loaded.params)
   if peft_out:
-    if model.config.peft != 'lora':
-      raise ConfigError(f'{workdir} is not a LoRA run (peft={model.config.peft!r}); --peft_out '
-                        'writes LoRA adapters')
-    hf_peft.save_lora(model, peft_out, base_model_name_or_path=hf_out)
+    if not model.config.peft:
+      raise ConfigError(f'{workdir} is not a PEFT run (peft=\'\'); --peft_out writes the '
+                        'adapter of a LoRA or prompt-tuning run')
+    adapters.save(model, peft_out, base_model_name_or_path=hf_out)
   if hf_out:
-    hf.save(lora.base_model(model) if model.config.peft == 'lora' else model, hf_out)
+    hf.save(adapters.base_model(model), hf_out)
   return loaded.step
 
 
@@ -273,8 +273,9 @@ def merge_lora(workdir: str, *, hf_out: str | None, out_workdir: str | None) -> 
 
 
 def with_peft_checkpoint(loaded: Loaded, folder: str) -> Loaded:
-  """`loaded` (a plain model) with the LoRA adapters of a Hugging Face peft folder."""
-  model = hf_peft.load_lora(nnx.merge(loaded.graphdef, loaded.params), folder)
+  """`loaded` (a plain model) with the adapter (LoRA or prompt tuning) of a Hugging Face peft
+  folder."""
+  model = adapters.load(nnx.merge(loaded.graphdef, loaded.params), folder)
   graphdef, params = nnx.split(model)
   return dataclasses.replace(loaded, graphdef=graphdef, params=params,
                              source=f'{loaded.source} with {folder}')

@@ -96,9 +96,9 @@ def load(path: str, *, dtype: str = 'float32', param_dtype: str | None = None,
   architecture, config = read_config(path, dtype=dtype, param_dtype=param_dtype or dtype,
                                      **run_fields)
   if config.peft:
-    raise CheckpointError(f'load reads a plain model, not peft={config.peft!r}; add LoRA to it '
-                          'with lmlab.models.lora.add_lora, or read a peft folder with '
-                          'lmlab.models.hf.peft.load_lora')
+    raise CheckpointError(f'load reads a plain model, not peft={config.peft!r}; add an adapter '
+                          'to it with registry.build\'s add_lora or add_prompt, or read a peft '
+                          'folder with lmlab.models.hf.adapters.load')
   checkpoint = safetensors_files.Checkpoint(path)
   stored = _stored_names(checkpoint)
   graphdef, abstract = nnx.split(abstract_model(config))
@@ -153,8 +153,8 @@ def save(model, path: str, *, architecture: str | None = None,
   config = model.config
   if config.peft:
     raise CheckpointError(f'save writes a plain model, and this one has peft={config.peft!r} '
-                          'adapters: merge them into it first (lmlab.models.lora.merge), or write '
-                          'them alone with lmlab.models.hf.peft.save_lora')
+                          'adapters: merge them into it first (LoRA: lmlab.models.lora.merge), or '
+                          'write them alone with lmlab.models.hf.adapters.save')
   arch = architecture_for(config, architecture)
   hf_config = arch.hf_config(config)
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):

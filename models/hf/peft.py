@@ -13,7 +13,6 @@ writes of the base model, found through its architecture's Links; each targeted 
 must be a plain transpose, and transposes A and B as well.
 """
 import dataclasses
-import json
 import os
 
 import jax
@@ -24,12 +23,10 @@ from lmlab.models.config import without_peft
 from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.hf import architecture_for, safetensors_files
 from lmlab.models.hf.architecture import transpose
-from lmlab.models.json_values import is_finite_number, read_json
+from lmlab.models.hf.peft_folders import WEIGHTS_FILE, check_type, field, read_config, write
 from lmlab.models.lora import TARGET_PATHS
 from lmlab.models.registry import abstract_model
 
-CONFIG_FILE = 'adapter_config.json'
-WEIGHTS_FILE = 'adapter_model.safetensors'
 PREFIX = 'base_model.model.'  # What peft's PeftModel puts before the module names.
 TENSORS = {'lora_a': 'lora_A', 'lora_b': 'lora_B'}  # Our parameter: peft's module.
 # adapter_config.json fields of peft features that our LoRA lacks, and their values (or null,
@@ -38,8 +35,6 @@ FEATURES_OFF = {'use_dora': False, 'bias': 'none', 'lora_bias': False, 'fan_in_f
                 'rank_pattern': {}, 'alpha_pattern': {}, 'layers_to_transform': None,
                 'layer_replication': None, 'modules_to_save': None, 'exclude_modules': None,
                 'target_parameters': None, 'trainable_token_indices': None}
-TYPE_NAMES = {int: 'an integer', float: 'a number', bool: 'true or false',
-              list: 'a list of module names'}
 
 
 def _module_name(tensor: str) -> str:
@@ -106,24 +101,11 @@ def save_lora(model, folder: str, *, base_model_name_or_path: str | None = None,
         tensors[f'{PREFIX}{module}.{theirs}.weight'] = link.to_hf(
             [params[('blocks', i, *TARGET_PATHS[name], ours)]])[0]
     target_modules += _peft_names(modules, all_modules)
-  if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-    raise CheckpointError(f'{folder} exists and is not an empty directory; choose a new path')
-  adapter_config = dict(
-      peft_type='LORA', task_type='CAUSAL_LM', base_model_name_or_path=base_model_name_or_path,
-      r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+  write(folder, dict(
+      peft_type='LORA', base_model_name_or_path=base_model_name_or_path, r=config.lora_rank,
+      lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
       use_rslora=config.lora_rslora, target_modules=sorted(target_modules),
-      init_lora_weights=True, inference_mode=True, **FEATURES_OFF)
-  os.makedirs(folder, exist_ok=True)
-  safetensors_files.write(os.path.join(folder, WEIGHTS_FILE), tensors)
-  with open(os.path.join(folder, CONFIG_FILE), 'x') as f:
-    json.dump(adapter_config, f, indent=2)
-
-
-def _field(adapter: dict, path: str, name: str, kind: type, default):
-  value = adapter.get(name, default)
-  if not (is_finite_number(value) if kind is float else type(value) is kind):
-    raise CheckpointError(f'{path}: {name}={value!r:.60} is not {TYPE_NAMES[kind]}')
-  return value
+      init_lora_weights=True, **FEATURES_OFF), tensors)
 
 
 def _targets(entries: list, by_target: dict, all_modules: set, path: str) -> list:
@@ -152,32 +134,26 @@ def _targets(entries: list, by_target: dict, all_modules: set, path: str) -> lis
 
 def _lora_config(adapter, path: str, base, by_target: dict, all_modules: set):
   """The ModelConfig of `base` with the LoRA that adapter_config.json describes."""
-  if not isinstance(adapter, dict):
-    raise CheckpointError(f'{path} holds {type(adapter).__name__}, not a JSON object')
-  if adapter.get('peft_type') != 'LORA':
-    raise CheckpointError(f'{path}: peft_type={adapter.get("peft_type")!r:.60} is not LORA, the '
-                          'peft method read here')
-  if adapter.get('task_type') not in (None, 'CAUSAL_LM'):
-    raise CheckpointError(f'{path}: task_type={adapter["task_type"]!r:.60} is not CAUSAL_LM')
+  check_type(adapter, path, 'LORA')
   for name, off in FEATURES_OFF.items():
     if adapter.get(name) not in (None, off):
       raise CheckpointError(f'{path}: {name}={adapter[name]!r:.60} is not supported (only '
                             f'{off!r})')
   # Defaults as peft's LoraConfig has them.
-  rank = _field(adapter, path, 'r', int, 8)
+  rank = field(adapter, path, 'r', int, 8)
   if rank <= 0:
     raise CheckpointError(f'{path}: r={rank} must be positive')
-  entries = _field(adapter, path, 'target_modules', list, None)
+  entries = field(adapter, path, 'target_modules', list, None)
   if not all(isinstance(entry, str) for entry in entries):
     raise CheckpointError(f'{path}: target_modules={entries!r:.60} is not a list of names')
   targets = _targets(entries, by_target, all_modules, path)
   try:
     return dataclasses.replace(
         base, peft='lora', lora_rank=rank,
-        lora_alpha=float(_field(adapter, path, 'lora_alpha', float, 8)),
-        lora_dropout=float(_field(adapter, path, 'lora_dropout', float, 0.0)),
+        lora_alpha=float(field(adapter, path, 'lora_alpha', float, 8)),
+        lora_dropout=float(field(adapter, path, 'lora_dropout', float, 0.0)),
         lora_targets=','.join(targets),
-        lora_rslora=_field(adapter, path, 'use_rslora', bool, False)).validate()
+        lora_rslora=field(adapter, path, 'use_rslora', bool, False)).validate()
   except ConfigError as e:
     raise CheckpointError(f'{path}: {e}') from None
 
@@ -186,17 +162,13 @@ def load_lora(model, folder: str, *, architecture: str | None = None):
   """A new model: `model` (a plain one, such as hf.load gives) with the LoRA adapters of a
   peft folder, whose adapter_config.json sets the LoRA fields of its config. `model` is
   unchanged (the new one shares its arrays); see hf.save for `architecture`."""
-  config_path = os.path.join(folder, CONFIG_FILE)
+  adapter, config_path = read_config(folder, 'peft LoRA')
   weights_path = os.path.join(folder, WEIGHTS_FILE)
-  for path in (config_path, weights_path):
-    if not os.path.isfile(path):
-      raise CheckpointError(f'{folder} has no {os.path.basename(path)}; pass a peft LoRA folder')
   if model.config.peft:
     raise CheckpointError(f'load_lora adds adapters to a plain model, not to one with '
                           f'peft={model.config.peft!r}')
   arch, by_target, all_modules = _target_links(model.config, architecture)
-  config = _lora_config(read_json(config_path, CheckpointError), config_path, model.config,
-                        by_target, all_modules)
+  config = _lora_config(adapter, config_path, model.config, by_target, all_modules)
   checkpoint = safetensors_files.Checkpoint(folder, [WEIGHTS_FILE])
   values = {path: variable.get_value()
             for path, variable in nnx.to_flat_state(nnx.state(model))}
