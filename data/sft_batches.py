@@ -53,12 +53,13 @@ def _batch(conversations, rows, *, batch_size: int, seq_len: int):
   return batch
 
 
-def train_batch(conversations, *, seed: int, step: int, batch_size: int, seq_len: int):
+def train_batch(conversations, *, seed: int, step: int, batch_size: int, seq_len: int,
+                packed: bool = True):
   """A batch of conversations in an order drawn from (seed, step), a pure function of them.
 
   The order is a random permutation, then another, and so on; each conversation goes into the
-  first row with room for it, until one fits in no row. Over many steps every conversation is
-  seen about equally often; there are no epochs.
+  first row with room for it (packed=False: the first empty row), until one fits in no row.
+  Over many steps every conversation is seen about equally often; there are no epochs.
   """
   _check_trainable(conversations)
   rng = np.random.default_rng([seed, step])
@@ -69,7 +70,8 @@ def train_batch(conversations, *, seed: int, step: int, batch_size: int, seq_len
     n = _predictions(conversations[index], seq_len)
     if n < 1:
       continue
-    row = next((row for row in range(batch_size) if room[row] >= n), None)
+    row = next((row for row in range(batch_size)
+                if room[row] >= n and (packed or not rows[row])), None)
     if row is None:
       break
     rows[row].append(index)
@@ -77,16 +79,17 @@ def train_batch(conversations, *, seed: int, step: int, batch_size: int, seq_len
   return _batch(conversations, rows, batch_size=batch_size, seq_len=seq_len)
 
 
-def eval_batches(conversations, *, batch_size: int, seq_len: int):
+def eval_batches(conversations, *, batch_size: int, seq_len: int, packed: bool = True):
   """Yields batches holding every conversation once, in order: each goes into the current row,
-  or starts the next when it does not fit. The last batch's missing rows are padding."""
+  or starts the next when it does not fit (packed=False: always). The last batch's missing
+  rows are padding."""
   _check_trainable(conversations)
   rows, room = [[]], seq_len
   for index, conversation in enumerate(conversations):
     n = _predictions(conversation, seq_len)
     if n < 1:
       continue
-    if n > room:
+    if n > room or (not packed and rows[-1]):
       rows.append([])
       room = seq_len
     rows[-1].append(index)

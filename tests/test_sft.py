@@ -15,7 +15,7 @@ from lmlab.training.config import TrainConfig
 from lmlab.training.language_modeling import load_run_tokenizer
 from lmlab.training.loop import train
 from lmlab.training.optimizer import OptimizerConfig
-from lmlab.training.sft import masked_cross_entropy
+from lmlab.training.sft import SupervisedFineTuning, masked_cross_entropy
 
 LETTERS = 'abcdefgh'
 
@@ -104,3 +104,24 @@ def test_bad_chat_line_is_one_error_naming_file_and_line(tmp_path, rng, line, pr
   with pytest.raises(DataError, match=f'{path}:3.*{problem}|{problem}.*{path}:3'):
     train(config, small_config(vocab_size=0), OptimizerConfig(), print_fn=lambda *_: None)
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_prompt_tuning_takes_one_conversation_per_row(tmp_path, rng):
+  """A prompt-tuned model cannot show its virtual tokens to several packed segments, so SFT
+  gives it one conversation per row, padded after it."""
+  examples = copy_chats(rng, 30)
+  data = write_jsonl(tmp_path / 'chats.jsonl', examples)
+  model = small_config(vocab_size=0, peft='prompt', prompt_tokens=2)
+  config = TrainConfig(workdir=str(tmp_path / 'run'), objective='sft', data=data, steps=2,
+                       batch_size=4, seq_len=32, eval_every=1000, save_every=1000)
+  summary = train(config, model, OptimizerConfig(learning_rate=1e-2), print_fn=lambda *_: None)[3]
+  assert np.isfinite(summary['eval_loss'])
+  task = SupervisedFineTuning(config.resolved(model), model, log=lambda *_: None)
+  task.load_data()
+  conversations = {tuple(c.token_ids[:-1].tolist()) for c in task.train}
+  batch = task.train_batch(int(rng.integers(1000)))
+  assert 'segment_ids' not in batch
+  for inputs, mask in zip(batch['inputs'], batch['loss_mask']):
+    length = len(np.trim_zeros(inputs, 'b'))
+    assert tuple(inputs[:length].tolist()) in conversations
+    assert not mask[length:].any()

@@ -6,9 +6,10 @@
 --data is a JSONL file of conversations ({"messages": [...]} or {"prompt", "completion"}
 per line; data/chat.py). Each is rendered with --chat_template, whose special tokens join the
 tokenizer (and the vocabulary grows when they do not fit), and conversations are packed into
-sequences as segments of their own (data/sft_batches.py). The loss is the next-token cross-entropy
-of the assistant's tokens only: the mean over the micro-batch's trained tokens, whose number
-the metric trained_tokens reports. The last val_fraction of the conversations are held out.
+sequences as segments of their own (data/sft_batches.py; one per row for prompt tuning). The
+loss is the next-token cross-entropy of the assistant's tokens only: the mean over the
+micro-batch's trained tokens, whose number the metric trained_tokens reports. The last
+val_fraction of the conversations are held out.
 """
 import dataclasses
 
@@ -76,15 +77,27 @@ class SupervisedFineTuning(Objective):
              f'{len(self.val)} held out' + (f'; {truncated} longer than --seq_len+1 are cut '
                                              'to it' if truncated else ''))
 
+  @property
+  def packed(self) -> bool:
+    """Whether rows hold several conversations. A prompt-tuned model takes one per row: every
+    packed segment would have to see its virtual tokens, which a mask cannot say yet."""
+    return self.model_config.peft != 'prompt'
+
+  def _unpacked(self, batch):
+    """A batch of one conversation per row needs no segments: its padding comes after it."""
+    if self.packed:
+      return batch
+    return {key: value for key, value in batch.items() if key not in ('segment_ids', 'positions')}
+
   def train_batch(self, step: int):
-    return sft_batches.train_batch(self.train, seed=self.config.seed, step=step,
-                                   batch_size=self.config.batch_size,
-                                   seq_len=self.config.seq_len)
+    return self._unpacked(sft_batches.train_batch(
+        self.train, seed=self.config.seed, step=step, batch_size=self.config.batch_size,
+        seq_len=self.config.seq_len, packed=self.packed))
 
   def loss(self, model, batch, dropout_key, frozen=None):
     del frozen
-    logits_btv = model(batch['inputs'], positions_bt=batch['positions'],
-                       segment_ids_bt=batch['segment_ids'], dropout_key=dropout_key)
+    logits_btv = model(batch['inputs'], positions_bt=batch.get('positions'),
+                       segment_ids_bt=batch.get('segment_ids'), dropout_key=dropout_key)
     loss, count = masked_cross_entropy(logits_btv, batch['targets'], batch['loss_mask'])
     return loss, {'loss': loss, 'trained_tokens': count}
 
@@ -101,7 +114,8 @@ class SupervisedFineTuning(Objective):
     put_batch = self.put_batch or (lambda batch: jax.tree.map(jnp.asarray, batch))
     total = count = 0.0
     for batch in sft_batches.eval_batches(self.val, batch_size=self.config.micro_batch_size,
-                                          seq_len=self.config.seq_len):
+                                          seq_len=self.config.seq_len, packed=self.packed):
+      batch = self._unpacked(batch)
       batch_total, batch_count = jax.device_get(self._eval_steps[graphdef](
           params, put_batch(batch)))
       total, count = total + float(batch_total), count + float(batch_count)
