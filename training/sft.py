@@ -61,8 +61,12 @@ class SupervisedFineTuning(Objective):
                                       self.tokenizer).validate()
     check_fits(self.model_config, self.tokenizer, train_config.seq_len)
     self._eval_steps = {}
+    self._read_conversations()
 
   def load_data(self):
+    """The conversations are read in __init__: bad data stops the run before it writes."""
+
+  def _read_conversations(self):
     examples = chat.read_examples(self.config.data)
     n_val = max(1, round(self.config.val_fraction * len(examples)))
     if len(examples) <= n_val:
