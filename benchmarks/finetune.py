@@ -4,9 +4,11 @@ r"""What fine-tuning costs: full fine-tuning beside each PEFT method, in one run
   python benchmarks/finetune.py --model=qwen2-0.5b --set= --shape_only --batch_size=4 \
       --seq_len=512                           # the preset as it is (--set= clears the default)
 
-For each method (full: every parameter trains; lora: rank --lora_rank on --lora_targets),
-reports the parameters that train (count and share), the optimizer state (AdamW's two
-moments of those parameters), the compiled train step's peak and temporary memory on one
+For each method (full: every parameter trains; lora: rank --lora_rank on --lora_targets;
+qlora: the same with those layers' frozen kernels stored in NF4 or int8, models/quantize.py),
+reports the parameters that train (count, and share of the float model's), the bytes that
+all the parameters take (quantised codes and scales included), the optimizer state (AdamW's
+two moments of those parameters), the compiled train step's peak and temporary memory on one
 device as XLA reports it, and, unless --shape_only, the median step time of the jitted step
 of training/steps.py on random tokens (the methods alternate, so the machine's drift hits
 both alike). --shape_only compiles against shapes alone (jax.eval_shape), allocating no
@@ -34,10 +36,12 @@ FLAGS = flags.FLAGS
 
 
 def method_configs(base) -> dict:
-  return {'full': base,
-          f'lora r={FLAGS.lora_rank}': dataclasses.replace(
-              base, peft='lora', lora_rank=FLAGS.lora_rank, lora_alpha=2.0 * FLAGS.lora_rank,
-              lora_targets=FLAGS.lora_targets).validate()}
+  lora = lambda quantize: dataclasses.replace(
+      base, peft='lora', lora_rank=FLAGS.lora_rank, lora_alpha=2.0 * FLAGS.lora_rank,
+      lora_targets=FLAGS.lora_targets, lora_quantize=quantize).validate()
+  return {'full': base, f'lora r={FLAGS.lora_rank}': lora(''),
+          f'qlora nf4 r={FLAGS.lora_rank}': lora('nf4'),
+          f'qlora int8 r={FLAGS.lora_rank}': lora('int8')}
 
 
 def compiled_step(config):
@@ -69,13 +73,15 @@ def compiled_step(config):
 
 def describe(name, config, compiled, params, opt_state, trainable_filter) -> dict:
   import jax
+  from lmlab.models.registry import param_count
   from lmlab.training.steps import trainable_part
   count = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree))
   nbytes = lambda tree: sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
   trained = count(trainable_part(params, trainable_filter))
   memory = compiled.memory_analysis()
-  return {'method': name, 'trainable': trained, 'share': trained / count(params),
-          'opt_state_mib': nbytes(opt_state) / 2**20,
+  return {'method': name, 'trainable': trained,
+          'share': trained / param_count(config),
+          'params_mib': nbytes(params) / 2**20, 'opt_state_mib': nbytes(opt_state) / 2**20,
           'peak_mib': getattr(memory, 'peak_memory_in_bytes', 0) / 2**20,
           'temp_mib': memory.temp_size_in_bytes / 2**20}
 
@@ -108,14 +114,14 @@ def main(argv):
       runs[name] = once
   seconds = ({} if FLAGS.shape_only else
              interleaved_medians(runs, warmup=2, repeats=FLAGS.repeats))
-  print('\n| method | trainable params | share | optimizer state MiB | step peak MiB | '
-        'step temporaries MiB | ms / step |')
-  print('|---|---:|---:|---:|---:|---:|---:|')
+  print('\n| method | trainable params | share | params MiB | optimizer state MiB | '
+        'step peak MiB | step temporaries MiB | ms / step |')
+  print('|---|---:|---:|---:|---:|---:|---:|---:|')
   for row in rows:
     time_ms = f'{seconds[row["method"]] * 1e3:.1f}' if seconds else '-'
     print(f'| {row["method"]} | {row["trainable"]:,} | {row["share"]:.2%} | '
-          f'{row["opt_state_mib"]:.1f} | {row["peak_mib"]:.1f} | {row["temp_mib"]:.1f} | '
-          f'{time_ms} |')
+          f'{row["params_mib"]:.1f} | {row["opt_state_mib"]:.1f} | {row["peak_mib"]:.1f} | '
+          f'{row["temp_mib"]:.1f} | {time_ms} |')
 
 
 if __name__ == '__main__':

@@ -40,7 +40,7 @@ FAMILY_FIELDS = {
 # that only each one reads, which stay at their defaults under any other peft.
 PEFTS = ('', 'lora', 'adapter', 'llama_adapter', 'prompt')
 PEFT_FIELDS = {'lora': ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets',
-                        'lora_rslora'),
+                        'lora_rslora', 'lora_quantize', 'lora_quantize_block'),
                'adapter': ('adapter_size',),
                'llama_adapter': ('adaption_layers', 'adaption_tokens'),
                'prompt': ('prompt_tokens', 'prompt_init')}
@@ -48,6 +48,8 @@ PEFT_FIELDS = {'lora': ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets
 # them (q_proj, ..., gate_proj, up_proj, down_proj) are these with '_proj' and mean the same.
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 PROMPT_INITS = ('random', 'vocab')
+# How QLoRA stores each adapted layer's frozen kernel (models/quantize.py); '': as it is.
+LORA_QUANTIZE = ('', 'int8', 'nf4')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +138,8 @@ class ModelConfig:
   lora_dropout: float = 0.0     # on each adapter's input, in training.
   lora_targets: str = 'q,k,v,o'  # comma-separated LORA_TARGETS (or peft's q_proj, ...).
   lora_rslora: bool = False     # scale lora_alpha / sqrt(rank) (Kalajdzievski 2023, rsLoRA).
+  lora_quantize: str = ''       # QLoRA: one of LORA_QUANTIZE (Dettmers et al. 2023).
+  lora_quantize_block: int = 64  # consecutive kernel values that share one absmax scale.
   adapter_size: int = 64        # the bottleneck width of each Houlsby adapter.
   adaption_layers: int = 0      # the top layers that get adaption prompts; 0: all of them.
   adaption_tokens: int = 10     # learned prompt vectors per adapted layer.
@@ -350,6 +354,16 @@ class ModelConfig:
     if not 0.0 <= self.lora_dropout < 1.0:
       raise ConfigError(f'lora_dropout={self.lora_dropout} must be in [0, 1)')
     self.lora_target_names  # Raises on a name that is not a target.
+    if self.lora_quantize not in LORA_QUANTIZE:
+      raise ConfigError(f'lora_quantize={self.lora_quantize!r} is not one of '
+                        f'{", ".join(map(repr, LORA_QUANTIZE))}')
+    if self.lora_quantize_block != ModelConfig.lora_quantize_block and not self.lora_quantize:
+      raise ConfigError(f'lora_quantize_block={self.lora_quantize_block} applies to a quantised '
+                        'kernel only; set lora_quantize=int8 or nf4')
+    # nf4 packs two codes into each byte, and a block into whole bytes.
+    if self.lora_quantize_block <= 0 or self.lora_quantize_block % 2:
+      raise ConfigError(f'lora_quantize_block={self.lora_quantize_block} must be positive and '
+                        'even')
 
   def _validate_adapter(self):
     if self.adapter_size <= 0:

@@ -10,15 +10,23 @@ This is ours rather than nnx.LoRA, which has neither the alpha / U (or rsLoRA) s
 dropout, and which nests the base layer, moving its kernel from q_proj/kernel to
 q_proj/base_module/kernel: a LoRADense keeps the base parameters' paths, so a pre-trained
 model's parameters load into a LoRA model path by path.
+
+QLoRA (Dettmers et al. 2023; config.lora_quantize): each adapted layer's kernel is held as a
+quantize.QuantizedArray at the same path (its codes and scales under kernel/) and
+de-quantised to the compute dtype in each forward; the adapters stay float. Layers that are
+not adapted keep their float kernels.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lmlab.models import sharding
-from lmlab.models.config import check_adds, without_peft
+from lmlab.models.config import ModelConfig, check_adds, without_peft
 from lmlab.models.dense import Dense, matmul_last_axis
 from lmlab.models.errors import ConfigError
+from lmlab.models.quantize import QuantizedArray
 
 # Where each of config.LORA_TARGETS is in a Block: (sublayer, layer).
 TARGET_PATHS = {'q': ('attention', 'q_proj'), 'k': ('attention', 'k_proj'),
@@ -64,22 +72,54 @@ class LoRADense(Dense):
 
 def add_lora(model, config, *, rngs: nnx.Rngs):
   """`model` with a LoRADense in place of each Dense that config.lora_targets names, in every
-  block, and `config` as its config; changed in place and returned. model is a decoder built
-  from config (models/registry.build calls this) or from its base, without_peft(config)."""
+  block (its kernel quantised where config.lora_quantize says), and `config` as its config;
+  changed in place and returned. model is a decoder built from config (models/registry.build
+  calls this) or from its base, without_peft(config)."""
   check_adds('lora', config, model.config, 'add_lora')
-  for name in config.lora_target_names:
-    sublayer_name, layer_name = TARGET_PATHS[name]
-    for block in model.blocks:
-      sublayer = getattr(block, sublayer_name)
-      layer = getattr(sublayer, layer_name, None)
-      if layer is None:
-        raise ConfigError(f'lora_targets names {name!r}, but this model has no '
-                          f'{sublayer_name}/{layer_name} (mlp={config.mlp})')
-      setattr(sublayer, layer_name, LoRADense(layer, rank=config.lora_rank,
-                                              scale=config.lora_scale,
-                                              dropout=config.lora_dropout, rngs=rngs))
+  for name, _, sublayer, layer_name, layer in _adapted_layers(model, config):
+    if layer is None:
+      raise ConfigError(f'lora_targets names {name!r}, but this model has no '
+                        f'{"/".join(TARGET_PATHS[name])} (mlp={config.mlp})')
+    setattr(sublayer, layer_name, LoRADense(layer, rank=config.lora_rank,
+                                            scale=config.lora_scale,
+                                            dropout=config.lora_dropout, rngs=rngs))
+  model.config = float_config(config)
+  return quantized(model, config) if config.lora_quantize else model
+
+
+def float_config(config: ModelConfig) -> ModelConfig:
+  """config without QLoRA's quantisation: the LoRA model whose kernels a QLoRA model's
+  de-quantise to."""
+  return dataclasses.replace(config, lora_quantize='',
+                             lora_quantize_block=ModelConfig.lora_quantize_block)
+
+
+def quantized(model, config: ModelConfig):
+  """A LoRA model of float_config(config) with each adapted kernel quantised as config says,
+  and config as its config; changed in place and returned."""
+  for *_, layer in _adapted_layers(model, config):
+    layer.kernel = QuantizedArray(layer.kernel, scheme=config.lora_quantize,
+                                  block=config.lora_quantize_block)
   model.config = config
   return model
+
+
+def dequantized(model):
+  """A QLoRA model as the LoRA model of float_config(model.config) whose kernels are its
+  kernels de-quantised; changed in place and returned."""
+  for *_, layer in _adapted_layers(model, model.config):
+    layer.kernel = layer.kernel.param()
+  model.config = float_config(model.config)
+  return model
+
+
+def filled_as_float(graphdef, params, fill):
+  """The parameters (of graphdef, a QLoRA model) that fill(parameters) -> parameters gives
+  when it fills the float LoRA model they de-quantise to: the result quantised again."""
+  model = nnx.merge(graphdef, params)
+  config = model.config
+  float_graphdef, float_params = nnx.split(dequantized(model))
+  return nnx.state(quantized(nnx.merge(float_graphdef, fill(float_params)), config))
 
 
 def merge(model):
@@ -98,11 +138,18 @@ def _plain(model, kernel_of):
   kernel kernel_of(layer)."""
   config = without_peft(model.config)
   values = {path: variable.get_value() for path, variable in nnx.to_flat_state(nnx.state(model))}
-  for name in model.config.lora_target_names:
-    sublayer_name, layer_name = TARGET_PATHS[name]
-    for i, block in enumerate(model.blocks):
-      layer = getattr(getattr(block, sublayer_name), layer_name)
-      values[('blocks', i, sublayer_name, layer_name, 'kernel')] = kernel_of(layer)
+  for name, i, _, _, layer in _adapted_layers(model, model.config):
+    values[('blocks', i, *TARGET_PATHS[name], 'kernel')] = kernel_of(layer)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: type(model)(config, rngs=nnx.Rngs(0))))
   return nnx.merge(graphdef, nnx.from_flat_state(
       [(path, variable.replace(values[path])) for path, variable in nnx.to_flat_state(abstract)]))
+
+
+def _adapted_layers(model, config):
+  """(target name, block index, sublayer, layer name, layer or None where the sublayer has
+  none) of each target of config in each block of model."""
+  for name in config.lora_target_names:
+    sublayer_name, layer_name = TARGET_PATHS[name]
+    for i, block in enumerate(model.blocks):
+      sublayer = getattr(block, sublayer_name)
+      yield name, i, sublayer, layer_name, getattr(sublayer, layer_name, None)

@@ -8,7 +8,7 @@ from lmlab.models.config import ModelConfig
 from lmlab.models.decoder import DecoderLM
 from lmlab.models.adapter import AdapterParam, add_adapters
 from lmlab.models.llama_adapter import AdaptionPromptParam, add_llama_adapter
-from lmlab.models.lora import add_lora
+from lmlab.models.lora import add_lora, float_config
 from lmlab.models.prompt_tuning import PromptParam, add_prompt
 from lmlab.models.seq2seq import EncoderDecoder
 
@@ -43,5 +43,7 @@ def abstract_model(config: ModelConfig):
 
 
 def param_count(config: ModelConfig) -> int:
-  """Number of parameters, from shapes alone."""
-  return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract_model(config), nnx.Param)))
+  """Number of parameters, from shapes alone; a quantised kernel counts as the values it
+  stands for."""
+  return sum(leaf.size for leaf in jax.tree.leaves(
+      nnx.state(abstract_model(float_config(config)), nnx.Param)))

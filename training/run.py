@@ -114,7 +114,8 @@ def init_from(workdir: str, overrides: list[str]):
   """(model config, tokenizer spec, init_params) to start a run from another run's latest
   parameters: its config with overrides on top, its tokenizer, and its parameters wherever
   the new model has one of the same path and shape (a classifier keeps the pre-trained
-  encoder and gets a fresh head; LoRA adapters start fresh beside the pre-trained kernels).
+  encoder and gets a fresh head; LoRA adapters start fresh beside the pre-trained kernels,
+  which a QLoRA model quantises).
   Where only the vocabulary axis grew (a chat template's tokens joined the tokenizer), the
   old tokens' rows are carried over and the new ones keep their fresh initialisation."""
   loaded = restore(workdir)
@@ -135,11 +136,17 @@ def init_from(workdir: str, overrides: list[str]):
     rows = tuple(slice(0, size) for size in old.shape)
     return value.replace(jnp.asarray(value[...]).at[rows].set(old[...]))
 
-  def init_params(params):
+  def copied(params):
     return nnx.from_flat_state([(name, carried(name, value))
                                 for name, value in nnx.to_flat_state(params)])
 
   model_config = with_overrides(read_config(workdir)['model'], overrides).validate()
+
+  def init_params(params):
+    if not model_config.lora_quantize:
+      return copied(params)
+    # QLoRA: copied into the float LoRA model by path and shape, then quantised.
+    return lora.filled_as_float(nnx.graphdef(abstract_model(model_config)), params, copied)
   return model_config, path or loaded.run.tokenizer, init_params
 
 
