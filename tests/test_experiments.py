@@ -135,9 +135,9 @@ def test_attention_scale(tmp_path, corpus):
 
 
 def test_finetuning(tmp_path, corpus):
-  run_script(finetuning, tmp_path, corpus, '--methods=full,lora2,adapter3,llama_adapter2,prompt2',
+  run_script(finetuning, tmp_path, corpus, '--methods=full,lora2,adapter3,prompt2',
              '--sft_steps=2', '--task_examples=40', '--seq_len=48')
-  check_outputs(tmp_path, ['method'], 'task loss', 'final_eval_loss', 5)
+  check_outputs(tmp_path, ['method'], 'task loss', 'final_eval_loss', 4)
   rows = {row['method']: row for row in csv_rows(tmp_path)}
   with open(tmp_path / 'base' / 'config.json') as f:
     base = ModelConfig(**json.load(f)['model'])
@@ -148,8 +148,6 @@ def test_finetuning(tmp_path, corpus):
   assert int(rows['full']['trainable_params']) == param_count(base)
   # Houlsby adapters of width 3 after both sublayers: down and up, each with a bias.
   assert int(rows['adapter3']['trainable_params']) == base.n_layers * 2 * (2 * 3 * d + 3 + d)
-  # LLaMA-Adapter: 2 prompt vectors of d per layer and a gate per head.
-  assert int(rows['llama_adapter2']['trainable_params']) == base.n_layers * (2 * d + base.n_heads)
   assert int(rows['prompt2']['trainable_params']) == 2 * d
   # Every method but prompt tuning (whose prompt the source text is read after) starts out
   # computing the base model: the same source loss before fine-tuning.

@@ -69,7 +69,7 @@ def test_sft_learns_to_answer_in_the_template_format(tmp_path, rng):
              for word in words]
   # A reply is a word of the task's letters and then the end-of-turn token (without it the
   # reply would run to max_new_tokens).
-  assert all(2 <= len(answer) <= 4 and set(answer) <= set(LETTERS) for answer in answers), (
+  assert all(1 <= len(answer) < 8 and set(answer) <= set(LETTERS) for answer in answers), (
       words, answers)
 
 
