@@ -1,11 +1,13 @@
 """BERT pre-training, fine-tuning a classifier and sequence-to-sequence training, through
 main.py and training.loop.train: the metrics each objective reports, and that they learn."""
 import dataclasses
+import functools
 import json
 import os
 
 import pytest
 
+from lmlab.data.seq2seq import synthetic_pairs
 from lmlab.models.config import ConfigError, preset
 from test_main import metrics, run_main
 from lmlab.training import seq2seq as seq2seq_training
@@ -88,16 +90,21 @@ def test_roberta_objective_masks_full_spans_without_next_sentence(tmp_path, corp
               tokenizer='wordpiece:120')
 
 
-def test_a_short_reversal_run_learns(tmp_path, monkeypatch):
-  """Post-LN sits on a plateau of symbol frequencies (token accuracy ~0.12) for its first
-  ~250 steps, then learns to attend to the mirrored position."""
+def test_a_short_reversal_run_learns(tmp_path, monkeypatch, rng):
+  """Post-LN sits on a plateau of symbol frequencies (token accuracy ~0.2 for 4 to 8 symbols)
+  for its first 100 to 180 steps, depending on the seed, then learns to attend to the
+  mirrored position; by step 200 it reverses nearly every held-out pair."""
   monkeypatch.setattr(seq2seq_training, 'EVAL_PAIRS', 128)
-  summary, _ = small_run(tmp_path, 'reverse', preset('transformer-tiny'), learning_rate=1e-3,
-                         objective='seq2seq', steps=300, batch_size=32, seq_len=20,
+  monkeypatch.setattr(seq2seq_training, 'TRAIN_PAIRS', 20_000)  # 6400 are drawn.
+  # Shorter pairs than the default 8 to 16 symbols: a step costs half, and fewer steps learn.
+  monkeypatch.setattr(seq2seq_training, 'synthetic_pairs',
+                      functools.partial(synthetic_pairs, min_len=4, max_len=8))
+  summary, _ = small_run(tmp_path, 'reverse', preset('transformer-tiny'), learning_rate=2e-3,
+                         objective='seq2seq', steps=200, batch_size=32, seq_len=20,
                          data='synthetic:reverse', label_smoothing=0.1, beam_size=2,
-                         eval_every=1000)
+                         eval_every=1000, seed=int(rng.integers(1 << 30)))
   assert {'eval_exact_match', 'eval_beam_exact_match', 'eval_token_accuracy'} <= set(summary)
-  assert summary['eval_token_accuracy'] > 0.3
+  assert summary['eval_token_accuracy'] > 0.6
 
 
 def test_text_pairs_report_bleu(tmp_path):

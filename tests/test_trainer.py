@@ -65,13 +65,18 @@ def test_partly_trained_objective_with_frozen_state(tmp_path, rng):
   head0 = nnx.filter_state(initial, HEAD)
   rest = nnx.filter_state(initial, nnx.Not(HEAD))
   optimizer = make_optimizer(opt_config.resolved(run.steps, 'decoder'))
-  head, opt_state, losses = head0, optimizer.init(head0), []
-  for step in range(run.steps):
-    batch = jax.tree.map(jnp.asarray, task.train_batch(step))
+
+  @jax.jit  # Eagerly, op by op, a step takes seconds.
+  def oracle_step(head, opt_state, batch):
     loss, grads = jax.value_and_grad(lambda head: head_loss(
         nnx.merge(graphdef, nnx.merge_state(head, rest)), batch, head0))(head)
     updates, opt_state = optimizer.update(grads, opt_state, head)
-    head, losses = optax.apply_updates(head, updates), losses + [float(loss)]
+    return optax.apply_updates(head, updates), opt_state, loss
+
+  head, opt_state, losses = head0, optimizer.init(head0), []
+  for step in range(run.steps):
+    head, opt_state, loss = oracle_step(head, opt_state, task.train_batch(step))
+    losses.append(float(loss))
 
   for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.filter_state(params, HEAD)),
                                     nnx.to_flat_state(head)):

@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import small_config
+from conftest import jit_call, small_config
 from lmlab.models import sharding
 from lmlab.models.registry import build
 from lmlab.training import parallel
@@ -71,7 +71,8 @@ def assert_trees_close(actual, expected, **tolerance):
           qk_nope_head_dim=4, v_head_dim=8, n_kv_heads=4), ['data:2,fsdp:2,tensor:2']),
 ], ids=['gqa', 'mla'])
 def test_step_on_every_mesh_equals_one_device(rng, config_fields, meshes):
-  config = small_config(**config_fields)
+  # One layer has every kind of parameter; a second would add compiling, not cases.
+  config = small_config(n_layers=1, **config_fields)
   params = nnx.split(build(config, rngs=nnx.Rngs(int(rng.integers(1 << 30)))))[1]
   params = jax.tree.map(np.asarray, params)
   batch = random_batch(rng, config, 8, 12)
@@ -145,7 +146,7 @@ def test_checkpoint_restores_onto_other_topologies(tmp_path, rng):
   """Train on a 2x2x2 mesh, restore onto 1 device; save from 1 device, restore onto 4."""
   text = ' '.join(rng.choice(['alpha', 'beta', 'gamma', 'delta', '(', ')', '\n'], 3000))
   (tmp_path / 'corpus.txt').write_text(text)
-  config = small_config(vocab_size=0)
+  config = small_config(vocab_size=0, n_layers=1)
   run = TrainConfig(workdir=str(tmp_path / 'run'), steps=2, batch_size=8, seq_len=16,
                     data=str(tmp_path / 'corpus.txt'), eval_batches=1, save_every=2,
                     mesh='data:2,fsdp:2,tensor:2', log_every=1)
@@ -186,20 +187,20 @@ def test_checkpoint_restores_onto_other_topologies(tmp_path, rng):
 def test_pallas_kernel_runs_per_shard(rng, fields, mesh, rules):
   """A custom kernel (Pallas, interpreted on CPU) under a mesh runs shard by shard in
   shard_map; the logits equal the plain implementation's on one device."""
-  config = small_config(attention_impl='pallas', **fields)
+  config = small_config(attention_impl='pallas', n_layers=1, **fields)
   graphdef, params = nnx.split(build(config, rngs=nnx.Rngs(int(rng.integers(1 << 30)))))
   tokens = rng.integers(0, config.vocab_size, (4, 9)).astype(np.int32)
   segments = np.sort(rng.integers(0, 2, (4, 9)), axis=1).astype(np.int32)
   plain = nnx.merge(graphdef, params)
   plain.set_attributes(impl='xla')
-  expected = plain(tokens, segment_ids_bt=segments)
+  expected = jit_call(plain)(tokens, segment_ids_bt=segments)
   layout = parallel.Layout.create(mesh, rules, config)
   placed = jax.device_put(jax.tree.map(np.asarray, params), layout.state_shardings(params))
   batch = layout.put_batch({'tokens': tokens, 'segments': segments})
+  forward = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b['tokens'],
+                                                        segment_ids_bt=b['segments']))
   with sharding.activation_rules(layout.rules):
-    logits = jax.jit(lambda p, b: nnx.merge(graphdef, p)(
-        b['tokens'], segment_ids_bt=b['segments']))(placed, batch)
-    hlo = jax.jit(lambda p, b: nnx.merge(graphdef, p)(
-        b['tokens'], segment_ids_bt=b['segments'])).lower(placed, batch).as_text()
+    logits = forward(placed, batch)
+    hlo = forward.lower(placed, batch).as_text()
   np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-5)
   assert 'manual' in hlo.lower()  # The sharding of shard_map's body.
