@@ -1,5 +1,6 @@
 """Shared helpers: small configs and per-run random seeds."""
 import dataclasses
+import json
 import os
 import unicodedata
 
@@ -38,6 +39,21 @@ def random_code_points(rng, n: int) -> str:
                     rng.integers(0x40000, 0xE0000, n))
   points = rng.permutation(assigned[:n] + list(stable))[:n]
   return ''.join(map(chr, points))
+
+
+def config_rewriter(folder: str):
+  """A function that rewrites the adapter_config.json of a peft folder with some fields
+  changed (each call starting from the saved one)."""
+  from lmlab.models.hf.peft_folders import CONFIG_FILE
+  path = os.path.join(folder, CONFIG_FILE)
+  with open(path) as f:
+    saved = json.load(f)
+
+  def write_config(**changes):
+    with open(path, 'w') as f:
+      json.dump({**saved, **changes}, f)
+
+  return write_config
 
 
 def small_config(**fields) -> ModelConfig:

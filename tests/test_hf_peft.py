@@ -1,7 +1,6 @@
 """LoRA adapters as Hugging Face peft folders (models/hf/peft.py): our logits against
 transformers with peft itself, both ways, and the named errors of bad folders."""
 import dataclasses
-import json
 import os
 
 import jax
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import small_config
+from conftest import config_rewriter, small_config
 from lmlab.models import hf, registry
 from lmlab.models.config import without_peft
 from lmlab.models.errors import CheckpointError
@@ -99,15 +98,7 @@ def adapter(rng, tmp_path):
   adapted = add_lora(nnx.clone(base), config, rngs=nnx.Rngs(0))
   folder = str(tmp_path / 'adapter')
   hf_peft.save_lora(adapted, folder)
-  config_path = os.path.join(folder, peft_folders.CONFIG_FILE)
-  with open(config_path) as f:
-    saved = json.load(f)
-
-  def write_config(**changes):
-    with open(config_path, 'w') as f:
-      json.dump({**saved, **changes}, f)
-
-  return base, folder, write_config
+  return base, folder, config_rewriter(folder)
 
 
 def test_bad_adapter_config_is_a_named_error(adapter):

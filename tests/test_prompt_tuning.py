@@ -2,7 +2,6 @@
 transformers with Hugging Face peft's PROMPT_TUNING, both ways, padded rows, cached greedy
 generation, what a run trains, and the named errors of bad configs and folders."""
 import dataclasses
-import json
 import os
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import jit_call, small_config
+from conftest import config_rewriter, jit_call, small_config
 from lmlab.models import hf, registry
 from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.generation import SamplingConfig, make_generate
@@ -172,15 +171,7 @@ def adapter(rng, tmp_path):
   base, tuned = prompt_tuned(rng, 3)
   folder = str(tmp_path / 'adapter')
   hf_prompt_tuning.save_prompt(tuned, folder)
-  config_path = os.path.join(folder, peft_folders.CONFIG_FILE)
-  with open(config_path) as f:
-    saved = json.load(f)
-
-  def write_config(**changes):
-    with open(config_path, 'w') as f:
-      json.dump({**saved, **changes}, f)
-
-  return base, folder, write_config
+  return base, folder, config_rewriter(folder)
 
 
 def test_bad_prompt_folders_are_named_errors(adapter):
