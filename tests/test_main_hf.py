@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from test_hf import hf_logits, hf_model
-from test_main import corpus_dir, run_main  # noqa: F401 (a fixture)
+from test_main import corpus_dir, run_main, run_mains  # noqa: F401 (a fixture)
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -45,13 +45,13 @@ def test_convert_to_a_workdir_and_back(llama_dir, tmp_path, corpus_dir, rng):  #
   workdir, exported = str(tmp_path / 'run'), str(tmp_path / 'exported')
   common = ['--tokenizer=bytes', f'--data={corpus_dir}', '--seq_len=32', '--batch_size=2',
             '--eval_batches=2']
-  run_main('--mode=convert', f'--hf_checkpoint={path}', f'--workdir={workdir}', *common)
-  from_hf = run_main('--mode=eval', f'--hf_checkpoint={path}', f'--workdir={tmp_path / "e"}',
-                     *common).stdout
-  from_workdir = run_main('--mode=eval', f'--workdir={workdir}', f'--data={corpus_dir}').stdout
-  assert from_hf.split(': loss')[1] == from_workdir.split(': loss')[1]
+  _, from_hf = run_mains(
+      ['--mode=convert', f'--hf_checkpoint={path}', f'--workdir={workdir}', *common],
+      ['--mode=eval', f'--hf_checkpoint={path}', f'--workdir={tmp_path / "e"}', *common])
+  from_workdir, _ = run_mains(['--mode=eval', f'--workdir={workdir}', f'--data={corpus_dir}'],
+                              ['--mode=convert', f'--workdir={workdir}', f'--hf_out={exported}'])
+  assert from_hf.stdout.split(': loss')[1] == from_workdir.stdout.split(': loss')[1]
 
-  run_main('--mode=convert', f'--workdir={workdir}', f'--hf_out={exported}')
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
   ids = rng.integers(0, BYTES_VOCAB, (2, 10))
   np.testing.assert_array_equal(hf_logits(reloaded, ids), hf_logits(model, ids))
@@ -62,10 +62,10 @@ def test_convert_to_a_workdir_and_back(llama_dir, tmp_path, corpus_dir, rng):  #
 
 def test_hf_checkpoint_errors(llama_dir, tmp_path):
   _, path = llama_dir
-  changed = run_main('--mode=generate', f'--hf_checkpoint={path}', '--tokenizer=bytes',
-                     '--set', 'n_layers=3', check=False)
+  changed, no_tokenizer = run_mains(
+      ['--mode=generate', f'--hf_checkpoint={path}', '--tokenizer=bytes', '--set', 'n_layers=3'],
+      ['--mode=generate', f'--hf_checkpoint={path}'], check=False)
   assert changed.returncode == 1 and 'n_layers' in changed.stderr
-  no_tokenizer = run_main('--mode=generate', f'--hf_checkpoint={path}', check=False)
   assert no_tokenizer.returncode == 1 and 'tokenizer.json' in no_tokenizer.stderr
   with open(os.path.join(path, 'config.json')) as f:
     config = json.load(f)
