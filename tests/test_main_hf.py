@@ -2,6 +2,7 @@
 transformers model the checkpoint came from."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -77,19 +78,22 @@ def test_hf_checkpoint_errors(llama_dir, tmp_path):
   assert unsupported.stderr.count('\n') == 1 and 'not supported' in unsupported.stderr
 
 
-@pytest.mark.parametrize('corruption', ['garbage header length', 'offsets past the end'])
-def test_corrupt_safetensors_is_one_error_line_naming_the_file(llama_dir, corruption, rng):
+def test_corrupt_safetensors_is_one_error_line_naming_the_file(llama_dir, rng, tmp_path):
+  """A garbage header length and offsets past the end, each in a copy of the checkpoint,
+  evaluated side by side."""
   _, path = llama_dir
-  weights = os.path.join(path, 'model.safetensors')
-  with open(weights, 'rb') as f:
+  with open(os.path.join(path, 'model.safetensors'), 'rb') as f:
     contents = f.read()
-  if corruption == 'garbage header length':
-    contents = rng.bytes(8) + contents[8:]
-  else:
-    contents = contents[:-4]
-  with open(weights, 'wb') as f:
-    f.write(contents)
-  result = run_main('--mode=eval', f'--hf_checkpoint={path}', '--tokenizer=bytes', check=False)
-  assert result.returncode == 1
-  assert result.stderr.count('\n') == 1 and result.stderr.startswith('error: ')
-  assert weights in result.stderr
+  corrupted = {'garbage header length': rng.bytes(8) + contents[8:],
+               'offsets past the end': contents[:-4]}
+  copies = [str(tmp_path / f'corrupt{i}') for i in range(len(corrupted))]
+  for copy, corrupt in zip(copies, corrupted.values()):
+    shutil.copytree(path, copy)
+    with open(os.path.join(copy, 'model.safetensors'), 'wb') as f:
+      f.write(corrupt)
+  results = run_mains(*[['--mode=eval', f'--hf_checkpoint={copy}', '--tokenizer=bytes']
+                        for copy in copies], check=False)
+  for corruption, copy, result in zip(corrupted, copies, results):
+    assert result.returncode == 1, corruption
+    assert result.stderr.count('\n') == 1 and result.stderr.startswith('error: '), corruption
+    assert os.path.join(copy, 'model.safetensors') in result.stderr, corruption
