@@ -2,6 +2,8 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import unicodedata
 
 import jax
@@ -10,14 +12,30 @@ import pytest
 from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The models here are tiny, so compiling takes most of the suite's time, and LLVM's
-# optimisation passes half of compiling; they make code faster (and round differently in the
-# last bits), not compute something else. This process and those it starts (main.py runs,
-# the multi-device tests) skip them. XLA reads the flag when JAX first starts its CPU
+# The models here are tiny, so compiling takes most of the suite's time. Two settings of
+# XLA's CPU compiler cut it by more than half; they change how fast the code runs (and its
+# rounding in the last bits), not what it computes: LLVM's optimisation passes off, and fused
+# loops emitted directly as LLVM IR instead of through the MLIR fusion emitters, which take
+# several times as long on these small programs. This process and those it starts (main.py
+# runs, the multi-device tests) use them. XLA reads its flags when JAX first starts its CPU
 # backend, which nothing has done yet.
-if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                             + ' --xla_backend_optimization_level=0').strip()
+FAST_COMPILATION = ['--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false']
+
+
+def _accepted_by_xla(flags):
+  """The flags this jaxlib's XLA knows: it aborts a process on one it does not (releases
+  drop flags), so each is first tried in a process of its own."""
+  probes = {flag: subprocess.Popen([sys.executable, '-c', 'import jax; jax.devices()'],
+                                   env={**os.environ, 'XLA_FLAGS': flag},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for flag in flags}
+  return [flag for flag, probe in probes.items() if probe.wait() == 0]
+
+
+_unset = [flag for flag in FAST_COMPILATION
+          if flag.split('=')[0] not in os.environ.get('XLA_FLAGS', '')]
+for flag in _accepted_by_xla(_unset):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {flag}'.strip()
 
 from lmlab.models.config import ModelConfig  # noqa: E402
 

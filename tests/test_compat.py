@@ -1,4 +1,5 @@
 """Workdirs written by earlier versions of lmlab evaluate and resume with today's code."""
+import concurrent.futures
 import json
 import os
 import shutil
@@ -31,20 +32,26 @@ def run_main(cwd, *args):
 
 
 def test_workdir_of_741c381_evaluates_and_resumes(tmp_path):
-  shutil.copytree(FIXTURE, tmp_path, dirs_exist_ok=True)
-  written = read_metrics(tmp_path / 'run-4' / 'metrics.jsonl')
+  # One copy is evaluated while another resumes (which deletes checkpoint 4), side by side: each
+  # run mostly keeps one core busy.
+  evaluated, resumed_copy = tmp_path / 'evaluated', tmp_path / 'resumed'
+  for copy in (evaluated, resumed_copy):
+    shutil.copytree(FIXTURE, copy)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    evaluation = pool.submit(run_main, evaluated, '--mode=eval')
+    pool.submit(run_main, resumed_copy, '--data=corpus', '--steps=6').result()
+  written = read_metrics(os.path.join(FIXTURE, 'run-4', 'metrics.jsonl'))
   [eval_at_4] = [m['eval_loss'] for m in written if m['step'] == 4 and 'eval_loss' in m]
-  [line] = [line for line in run_main(tmp_path, '--mode=eval').splitlines()
+  [line] = [line for line in evaluation.result().splitlines()
             if line.startswith('checkpoint 4: loss ')]  # Of the run's validation split.
   printed = float(line.split()[3].rstrip(','))  # Four decimals.
   np.testing.assert_allclose(printed, eval_at_4, rtol=0, atol=5.1e-5)
 
-  run_main(tmp_path, '--data=corpus', '--steps=6')
   # Resumed at step 4, the run continues as the old version's uninterrupted one did (within
   # float32 rounding, so that another JAX release's reductions do not fail it).
   uninterrupted = read_metrics(os.path.join(FIXTURE, 'uninterrupted_metrics.jsonl'))
   expected = {m['step']: m for m in uninterrupted if 'loss' in m}
-  resumed = {m['step']: m for m in read_metrics(tmp_path / 'run-4' / 'metrics.jsonl')
+  resumed = {m['step']: m for m in read_metrics(resumed_copy / 'run-4' / 'metrics.jsonl')
              if 'loss' in m and m['step'] > 4}
   assert sorted(resumed) == [5, 6]
   for step, metrics in resumed.items():

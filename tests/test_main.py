@@ -1,5 +1,6 @@
 """main.py end to end, in subprocesses: train, resume exactly, evaluate, generate, bad input,
 one run per workdir, failed saves and corrupted checkpoints."""
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -11,7 +12,6 @@ import time
 
 from pathlib import Path
 
-import pytest
 
 from conftest import ROOT
 
@@ -20,12 +20,22 @@ SMALL = ['--set', 'd_model=32', '--set', 'n_layers=1', '--set', 'n_heads=2',
          '--eval_batches=2', '--max_new_tokens=8', '--warmup_steps=2']
 
 
-def run_main(*args, check=True, prefix=(), **popen):
-  result = subprocess.run([*prefix, sys.executable, os.path.join(ROOT, 'main.py'), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300, **popen)
+def run_main(*args, check=True):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *args],
+                          capture_output=True, cwd=ROOT, timeout=300)
+  # Decoded here rather than with text=True, which would turn a generated '\r' into '\n'.
+  result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
   if check and result.returncode != 0:
     raise AssertionError(f'main.py failed ({result.returncode}):\n{result.stderr[-3000:]}')
   return result
+
+
+def run_mains(*commands, check=True):
+  """run_main of each argument list, the runs side by side: a run mostly keeps one core
+  busy (importing JAX, compiling), so on two cores independent runs take about half as long
+  together as in turn."""
+  with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
+    return list(pool.map(lambda args: run_main(*args, check=check), commands))
 
 
 def metrics(workdir):
@@ -53,16 +63,16 @@ def test_train_eval_generate(tmp_path, corpus_dir):
     assert json.load(f)['model']['d_model'] == 32
 
   written = files_of(workdir)
-  evaluated = run_main('--mode=eval', f'--workdir={workdir}').stdout
+  evaluated, on_file, sample, _ = (result.stdout for result in run_mains(
+      ['--mode=eval', f'--workdir={workdir}'],
+      ['--mode=eval', f'--workdir={workdir}', f'--data={corpus_dir / "doc0.txt"}'],
+      ['--mode=generate', f'--workdir={workdir}', '--prompt=alpha', '--temperature=0',
+       '--max_new_tokens=12'],
+      ['--mode=convert', f'--workdir={workdir}', f'--hf_out={tmp_path / "exported"}']))
   reported = float(evaluated.split('loss ')[1].split(',')[0])
   assert abs(reported - eval_lines[-1]['eval_loss']) < 1e-3
-  on_file = run_main('--mode=eval', f'--workdir={workdir}',
-                     f'--data={corpus_dir / "doc0.txt"}').stdout
   assert 'on --data' in on_file
-  sample = run_main('--mode=generate', f'--workdir={workdir}', '--prompt=alpha',
-                    '--temperature=0', '--max_new_tokens=12').stdout
   assert sample.startswith('alpha')
-  run_main('--mode=convert', f'--workdir={workdir}', f'--hf_out={tmp_path / "exported"}')
   assert files_of(workdir) == written  # They read the workdir and write nothing there.
 
 
@@ -73,25 +83,30 @@ def files_of(folder):
 
 
 def test_trained_tokenizers(tmp_path, corpus_dir):
-  workdir = tmp_path / 'run'
-  out = run_main(*SMALL, f'--data={corpus_dir}', f'--workdir={workdir}', '--steps=3',
-                 '--tokenizer=bpe:300:cl100k:digits', '--prompt=alpha').stdout
+  workdir, vocab = tmp_path / 'run', tmp_path / 'out.tiktoken'
+  out, written = (result.stdout for result in run_mains(
+      [*SMALL, f'--data={corpus_dir}', f'--workdir={workdir}', '--steps=3',
+       '--tokenizer=bpe:300:cl100k:digits', '--prompt=alpha'],
+      ['--mode=tokenizer', '--tokenizer=bpe:280', f'--data={corpus_dir}',
+       f'--tokenizer_out={vocab}']))
   assert 'sample:\nalpha' in out
   assert (workdir / 'tokenizer' / 'bpe-300-cl100k-digits.tiktoken').exists()
   with open(workdir / 'config.json') as f:
     assert json.load(f)['model']['vocab_size'] == 320  # 300 tokens, rounded up to 64s.
 
-  vocab = tmp_path / 'out.tiktoken'
-  assert 'wrote' in run_main('--mode=tokenizer', '--tokenizer=bpe:280', f'--data={corpus_dir}',
-                             f'--tokenizer_out={vocab}').stdout
+  assert 'wrote' in written
   before = vocab.read_bytes()
-  expect_error('--mode=tokenizer', '--tokenizer=bpe:290', f'--data={corpus_dir}',
-               f'--tokenizer_out={vocab}', match='already exists')
+  exists, trained, wrong_sha = run_mains(
+      ['--mode=tokenizer', '--tokenizer=bpe:290', f'--data={corpus_dir}',
+       f'--tokenizer_out={vocab}'],
+      [*SMALL, f'--data={corpus_dir}', f'--workdir={tmp_path / "run2"}', '--steps=2',
+       f'--tokenizer={vocab}', f'--tokenizer_sha256={hashlib.sha256(before).hexdigest()}'],
+      [*SMALL, f'--data={corpus_dir}', f'--workdir={tmp_path / "run4"}', '--steps=2',
+       f'--tokenizer={vocab}', f'--tokenizer_sha256={"0" * 64}'], check=False)
+  assert_one_error_line(exists, 'already exists')
   assert vocab.read_bytes() == before
-  run_main(*SMALL, f'--data={corpus_dir}', f'--workdir={tmp_path / "run2"}', '--steps=2',
-           f'--tokenizer={vocab}', f'--tokenizer_sha256={hashlib.sha256(before).hexdigest()}')
-  expect_error(*SMALL, f'--data={corpus_dir}', f'--workdir={tmp_path / "run4"}', '--steps=2',
-               f'--tokenizer={vocab}', f'--tokenizer_sha256={"0" * 64}', match='sha256')
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert_one_error_line(wrong_sha, 'sha256')
   vocab.write_text('not base64 at all\n')
   expect_error(*SMALL, f'--data={corpus_dir}', f'--workdir={tmp_path / "run3"}', '--steps=2',
                f'--tokenizer={vocab}', match='line 1')
@@ -101,8 +116,8 @@ def test_resume_is_bitwise_identical(tmp_path, corpus_dir):
   common = [*SMALL, f'--data={corpus_dir}', '--log_every=1', '--save_every=3',
             '--schedule_steps=8', '--set', 'dropout_rate=0.1']
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-  run_main(*common, f'--workdir={straight}', '--steps=8')
-  run_main(*common, f'--workdir={resumed}', '--steps=5')  # Last checkpoint: step 5.
+  run_mains([*common, f'--workdir={straight}', '--steps=8'],
+            [*common, f'--workdir={resumed}', '--steps=5'])  # Last checkpoint: step 5.
   out = run_main(*common, f'--workdir={resumed}', '--steps=8').stdout
   assert 'resumed from checkpoint 5' in out
   expected, got = train_losses(straight), train_losses(resumed)
@@ -136,23 +151,33 @@ def _safe_metrics(workdir):
 
 
 def expect_error(*args, match):
-  result = run_main(*args, check=False)
+  assert_one_error_line(run_main(*args, check=False), match)
+
+
+def assert_one_error_line(result, match):
+  """The run failed with one line 'error: ...' that contains `match`, and no traceback."""
   assert result.returncode != 0
   error_lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
   assert len(error_lines) == 1 and match in error_lines[0], result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
 
 
-@pytest.mark.parametrize('args,match', [
+BAD_FLAGS = [
     (['--model=gpt9'], 'unknown model preset'),
     (['--set', 'no_such_field=1'], 'unknown config field'),
     (['--set', 'n_heads=4', '--set', 'n_kv_heads=3'], 'not divisible by n_kv_heads'),
     (['--set', 'norm=batchnorm'], 'norm='),
     (['--data=/no/such/path'], 'no such file'),
     (['--set', 'position=learned', '--set', 'max_seq_len=8'], 'learned position table'),
-])
-def test_bad_flags(args, match, tmp_path):
-  expect_error(f'--workdir={tmp_path / "run"}', '--steps=1', *args, match=match)
+]
+
+
+def test_bad_flags(tmp_path):
+  """Each bad flag stops its run with one error line (the runs side by side)."""
+  results = run_mains(*[[f'--workdir={tmp_path / str(i)}', '--steps=1', *args]
+                        for i, (args, _) in enumerate(BAD_FLAGS)], check=False)
+  for (_, match), result in zip(BAD_FLAGS, results):
+    assert_one_error_line(result, match)
 
 
 def test_empty_data_dir(tmp_path):
@@ -172,7 +197,11 @@ def test_workdir_errors_keep_everything_on_disk(tmp_path, corpus_dir):
             if p.is_file()}
 
   before = snapshot()
-  expect_error(*base, '--steps=6', '--set', 'n_layers=2', match='different config')
+  different, nothing = run_mains([*base, '--steps=6', '--set', 'n_layers=2'],
+                                 ['--mode=eval', f'--workdir={tmp_path / "nothing"}'],
+                                 check=False)
+  assert_one_error_line(different, 'different config')
+  assert_one_error_line(nothing, 'config.json')
   expect_error(*base, '--steps=6', '--learning_rate=1e30', match='non-finite')
   assert snapshot().keys() >= before.keys()
   assert all(snapshot()[k] == v for k, v in before.items() if 'metrics' not in k)
@@ -181,10 +210,10 @@ def test_workdir_errors_keep_everything_on_disk(tmp_path, corpus_dir):
   for path in (workdir / 'checkpoints').glob('*/state/**/*'):
     if path.is_file() and path.stat().st_size > 0:
       path.write_bytes(b'garbage')
-  expect_error(*base, '--steps=6', match='checkpoint 4')
-  expect_error('--mode=eval', f'--workdir={workdir}', match='checkpoint 4')
+  for result in run_mains([*base, '--steps=6'], ['--mode=eval', f'--workdir={workdir}'],
+                          check=False):
+    assert_one_error_line(result, 'checkpoint 4')
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
-  expect_error('--mode=eval', f'--workdir={tmp_path / "nothing"}', match='config.json')
 
 
 def wait_for_step(workdir, process, step):
@@ -226,9 +255,9 @@ def test_failed_saves_and_corrupted_checkpoints_lose_nothing(tmp_path, corpus_di
   common = [*SMALL, f'--data={corpus_dir}', '--log_every=1', '--save_every=3',
             '--schedule_steps=9', '--set', 'dropout_rate=0.1']
   straight, workdir = str(tmp_path / 'straight'), tmp_path / 'run'
-  run_main(*common, f'--workdir={straight}', '--steps=9')
+  run_mains([*common, f'--workdir={straight}', '--steps=9'],
+            [*common, f'--workdir={workdir}', '--steps=6'])
   expected = train_losses(straight)
-  run_main(*common, f'--workdir={workdir}', '--steps=6')
   checkpoints = workdir / 'checkpoints'
 
   # Truncate the largest file of checkpoint 6's arrays: evaluating names it and moves nothing.

@@ -2,12 +2,13 @@
 transformers model the checkpoint came from."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from test_hf import hf_logits, hf_model
-from test_main import run_main
+from test_main import run_main, run_mains
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -40,18 +41,18 @@ def test_greedy_sample_from_a_checkpoint_matches_transformers(llama_dir, tmp_pat
   assert out.rstrip('\n') == prompt + tokenizer.decode(new, errors='replace')
 
 
-def test_convert_to_a_workdir_and_back(llama_dir, tmp_path, corpus_dir, rng):  # noqa: F811
+def test_convert_to_a_workdir_and_back(llama_dir, tmp_path, corpus_dir, rng):
   model, path = llama_dir
   workdir, exported = str(tmp_path / 'run'), str(tmp_path / 'exported')
   common = ['--tokenizer=bytes', f'--data={corpus_dir}', '--seq_len=32', '--batch_size=2',
             '--eval_batches=2']
-  run_main('--mode=convert', f'--hf_checkpoint={path}', f'--workdir={workdir}', *common)
-  from_hf = run_main('--mode=eval', f'--hf_checkpoint={path}', f'--workdir={tmp_path / "e"}',
-                     *common).stdout
-  from_workdir = run_main('--mode=eval', f'--workdir={workdir}', f'--data={corpus_dir}').stdout
-  assert from_hf.split(': loss')[1] == from_workdir.split(': loss')[1]
+  _, from_hf = run_mains(
+      ['--mode=convert', f'--hf_checkpoint={path}', f'--workdir={workdir}', *common],
+      ['--mode=eval', f'--hf_checkpoint={path}', f'--workdir={tmp_path / "e"}', *common])
+  from_workdir, _ = run_mains(['--mode=eval', f'--workdir={workdir}', f'--data={corpus_dir}'],
+                              ['--mode=convert', f'--workdir={workdir}', f'--hf_out={exported}'])
+  assert from_hf.stdout.split(': loss')[1] == from_workdir.stdout.split(': loss')[1]
 
-  run_main('--mode=convert', f'--workdir={workdir}', f'--hf_out={exported}')
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
   ids = rng.integers(0, BYTES_VOCAB, (2, 10))
   np.testing.assert_array_equal(hf_logits(reloaded, ids), hf_logits(model, ids))
@@ -62,10 +63,10 @@ def test_convert_to_a_workdir_and_back(llama_dir, tmp_path, corpus_dir, rng):  #
 
 def test_hf_checkpoint_errors(llama_dir, tmp_path):
   _, path = llama_dir
-  changed = run_main('--mode=generate', f'--hf_checkpoint={path}', '--tokenizer=bytes',
-                     '--set', 'n_layers=3', check=False)
+  changed, no_tokenizer = run_mains(
+      ['--mode=generate', f'--hf_checkpoint={path}', '--tokenizer=bytes', '--set', 'n_layers=3'],
+      ['--mode=generate', f'--hf_checkpoint={path}'], check=False)
   assert changed.returncode == 1 and 'n_layers' in changed.stderr
-  no_tokenizer = run_main('--mode=generate', f'--hf_checkpoint={path}', check=False)
   assert no_tokenizer.returncode == 1 and 'tokenizer.json' in no_tokenizer.stderr
   with open(os.path.join(path, 'config.json')) as f:
     config = json.load(f)
@@ -77,19 +78,22 @@ def test_hf_checkpoint_errors(llama_dir, tmp_path):
   assert unsupported.stderr.count('\n') == 1 and 'not supported' in unsupported.stderr
 
 
-@pytest.mark.parametrize('corruption', ['garbage header length', 'offsets past the end'])
-def test_corrupt_safetensors_is_one_error_line_naming_the_file(llama_dir, corruption, rng):
+def test_corrupt_safetensors_is_one_error_line_naming_the_file(llama_dir, rng, tmp_path):
+  """A garbage header length and offsets past the end, each in a copy of the checkpoint,
+  evaluated side by side."""
   _, path = llama_dir
-  weights = os.path.join(path, 'model.safetensors')
-  with open(weights, 'rb') as f:
+  with open(os.path.join(path, 'model.safetensors'), 'rb') as f:
     contents = f.read()
-  if corruption == 'garbage header length':
-    contents = rng.bytes(8) + contents[8:]
-  else:
-    contents = contents[:-4]
-  with open(weights, 'wb') as f:
-    f.write(contents)
-  result = run_main('--mode=eval', f'--hf_checkpoint={path}', '--tokenizer=bytes', check=False)
-  assert result.returncode == 1
-  assert result.stderr.count('\n') == 1 and result.stderr.startswith('error: ')
-  assert weights in result.stderr
+  corrupted = {'garbage header length': rng.bytes(8) + contents[8:],
+               'offsets past the end': contents[:-4]}
+  copies = [str(tmp_path / f'corrupt{i}') for i in range(len(corrupted))]
+  for copy, corrupt in zip(copies, corrupted.values()):
+    shutil.copytree(path, copy)
+    with open(os.path.join(copy, 'model.safetensors'), 'wb') as f:
+      f.write(corrupt)
+  results = run_mains(*[['--mode=eval', f'--hf_checkpoint={copy}', '--tokenizer=bytes']
+                        for copy in copies], check=False)
+  for corruption, copy, result in zip(corrupted, copies, results):
+    assert result.returncode == 1, corruption
+    assert result.stderr.count('\n') == 1 and result.stderr.startswith('error: '), corruption
+    assert os.path.join(copy, 'model.safetensors') in result.stderr, corruption

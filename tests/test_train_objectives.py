@@ -111,7 +111,7 @@ def test_text_pairs_report_bleu(tmp_path):
   pairs = tmp_path / 'pairs.tsv'
   pairs.write_text(''.join(f'{w} {v}\t{v} {w}\n' for w in WORDS for v in WORDS),
                    encoding='utf-8')
-  config = dataclasses.replace(preset('transformer-tiny'), d_model=32, ffn_dim=64)
+  config = dataclasses.replace(preset('transformer-tiny'), d_model=32, ffn_dim=64, n_layers=1)
   summary, _ = small_run(tmp_path, 'pairs', config, objective='seq2seq', steps=2, seq_len=32,
                          data=str(pairs), beam_size=1, eval_every=1000)
   assert 0.0 <= summary['eval_bleu'] <= 100.0 and 'eval_beam_exact_match' not in summary
