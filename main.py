@@ -64,12 +64,12 @@ flags.DEFINE_string('hf_checkpoint', None, 'A Hugging Face folder (config.json, 
                     'param_dtype, attention_impl, dca_chunk_size, ...).')
 flags.DEFINE_string('hf_out', None, '--mode=convert: write the --workdir\'s latest checkpoint to '
                     'this new folder in Hugging Face format.')
-flags.DEFINE_string('peft_out', None, '--mode=convert of a LoRA or prompt-tuning run: write its '
-                    'adapter to this new folder as a Hugging Face peft adapter (with --hf_out, '
-                    'the base model).')
-flags.DEFINE_string('peft_checkpoint', None, 'A Hugging Face peft LoRA or prompt-tuning folder '
-                    'whose adapter --mode=eval/generate/chat put on the model (--hf_checkpoint '
-                    'or --workdir).')
+flags.DEFINE_string('peft_out', None, '--mode=convert of a LoRA, prompt- or prefix-tuning run: '
+                    'write its adapter to this new folder as a Hugging Face peft adapter (with '
+                    '--hf_out, the base model).')
+flags.DEFINE_string('peft_checkpoint', None, 'A Hugging Face peft LoRA, prompt- or prefix-tuning '
+                    'folder whose adapter --mode=eval/generate/chat put on the model '
+                    '(--hf_checkpoint or --workdir).')
 flags.DEFINE_string('merged_workdir', None, '--mode=merge: write the merged model to this new '
                     'workdir (beside or instead of --hf_out).')
 flags.DEFINE_string('prompt', '', 'Prompt for generation (empty: start of a document); '

@@ -10,9 +10,11 @@ First a base model is pre-trained on --data (default: the Python standard librar
 a word of 3-8 letters, the assistant answers it reversed (ChatML). Methods:
   full           every parameter trains (learning rate --full_learning_rate)
   loraN          LoRA of rank N on q, k, v, o, gate, up, down (alpha = 2 N)
+  qloraN         the same on the base's kernels stored in NF4 (QLoRA)
   adapterM       Houlsby adapters of bottleneck M after each sublayer
   llama_adapterK LLaMA-Adapter: K gated adaption prompts in every layer
   promptP        prompt tuning: P virtual tokens before each row (one conversation per row)
+  prefixO        prefix tuning: O trained keys and values in every layer (one per row)
 The parameter-efficient methods train at --peft_learning_rate.
 
 Per run: the target task's loss (held-out assistant tokens) before and after; forgetting,
@@ -25,10 +27,11 @@ Biderman et al. (2024, "LoRA Learns Less and Forgets Less") find that LoRA reach
 target loss than full fine-tuning but keeps more of the source domain, the gap shrinking as
 the rank grows. Houlsby et al. (2019) come within 0.4 GLUE points of full fine-tuning with
 3.6% of BERT's parameters trained as adapters; Zhang et al. (2023) tune LLaMA-7B to follow
-instructions with 1.2M adaption-prompt parameters. QLoRA (Dettmers et al. 2023: NF4 matches
-16-bit) and prefix tuning join the table as they are built (issue 17). Lester et al. (2021)
-find prompt tuning closing the gap to full fine-tuning only as models reach billions of
-parameters; at small sizes it trails far behind.
+instructions with 1.2M adaption-prompt parameters. Dettmers et al. (2023) find QLoRA's NF4
+base matching 16-bit LoRA and full fine-tuning. Lester et al. (2021) find prompt tuning
+closing the gap to full fine-tuning only as models reach billions of parameters; at small
+sizes it trails far behind. Li & Liang (2021) find prefix tuning (0.1% of GPT-2's
+parameters) matching full fine-tuning on table-to-text, and better in low-data settings.
 
 Writes to --out: results.csv, results.md, loss_curves.png and final_loss.png.
 """
@@ -41,14 +44,15 @@ import numpy as np
 from absl import app, flags
 
 from lmlab.experiments import grid, report
+from lmlab.models.config import UNPACKED_PEFTS
 from lmlab.training import loop
 from lmlab.training import run as run_lib
 from lmlab.training.workdir import read_config
 
-flags.DEFINE_list('methods', ['full', 'lora1', 'lora4', 'lora16', 'adapter16',
-                             'llama_adapter10', 'prompt10'],
-                  'Fine-tuning methods: full, loraN, adapterM, llama_adapterK, promptP (see '
-                  'above).')
+flags.DEFINE_list('methods', ['full', 'lora1', 'lora4', 'lora16', 'qlora4', 'adapter16',
+                             'llama_adapter10', 'prompt10', 'prefix10'],
+                  'Fine-tuning methods: full, loraN, qloraN, adapterM, llama_adapterK, promptP, '
+                  'prefixO (see above).')
 flags.DEFINE_string('base', None, 'A pre-trained run to fine-tune; default: one trained here.')
 flags.DEFINE_integer('sft_steps', None, 'Fine-tuning steps per method.')
 flags.DEFINE_float('full_learning_rate', 1e-3, 'Peak learning rate of full fine-tuning.')
@@ -66,16 +70,17 @@ def method_fields(method: str) -> dict:
   """The model config fields of a method."""
   if method == 'full':
     return {}
-  named = re.fullmatch(r'(lora|adapter|llama_adapter|prompt)(\d+)', method)
+  named = re.fullmatch(r'(q?lora|adapter|llama_adapter|prompt|prefix)(\d+)', method)
   if not named or int(named.group(2)) < 1:
-    raise grid.ExperimentError(f'--methods: {method!r} is not full, loraN, adapterM, '
-                               'llama_adapterK or promptP with a number >= 1')
+    raise grid.ExperimentError(f'--methods: {method!r} is not full, loraN, qloraN, adapterM, '
+                               'llama_adapterK, promptP or prefixO with a number >= 1')
   kind, size = named.group(1), int(named.group(2))
-  return {'lora': dict(peft='lora', lora_rank=size, lora_alpha=2.0 * size,
-                       lora_targets=LORA_TARGETS),
+  lora = dict(peft='lora', lora_rank=size, lora_alpha=2.0 * size, lora_targets=LORA_TARGETS)
+  return {'lora': lora, 'qlora': dict(lora, lora_quantize='nf4'),
           'adapter': dict(peft='adapter', adapter_size=size),
           'llama_adapter': dict(peft='llama_adapter', adaption_tokens=size),
-          'prompt': dict(peft='prompt', prompt_tokens=size)}[kind]
+          'prompt': dict(peft='prompt', prompt_tokens=size),
+          'prefix': dict(peft='prefix', prefix_tokens=size)}[kind]
 
 
 def write_task(path: str, n: int):
@@ -129,11 +134,12 @@ def run():
 
   def on_source(trained, params) -> float:
     """Validation loss of params on the base run's corpus, as the base run measured it (a
-    prompt-tuned model, whose prompt no packed document could see, on unmasked windows)."""
+    prompt- or prefix-tuned model, whose learned tokens no packed document could see, on
+    unmasked windows)."""
     base_train = dataclasses.replace(trained.setup.train, data=base_config['data'],
                                      objective='lm', chat_template=None,
                                      seq_len=base_config['seq_len'],
-                                     document_masking=trained.model.peft != 'prompt')
+                                     document_masking=trained.model.peft not in UNPACKED_PEFTS)
     source = grid.Trained(dataclasses.replace(trained.setup, train=base_train), trained.model,
                           params)
     return source.eval_loss(params, base_config['seq_len'])

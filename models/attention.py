@@ -54,6 +54,7 @@ class SelfAttention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
     self.adaption = None  # Its AdaptionPrompt under peft=llama_adapter (models/llama_adapter.py).
+    self.prefix = None  # Its Prefix under peft=prefix (models/prefix_tuning.py).
 
   def __call__(self, x_btd, rotate, *, alibi_slopes=None, segment_ids_bt=None,
                prefix_len_b=None, cache=None, cache_index=None, positions_bt=None,
@@ -73,6 +74,8 @@ class SelfAttention(nnx.Module):
     With config.dca_chunk_size, the attention is Dual Chunk Attention (models/dca.py) of the
     tokens at positions_bt (default cache_index or 0 onwards), the cache at slots 0..S-1;
     `rotate` is unused then and the cache holds keys before RoPE.
+    Under peft=prefix, the layer's trained keys and values come before the row's or the
+    cache's (models/prefix_tuning.py).
     Dropout inside the projections (LoRA's adapters) is on when a dropout_key is given.
     Returns (y_btd, updated cache or None).
     """
@@ -96,6 +99,9 @@ class SelfAttention(nnx.Module):
       k_bskd, v_bskd, q_offset = cache['k'], cache['v'], cache_index
 
     segment_ids = None if segment_ids_bt is None else (segment_ids_bt, segment_ids_bt)
+    if self.prefix is not None:
+      k_bskd, v_bskd, segment_ids = self.prefix.prepend(k_bskd, v_bskd, segment_ids)
+      q_offset = q_offset + self.prefix.shape_okd[0]
     if self.dca_rope is not None:
       y_bthd = self._dual_chunk(q_bthd, k_bskd, v_bskd, positions_bt, q_offset,
                                 segment_ids=segment_ids, prefix_len_b=prefix_len_b,

@@ -38,12 +38,16 @@ FAMILY_FIELDS = {
 }
 # Parameter-efficient fine-tuning methods ('': none, the whole model trains), and the fields
 # that only each one reads, which stay at their defaults under any other peft.
-PEFTS = ('', 'lora', 'adapter', 'llama_adapter', 'prompt')
+PEFTS = ('', 'lora', 'adapter', 'llama_adapter', 'prompt', 'prefix')
 PEFT_FIELDS = {'lora': ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets',
                         'lora_rslora', 'lora_quantize', 'lora_quantize_block'),
                'adapter': ('adapter_size',),
                'llama_adapter': ('adaption_layers', 'adaption_tokens'),
-               'prompt': ('prompt_tokens', 'prompt_init')}
+               'prompt': ('prompt_tokens', 'prompt_init'),
+               'prefix': ('prefix_tokens', 'prefix_projection')}
+# The methods whose learned tokens every query of a row sees: they take unpacked rows, as
+# attention's mask description lets a key be seen by one segment of a packed row only.
+UNPACKED_PEFTS = ('prompt', 'prefix')
 # The layers of a block that LoRA adapts (models/lora.py). peft's target_modules names for
 # them (q_proj, ..., gate_proj, up_proj, down_proj) are these with '_proj' and mean the same.
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
@@ -124,14 +128,15 @@ class ModelConfig:
   dropout_rate: float = 0.0     # on embeddings and on each sublayer's output.
   init_std: float = 0.02
 
-  # Parameter-efficient fine-tuning: '' (none), or one of four methods whose parameters alone
+  # Parameter-efficient fine-tuning: '' (none), or one of five methods whose parameters alone
   # train. 'lora' adds to each projection that lora_targets names a low-rank update
   # x A B * scale, A [d_in, rank] and B [rank, d_out], with scale lora_alpha / rank (Hu et al.
   # 2021; models/lora.py). 'adapter' puts a bottleneck after each sublayer of every block
   # (Houlsby et al. 2019; models/adapter.py). 'llama_adapter' gives the top layers' attention
   # learned prompts behind a zero-initialised gate (Zhang et al. 2023;
   # models/llama_adapter.py). 'prompt' puts trained embeddings of virtual tokens before every
-  # row (Lester et al. 2021; models/prompt_tuning.py).
+  # row (Lester et al. 2021; models/prompt_tuning.py). 'prefix' gives every layer's attention
+  # trained keys and values that every query sees (Li & Liang 2021; models/prefix_tuning.py).
   peft: str = ''
   lora_rank: int = 8            # U, the rank of each update.
   lora_alpha: float = 16.0      # the update's scale times the rank.
@@ -146,6 +151,8 @@ class ModelConfig:
   prompt_tokens: int = 20       # P, the virtual tokens of peft=prompt.
   # 'random': normal with init_std; 'vocab': rows of the embedding table drawn at random.
   prompt_init: str = 'random'
+  prefix_tokens: int = 20       # O, the trained keys and values of each layer under peft=prefix.
+  prefix_projection: int = 0    # F > 0: they come from an MLP of width F (the reparameterisation).
 
   @property
   def resolved_head_dim(self) -> int:
@@ -340,11 +347,12 @@ class ModelConfig:
       raise ConfigError(f'peft={self.peft} adapts a decoder, not family={self.family}')
     # Houlsby adapters sit on the block's sublayers and prompts before the first block,
     # whatever the attention inside.
-    if self.peft in ('lora', 'llama_adapter') and self.attention_type != 'mha':
+    if self.peft in ('lora', 'llama_adapter', 'prefix') and self.attention_type != 'mha':
       raise ConfigError(f'peft={self.peft} adapts the MHA projections; attention_type='
                         f'{self.attention_type} is not covered')
     {'lora': self._validate_lora, 'adapter': self._validate_adapter,
-     'llama_adapter': self._validate_llama_adapter, 'prompt': self._validate_prompt}[self.peft]()
+     'llama_adapter': self._validate_llama_adapter, 'prompt': self._validate_prompt,
+     'prefix': self._validate_prefix}[self.peft]()
 
   def _validate_lora(self):
     if self.lora_rank <= 0:
@@ -386,6 +394,18 @@ class ModelConfig:
       raise ConfigError(f'prompt_init={self.prompt_init!r} is not one of '
                         f'{", ".join(PROMPT_INITS)}')
     self.check_positions(self.prompt_tokens, 'prompt_tokens', 'use fewer virtual tokens')
+
+  def _validate_prefix(self):
+    if self.prefix_tokens <= 0:
+      raise ConfigError(f'prefix_tokens={self.prefix_tokens} must be positive')
+    if self.prefix_projection < 0:
+      raise ConfigError(f'prefix_projection={self.prefix_projection} must be >= 0 (0: no MLP)')
+    if self.sliding_window:
+      raise ConfigError('peft=prefix: a sliding window would hide the prefix from queries '
+                        'past it; set sliding_window=0')
+    if self.dca_chunk_size:
+      raise ConfigError('peft=prefix puts keys before position 0, which dual chunk attention '
+                        '(dca_chunk_size) does not take; set dca_chunk_size=0')
 
   @property
   def decoder_layers(self) -> int:

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmlab.models import prompt_tuning
 from lmlab.models.block import ATTENTIONS, PLACEMENTS, Block, identity
-from lmlab.models.config import ModelConfig
+from lmlab.models.config import UNPACKED_PEFTS, ModelConfig
 from lmlab.models.dense import Dense, matmul_last_axis
+from lmlab.models.errors import ConfigError
 from lmlab.models.normalization import make_norm
 from lmlab.models.positions import make_position_encoding
 from lmlab.models.sharding import BATCH, EMBED, LENGTH, VOCAB, constrain, initializer
@@ -54,14 +54,18 @@ class DecoderLM(nnx.Module):
     padding is a segment of its own. prefix_len_b [B] makes the first tokens of each row
     a bidirectional prefix (prefix-LM). Dropout is applied only when a dropout_key is given.
     A prompt-tuned model (peft=prompt) runs its virtual tokens first; see
-    models/prompt_tuning.py.
+    models/prompt_tuning.py. It and a prefix-tuned one take no packed rows.
     """
     t = tokens_bt.shape[1]
     n_virtual = self._n_virtual()
     self.config.check_positions(n_virtual + t, 'sequence length' + (
         f' plus {n_virtual} virtual tokens' if n_virtual else ''))
-    if self.prompt is not None:
-      prompt_tuning.check_inputs(segment_ids_bt, prefix_len_b)
+    if self.config.peft in UNPACKED_PEFTS and (segment_ids_bt is not None
+                                               or prefix_len_b is not None):
+      raise ConfigError(f'peft={self.config.peft} takes unpacked rows (attention_mask for '
+                        'padding), not segment_ids_bt or prefix_len_b: its learned tokens '
+                        'cannot lead every packed document (train the lm objective with '
+                        '--document_masking=false)')
     if attention_mask is not None:
       if positions_bt is not None or segment_ids_bt is not None:
         raise ValueError('pass attention_mask or positions_bt/segment_ids_bt, not both')

@@ -56,14 +56,6 @@ class Prompt(nnx.Module):
             jnp.concatenate([positions_by, positions_bt + p], axis=1), segment_ids_bt)
 
 
-def check_inputs(segment_ids_bt, prefix_len_b):
-  """Raises on the inputs a prompt-tuned model cannot take (see the module's docstring)."""
-  if segment_ids_bt is not None or prefix_len_b is not None:
-    raise ConfigError('peft=prompt takes unpacked rows (attention_mask for padding), not '
-                      'segment_ids_bt or prefix_len_b: one prompt cannot lead every packed '
-                      'document (train the lm objective with --document_masking=false)')
-
-
 def add_prompt(model, config, *, rngs: nnx.Rngs, embedding_yd=None):
   """`model` with config.prompt_tokens virtual tokens, embedding_yd [P, D] or drawn as
   config.prompt_init says, and `config` as its config; changed in place and returned. model

@@ -9,6 +9,7 @@ from lmlab.models.decoder import DecoderLM
 from lmlab.models.adapter import AdapterParam, add_adapters
 from lmlab.models.llama_adapter import AdaptionPromptParam, add_llama_adapter
 from lmlab.models.lora import add_lora, float_config
+from lmlab.models.prefix_tuning import PrefixParam, add_prefix
 from lmlab.models.prompt_tuning import PromptParam, add_prompt
 from lmlab.models.seq2seq import EncoderDecoder
 
@@ -16,7 +17,7 @@ FAMILY_CLASSES = {'decoder': DecoderLM, 'encoder': Bert, 'encoder_decoder': Enco
 # Each PEFT method: the function that adds its parameters to a built model, and their type.
 PEFT_METHODS = {'lora': (add_lora, nnx.LoRAParam), 'adapter': (add_adapters, AdapterParam),
                 'llama_adapter': (add_llama_adapter, AdaptionPromptParam),
-                'prompt': (add_prompt, PromptParam)}
+                'prompt': (add_prompt, PromptParam), 'prefix': (add_prefix, PrefixParam)}
 
 
 def model_class(config: ModelConfig):

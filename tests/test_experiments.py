@@ -135,7 +135,7 @@ def test_attention_scale(tmp_path, corpus):
 
 
 def test_finetuning(tmp_path, corpus):
-  run_script(finetuning, tmp_path, corpus, '--methods=full,lora2,adapter3,prompt2',
+  run_script(finetuning, tmp_path, corpus, '--methods=full,lora2,adapter3,prefix2',
              '--sft_steps=2', '--task_examples=40', '--seq_len=48')
   check_outputs(tmp_path, ['method'], 'task loss', 'final_eval_loss', 4)
   rows = {row['method']: row for row in csv_rows(tmp_path)}
@@ -148,11 +148,13 @@ def test_finetuning(tmp_path, corpus):
   assert int(rows['full']['trainable_params']) == param_count(base)
   # Houlsby adapters of width 3 after both sublayers: down and up, each with a bias.
   assert int(rows['adapter3']['trainable_params']) == base.n_layers * 2 * (2 * 3 * d + 3 + d)
-  assert int(rows['prompt2']['trainable_params']) == 2 * d
-  # Every method but prompt tuning (whose prompt the source text is read after) starts out
-  # computing the base model: the same source loss before fine-tuning.
+  # Two keys and two values in every layer, each n_kv_heads * head_dim wide.
+  kv_width = base.n_kv_heads * base.resolved_head_dim
+  assert int(rows['prefix2']['trainable_params']) == base.n_layers * 2 * 2 * kv_width
+  # Every method but prefix tuning (whose prefix every token sees) starts out computing the
+  # base model: the same source loss before fine-tuning.
   before = [float(row['source_loss']) - float(row['forgetting']) for method, row in rows.items()
-            if method != 'prompt2']
+            if method != 'prefix2']
   assert max(before) - min(before) < 1e-5 and before[0] > 0
 
 

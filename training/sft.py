@@ -22,7 +22,7 @@ from lmlab.data import chat
 from lmlab.data import sft_batches
 from lmlab.data.chat_template import chat_template
 from lmlab.data.errors import DataError
-from lmlab.models.config import ModelConfig
+from lmlab.models.config import UNPACKED_PEFTS, ModelConfig
 from lmlab.models.errors import ConfigError
 from lmlab.training.config import TrainConfig
 from lmlab.training.language_modeling import check_fits, load_run_tokenizer, resolve_vocab
@@ -83,9 +83,9 @@ class SupervisedFineTuning(Objective):
 
   @property
   def packed(self) -> bool:
-    """Whether rows hold several conversations. A prompt-tuned model takes one per row: every
-    packed segment would have to see its virtual tokens, which a mask cannot say yet."""
-    return self.model_config.peft != 'prompt'
+    """Whether rows hold several conversations. A prompt- or prefix-tuned model takes one per
+    row: every packed segment would have to see its learned tokens, which a mask cannot say."""
+    return self.model_config.peft not in UNPACKED_PEFTS
 
   def _unpacked(self, batch):
     """A batch of one conversation per row needs no segments: its padding comes after it."""

@@ -1,14 +1,19 @@
 """A PEFT model's trained part as a Hugging Face peft folder, whichever its method: LoRA
-(models/hf/peft.py) or prompt tuning (models/hf/prompt_tuning.py), chosen by the model's
-config.peft to save and by the folder's peft_type to load."""
-from lmlab.models import lora, prompt_tuning
+(models/hf/peft.py), prompt tuning (models/hf/prompt_tuning.py) or prefix tuning
+(models/hf/prefix_tuning.py), chosen by the model's config.peft to save and by the folder's
+peft_type to load."""
+from lmlab.models import lora, prefix_tuning, prompt_tuning
 from lmlab.models.errors import CheckpointError
-from lmlab.models.hf import peft, prompt_tuning as hf_prompt_tuning
+from lmlab.models.hf import peft, prefix_tuning as hf_prefix_tuning
+from lmlab.models.hf import prompt_tuning as hf_prompt_tuning
 from lmlab.models.hf.peft_folders import read_config
 
-SAVERS = {'lora': peft.save_lora, 'prompt': hf_prompt_tuning.save_prompt}
-LOADERS = {'LORA': peft.load_lora, 'PROMPT_TUNING': hf_prompt_tuning.load_prompt}
-BASES = {'lora': lora.base_model, 'prompt': prompt_tuning.base_model}
+SAVERS = {'lora': peft.save_lora, 'prompt': hf_prompt_tuning.save_prompt,
+          'prefix': hf_prefix_tuning.save_prefix}
+LOADERS = {'LORA': peft.load_lora, 'PROMPT_TUNING': hf_prompt_tuning.load_prompt,
+           'PREFIX_TUNING': hf_prefix_tuning.load_prefix}
+BASES = {'lora': lora.base_model, 'prompt': prompt_tuning.base_model,
+         'prefix': prefix_tuning.base_model}
 
 
 def save(model, folder: str, *, base_model_name_or_path: str | None = None):
