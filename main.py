@@ -33,7 +33,7 @@ from absl import app, flags, logging
 
 from lmlab.data.chat_template import chat_template
 from lmlab.data.errors import DataError
-from lmlab.models.config import PEFT_FIELDS, ModelConfig
+from lmlab.models.config import ANY_PEFT_FIELDS, PEFT_FIELDS, ModelConfig
 from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.generation import SamplingConfig
 from lmlab.training import loop, parallel
@@ -46,7 +46,8 @@ from lmlab.training.workdir import WorkdirError
 
 MODES = ('train', 'eval', 'generate', 'chat', 'tokenizer', 'convert', 'merge')
 # ModelConfig fields with flags of their own, each the same as --set name=value.
-MODEL_FLAGS = ('peft', *(name for names in PEFT_FIELDS.values() for name in names))
+MODEL_FLAGS = ('peft', *ANY_PEFT_FIELDS,
+               *(name for names in PEFT_FIELDS.values() for name in names))
 OPTIMIZER_FLAGS = {'total_steps': 'schedule_steps'}
 
 flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')

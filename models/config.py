@@ -45,6 +45,8 @@ PEFT_FIELDS = {'lora': ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets
                'llama_adapter': ('adaption_layers', 'adaption_tokens'),
                'prompt': ('prompt_tokens', 'prompt_init'),
                'prefix': ('prefix_tokens', 'prefix_projection')}
+# Fields that every method reads (and that stay at their defaults without one).
+ANY_PEFT_FIELDS = ('trainable_tokens',)
 # The methods whose learned tokens every query of a row sees: they take unpacked rows, as
 # attention's mask description lets a key be seen by one segment of a packed row only.
 UNPACKED_PEFTS = ('prompt', 'prefix')
@@ -153,6 +155,9 @@ class ModelConfig:
   prompt_init: str = 'random'
   prefix_tokens: int = 20       # O, the trained keys and values of each layer under peft=prefix.
   prefix_projection: int = 0    # F > 0: they come from an MLP of width F (the reparameterisation).
+  # Comma-separated token ids whose embedding (and output) rows train beside any method's
+  # parameters, as deltas from the frozen table (models/trainable_tokens.py).
+  trainable_tokens: str = ''
 
   @property
   def resolved_head_dim(self) -> int:
@@ -195,6 +200,20 @@ class ModelConfig:
       if name not in names:
         names.append(name)
     return tuple(names)
+
+  @property
+  def trainable_token_ids(self) -> tuple:
+    """trainable_tokens as distinct ints, each a token of the vocabulary."""
+    ids = []
+    for item in filter(None, (part.strip() for part in self.trainable_tokens.split(','))):
+      # vocab_size 0 is the tokenizer's, which a run sets before it builds the model.
+      if not item.isdigit() or 0 < self.vocab_size <= int(item):
+        raise ConfigError(f'trainable_tokens={self.trainable_tokens!r}: {item!r} is not a token '
+                          f'id below vocab_size={self.vocab_size}')
+      if int(item) in ids:
+        raise ConfigError(f'trainable_tokens={self.trainable_tokens!r} lists {item} twice')
+      ids.append(int(item))
+    return tuple(ids)
 
   @property
   def lora_scale(self) -> float:
@@ -342,7 +361,11 @@ class ModelConfig:
           raise ConfigError(f'{name}={getattr(self, name)!r} applies to peft={method} only, not '
                             f'peft={self.peft!r}')
     if not self.peft:
+      if self.trainable_tokens:
+        raise ConfigError(f'trainable_tokens={self.trainable_tokens!r} trains rows beside a PEFT '
+                          'method; set peft (without one, every row trains)')
       return
+    self.trainable_token_ids  # Raises on a bad list.
     if self.family != 'decoder':
       raise ConfigError(f'peft={self.peft} adapts a decoder, not family={self.family}')
     # Houlsby adapters sit on the block's sublayers and prompts before the first block,
@@ -416,8 +439,9 @@ class ModelConfig:
 def without_peft(config: ModelConfig) -> ModelConfig:
   """The config of the model that config's adapters adapt (or are merged into): peft='' and
   every peft field at its default."""
-  return dataclasses.replace(config, peft='', **{name: getattr(ModelConfig, name) for names in
-                                                 PEFT_FIELDS.values() for name in names})
+  names = (*ANY_PEFT_FIELDS, *(name for names in PEFT_FIELDS.values() for name in names))
+  return dataclasses.replace(config, peft='', **{name: getattr(ModelConfig, name)
+                                                 for name in names})
 
 
 def check_adds(method: str, config: ModelConfig, model_config: ModelConfig, adder: str):

@@ -42,6 +42,8 @@ class DecoderLM(nnx.Module):
                           rngs=rngs))
     self.dropout = nnx.Dropout(config.dropout_rate)
     self.prompt = nnx.data(None)  # peft=prompt: a prompt_tuning.Prompt (registry.build adds it).
+    # config.trainable_tokens: a trainable_tokens.TrainableTokens (registry.build adds it).
+    self.token_rows = nnx.data(None)
 
   def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, prefix_len_b=None,
                attention_mask=None, dropout_key=None):
@@ -73,7 +75,7 @@ class DecoderLM(nnx.Module):
       positions_bt = jnp.maximum(jnp.cumsum(segment_ids_bt, axis=1) - 1, 0)
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t), tokens_bt.shape)
-    x_btd = self.embed(tokens_bt)
+    x_btd = self._embed(tokens_bt)
     if self.prompt is not None:
       x_btd, positions_bt, segment_ids_bt = self.prompt.prepend(x_btd, positions_bt,
                                                                 segment_ids_bt)
@@ -81,6 +83,10 @@ class DecoderLM(nnx.Module):
                                   prefix_len_b=prefix_len_b, caches=None, cache_index=None,
                                   dropout_key=dropout_key)
     return self.logits(hidden_btd[:, n_virtual:])
+
+  def _embed(self, tokens_bt):
+    x_btd = self.embed(tokens_bt)
+    return x_btd if self.token_rows is None else self.token_rows.embed(tokens_bt, x_btd)
 
   def _n_virtual(self) -> int:
     """Positions before the row's tokens: the virtual tokens of a prompt-tuned model."""
@@ -108,7 +114,7 @@ class DecoderLM(nnx.Module):
     t = tokens_bt.shape[1]
     cache_index = cache_index + self._n_virtual()
     positions_bt = jnp.broadcast_to(cache_index + jnp.arange(t), tokens_bt.shape)
-    hidden_btd, caches = self._forward(self.embed(tokens_bt), positions_bt, segment_ids_bt=None,
+    hidden_btd, caches = self._forward(self._embed(tokens_bt), positions_bt, segment_ids_bt=None,
                                        prefix_len_b=None, caches=caches,
                                        cache_index=cache_index, dropout_key=None)
     return self.logits(hidden_btd), caches
@@ -139,6 +145,8 @@ class DecoderLM(nnx.Module):
     else:
       w_dv = self.lm_head.kernel[...]
     w_dv = w_dv.astype(x_btd.dtype)
+    if self.token_rows is not None:
+      w_dv = self.token_rows.head(w_dv)
     if self.config.head == 'normhead':
       w32_dv = w_dv.astype(jnp.float32)
       w_dv = (w32_dv * jax.lax.rsqrt(jnp.sum(w32_dv * w32_dv, axis=0, keepdims=True)

@@ -124,12 +124,21 @@ def filled_as_float(graphdef, params, fill):
 
 def merge(model):
   """A plain model of without_peft(model.config) whose kernels are model's, each adapter folded
-  into its own: W + A B * scale. `model` is unchanged."""
-  return _plain(model, LoRADense.merged_kernel)
+  into its own: W + A B * scale, and the trainable token rows' deltas into their rows.
+  `model` is unchanged."""
+  plain = _plain(model, LoRADense.merged_kernel)
+  if model.token_rows is not None:
+    table_vd, head_dv = model.token_rows.folded(
+        model.embed.embedding[...], None if model.lm_head is None else model.lm_head.kernel[...])
+    plain.embed.embedding.set_value(table_vd)
+    if head_dv is not None:
+      plain.lm_head.kernel.set_value(head_dv)
+  return plain
 
 
 def base_model(model):
-  """The plain model that model's adapters adapt: its parameters without the adapters."""
+  """The plain model that model's adapters adapt: its parameters without the adapters (and
+  without trainable token rows)."""
   return _plain(model, lambda layer: layer.kernel[...])
 
 

@@ -102,5 +102,6 @@ def base_model(model):
   plain = nnx.merge(*nnx.split(model))
   for block in plain.blocks:
     block.attention.prefix = None
+  plain.token_rows = None
   plain.config = without_peft(model.config)
   return plain

@@ -81,6 +81,6 @@ def base_model(model):
   """The plain model that model's prompt leads: model's other parameters, shared."""
   graphdef, state = nnx.split(model)
   plain = nnx.merge(graphdef, state)
-  plain.prompt = None
+  plain.prompt = plain.token_rows = None
   plain.config = without_peft(model.config)
   return plain

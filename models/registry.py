@@ -12,6 +12,7 @@ from lmlab.models.lora import add_lora, float_config
 from lmlab.models.prefix_tuning import PrefixParam, add_prefix
 from lmlab.models.prompt_tuning import PromptParam, add_prompt
 from lmlab.models.seq2seq import EncoderDecoder
+from lmlab.models.trainable_tokens import TokenRowsParam, add_trainable_tokens
 
 FAMILY_CLASSES = {'decoder': DecoderLM, 'encoder': Bert, 'encoder_decoder': EncoderDecoder}
 # Each PEFT method: the function that adds its parameters to a built model, and their type.
@@ -29,13 +30,18 @@ def build(config: ModelConfig, *, rngs: nnx.Rngs):
   if not config.peft:
     return model
   add, _ = PEFT_METHODS[config.peft]
-  return add(model, config, rngs=rngs)
+  model = add(model, config, rngs=rngs)
+  return add_trainable_tokens(model, config) if config.trainable_tokens else model
 
 
 def trainable(config: ModelConfig):
   """The nnx filter of the parameters a run of `config` trains: its PEFT method's (a LoRA
-  run's adapters, a prompt-tuning run's virtual tokens), or None for all of them."""
-  return PEFT_METHODS[config.peft][1] if config.peft else None
+  run's adapters, a prompt-tuning run's virtual tokens) with its trainable token rows, or
+  None for all of them."""
+  if not config.peft:
+    return None
+  method = PEFT_METHODS[config.peft][1]
+  return nnx.Any(method, TokenRowsParam) if config.trainable_tokens else method
 
 
 def abstract_model(config: ModelConfig):

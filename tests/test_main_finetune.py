@@ -13,7 +13,10 @@ from lmlab.models.hf import adapters
 from lmlab.models.errors import ConfigError
 from lmlab.models.hf import peft as hf_peft
 from lmlab.training import run as run_lib
-from test_main import SMALL, expect_error, metrics, run_main
+from test_main import SMALL, expect_error, metrics, run_main, run_mains
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
 
 LORA = ['--peft=lora', '--lora_rank=2', '--lora_alpha=4', '--lora_targets=q,v,down']
 
@@ -22,14 +25,16 @@ def logits(model, tokens):
   return np.asarray(nnx.jit(lambda model, tokens: model(tokens))(model, jnp.asarray(tokens)))
 
 
-def adapted_shapes(config) -> int:
-  """Parameters LoRA adds: per block and target, rank * (d_in + d_out)."""
+def adapted_shapes(config, new_tokens: int) -> int:
+  """Parameters LoRA adds: per block and target, rank * (d_in + d_out); and a row of the
+  embedding and of the (untied) head for each of new_tokens, the template's new tokens."""
   head = config.n_heads * config.resolved_head_dim
   kv = config.n_kv_heads * config.resolved_head_dim
   sizes = {'q': (config.d_model, head), 'v': (config.d_model, kv),
            'down': (config.ffn_dim, config.d_model)}
   return config.n_layers * sum(config.lora_rank * (d_in + d_out) for d_in, d_out in
-                               (sizes[name] for name in config.lora_target_names))
+                               (sizes[name] for name in config.lora_target_names)) + (
+      new_tokens * config.d_model * (1 if config.tie_embeddings else 2))
 
 
 @pytest.fixture
@@ -54,25 +59,37 @@ def test_lora_sft_and_prompt_tuning_runs_train_only_their_parameters_and_export(
   before, after = run_lib.restore(base), run_lib.restore(tuned)
   config = nnx.merge(after.graphdef, after.params).config
   first = metrics(tuned)[0]
-  assert first['trainable_params'] == adapted_shapes(config)
+  # ChatML's two tokens are new to the byte tokenizer.
+  assert first['trainable_params'] == adapted_shapes(config, new_tokens=2)
   assert first['params'] == first['trainable_params'] + sum(
       x.size for x in jax.tree.leaves(before.params))
   # Adam's two moments of the adapters, and its step count: nothing of the base.
-  assert first['opt_state_bytes_per_device'] <= 2 * 4 * adapted_shapes(config) + 64
+  assert first['opt_state_bytes_per_device'] <= 2 * 4 * adapted_shapes(config, 2) + 64
   tuned_params = dict(nnx.to_flat_state(after.params))
   for path, value in nnx.to_flat_state(before.params):
     np.testing.assert_array_equal(tuned_params[path][...], value[...], err_msg=str(path))
-  assert any(np.abs(value[...]).max() > 0 for path, value in tuned_params.items()
-             if path[-1] == 'lora_b')
-
-  reply = run_main('--mode=chat', f'--workdir={tuned}', '--prompt=alpha', '--temperature=0',
-                   '--max_new_tokens=4')
-  assert reply.returncode == 0 and reply.stdout.strip() != ''
+  for name in ('lora_b', 'embedding_xd', 'head_xd'):  # They start at zero.
+    assert any(np.abs(value[...]).max() > 0 for path, value in tuned_params.items()
+               if path[-1] == name), name
 
   merged, exported, adapter = (str(tmp_path / name) for name in ('merged', 'base_hf', 'adapter'))
-  run_main('--mode=merge', f'--workdir={tuned}', f'--hf_out={merged}')
-  run_main('--mode=convert', f'--workdir={tuned}', f'--hf_out={exported}',
-           f'--peft_out={adapter}')
+  reply, _, _ = run_mains(
+      ['--mode=chat', f'--workdir={tuned}', '--prompt=alpha', '--temperature=0',
+       '--max_new_tokens=4'],
+      ['--mode=merge', f'--workdir={tuned}', f'--hf_out={merged}'],
+      ['--mode=convert', f'--workdir={tuned}', f'--hf_out={exported}', f'--peft_out={adapter}'])
+  # The reply: transformers' greedy continuation, on the merged model, of ChatML's prompt for
+  # a user's 'alpha', up to the end of the turn.
+  end = after.tokenizer.encode_single_token('<|im_end|>')
+  prompt_ids = torch.tensor([after.tokenizer.encode(
+      '<|im_start|>user\nalpha<|im_end|>\n<|im_start|>assistant\n', allowed_special='all')])
+  with torch.no_grad():
+    made = transformers.AutoModelForCausalLM.from_pretrained(merged).generate(
+        prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
+        max_new_tokens=4, eos_token_id=end)[0, prompt_ids.shape[1]:].tolist()
+  made = made[:made.index(end)] if end in made else made
+  assert reply.stdout.rstrip('\n') == after.tokenizer.decode(made, errors='replace')
+
   model = nnx.merge(after.graphdef, after.params)
   tokens = rng.integers(0, 256, (2, 12))
   expected = logits(model, tokens)

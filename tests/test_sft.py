@@ -125,3 +125,23 @@ def test_prompt_tuning_takes_one_conversation_per_row(tmp_path, rng):
     length = len(np.trim_zeros(inputs, 'b'))
     assert tuple(inputs[:length].tolist()) in conversations
     assert not mask[length:].any()
+
+
+def test_under_peft_the_rows_of_template_tokens_new_to_the_tokenizer_train(tmp_path, rng):
+  """ChatML's two tokens are new to the byte tokenizer: under LoRA their rows train too,
+  unless trainable_tokens lists others; Llama-3's template adds its own tokens."""
+  data = write_jsonl(tmp_path / 'chats.jsonl', copy_chats(rng, 10))
+  for template, fields, expected in [
+      ('chatml', {}, ['<|im_start|>', '<|im_end|>']),
+      ('llama3', {}, ['<|begin_of_text|>', '<|start_header_id|>', '<|end_header_id|>',
+                      '<|eot_id|>']),
+      ('chatml', dict(trainable_tokens='3'), None),
+      ('chatml', dict(peft=''), None)]:
+    model = small_config(vocab_size=0, **{'peft': 'lora', **fields})
+    config = TrainConfig(workdir=str(tmp_path / template), objective='sft', data=data,
+                         chat_template=template, seq_len=32).resolved(model)
+    task = SupervisedFineTuning(config, model, log=lambda *_: None)
+    tokenizer = load_run_tokenizer(config)
+    ids = (model.trainable_tokens if expected is None else
+           ','.join(str(tokenizer.encode_single_token(token)) for token in expected))
+    assert task.model_config.trainable_tokens == ids, (template, fields)

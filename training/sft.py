@@ -57,11 +57,26 @@ class SupervisedFineTuning(Objective):
     self.config, self.log = train_config, log
     self.template = chat_template(train_config.chat_template)
     self.tokenizer = load_run_tokenizer(train_config)
-    self.model_config = fitting_vocab(resolve_vocab(model_config, self.tokenizer),
-                                      self.tokenizer).validate()
+    self.model_config = self._with_new_tokens_trained(fitting_vocab(
+        resolve_vocab(model_config, self.tokenizer), self.tokenizer)).validate()
     check_fits(self.model_config, self.tokenizer, train_config.seq_len)
     self._eval_steps = {}
     self._read_conversations()
+
+  def _with_new_tokens_trained(self, model_config: ModelConfig) -> ModelConfig:
+    """Under a PEFT method, unless trainable_tokens says otherwise, the config with the rows of
+    the template's tokens that the tokenizer lacked (fresh rows, never trained) training."""
+    if not model_config.peft or model_config.trainable_tokens:
+      return model_config
+    _, added = chat.with_special_tokens(
+        load_run_tokenizer(dataclasses.replace(self.config, chat_template=None)),
+        self.template.special_tokens)
+    if not added:
+      return model_config
+    ids = [self.tokenizer.encode_single_token(token) for token in added]
+    self.log(f'the rows of {", ".join(added)}, new to the tokenizer, train beside '
+             f'peft={model_config.peft} (trainable_tokens={",".join(map(str, ids))})')
+    return dataclasses.replace(model_config, trainable_tokens=','.join(map(str, ids)))
 
   def load_data(self):
     """The conversations are read in __init__: bad data stops the run before it writes."""

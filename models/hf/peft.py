@@ -34,7 +34,9 @@ TENSORS = {'lora_a': 'lora_A', 'lora_b': 'lora_B'}  # Our parameter: peft's modu
 FEATURES_OFF = {'use_dora': False, 'bias': 'none', 'lora_bias': False, 'fan_in_fan_out': False,
                 'rank_pattern': {}, 'alpha_pattern': {}, 'layers_to_transform': None,
                 'layer_replication': None, 'modules_to_save': None, 'exclude_modules': None,
-                'target_parameters': None, 'trainable_token_indices': None}
+                'target_parameters': None}
+TOKEN_ROWS = ('embed', 'embedding'), ('lm_head', 'kernel')  # Whose rows trainable tokens move.
+TOKEN_TENSOR = 'token_adapter.trainable_tokens_delta'  # peft's name; it holds the rows.
 
 
 def _module_name(tensor: str) -> str:
@@ -105,7 +107,32 @@ def save_lora(model, folder: str, *, base_model_name_or_path: str | None = None,
       peft_type='LORA', base_model_name_or_path=base_model_name_or_path, r=config.lora_rank,
       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
       use_rslora=config.lora_rslora, target_modules=sorted(target_modules),
-      init_lora_weights=True, **FEATURES_OFF), tensors)
+      init_lora_weights=True, **FEATURES_OFF,
+      trainable_token_indices=_save_token_rows(model, arch, all_modules, tensors)), tensors)
+
+
+def _token_row_links(model, arch):
+  """{our table's path: its Link} of the embedding and, when untied, the output head."""
+  by_path = {path: link for link in arch.links(without_peft(model.config)) for path in link.ours}
+  return {path: by_path[path] for path in TOKEN_ROWS if path in by_path}
+
+
+def _save_token_rows(model, arch, all_modules: set, tensors: dict):
+  """Adds the trainable token rows of `model` to `tensors` as peft stores them, the rows
+  themselves; returns adapter_config.json's trainable_token_indices (None without rows)."""
+  if model.token_rows is None:
+    return None
+  ids = list(model.token_rows.ids)
+  embedding, head = model.token_rows.folded(
+      model.embed.embedding[...], None if model.lm_head is None else model.lm_head.kernel[...])
+  indices = {}
+  for path, link in _token_row_links(model, arch).items():
+    module = _module_name(link.hf[0])
+    table = link.to_hf([np.asarray(embedding if path == TOKEN_ROWS[0] else head)])[0]
+    tensors[f'{PREFIX}{module}.{TOKEN_TENSOR}'] = np.ascontiguousarray(table[ids])
+    [name] = _peft_names([module], all_modules)
+    indices[name] = ids
+  return indices
 
 
 def _targets(entries: list, by_target: dict, all_modules: set, path: str) -> list:
@@ -132,8 +159,37 @@ def _targets(entries: list, by_target: dict, all_modules: set, path: str) -> lis
   return names
 
 
-def _lora_config(adapter, path: str, base, by_target: dict, all_modules: set):
-  """The ModelConfig of `base` with the LoRA that adapter_config.json describes."""
+def _token_indices(adapter, path: str, token_modules: dict) -> dict:
+  """{our table's path: token ids} from trainable_token_indices: a list (the embedding's
+  rows) or {module name: ids}; token_modules: {our table's path: its transformers module}."""
+  indices = adapter.get('trainable_token_indices')
+  if indices is None:
+    return {}
+  if isinstance(indices, list):
+    indices = {token_modules[TOKEN_ROWS[0]]: indices}
+  if not isinstance(indices, dict):
+    raise CheckpointError(f'{path}: trainable_token_indices={indices!r:.60} is not a list of '
+                          'token ids or an object of them')
+  by_table = {}
+  for entry, ids in indices.items():
+    tables = [table for table, module in token_modules.items() if _matches(module, entry)]
+    if len(tables) != 1:
+      raise CheckpointError(f'{path}: trainable_token_indices names {entry!r:.60}, which is not '
+                            'one of the modules whose rows train here '
+                            f'({", ".join(token_modules.values())})')
+    if not (isinstance(ids, list) and ids and all(type(i) is int and i >= 0 for i in ids)):
+      raise CheckpointError(f'{path}: trainable_token_indices[{entry!r:.60}]={ids!r:.60} is not a '
+                            'list of token ids')
+    by_table[tables[0]] = ids
+  if len({tuple(ids) for ids in by_table.values()}) > 1:
+    raise CheckpointError(f'{path}: trainable_token_indices lists other tokens for the output '
+                          'head than for the embedding; ours train the same rows of both')
+  return by_table
+
+
+def _lora_config(adapter, path: str, base, by_target: dict, all_modules: set, token_ids):
+  """The ModelConfig of `base` with the LoRA that adapter_config.json describes, whose
+  trainable token rows are token_ids."""
   check_type(adapter, path, 'LORA')
   for name, off in FEATURES_OFF.items():
     if adapter.get(name) not in (None, off):
@@ -149,7 +205,7 @@ def _lora_config(adapter, path: str, base, by_target: dict, all_modules: set):
   targets = _targets(entries, by_target, all_modules, path)
   try:
     return dataclasses.replace(
-        base, peft='lora', lora_rank=rank,
+        base, peft='lora', trainable_tokens=','.join(map(str, token_ids)), lora_rank=rank,
         lora_alpha=float(field(adapter, path, 'lora_alpha', float, 8)),
         lora_dropout=float(field(adapter, path, 'lora_dropout', float, 0.0)),
         lora_targets=','.join(targets),
@@ -168,11 +224,35 @@ def load_lora(model, folder: str, *, architecture: str | None = None):
     raise CheckpointError(f'load_lora adds adapters to a plain model, not to one with '
                           f'peft={model.config.peft!r}')
   arch, by_target, all_modules = _target_links(model.config, architecture)
-  config = _lora_config(adapter, config_path, model.config, by_target, all_modules)
+  token_links = _token_row_links(model, arch)
+  token_indices = _token_indices(adapter, config_path, {
+      table: _module_name(link.hf[0]) for table, link in token_links.items()})
+  token_ids = next(iter(token_indices.values()), [])
+  config = _lora_config(adapter, config_path, model.config, by_target, all_modules, token_ids)
   checkpoint = safetensors_files.Checkpoint(folder, [WEIGHTS_FILE])
   values = {path: variable.get_value()
             for path, variable in nnx.to_flat_state(nnx.state(model))}
   used = set()
+  for table, delta_path in zip(TOKEN_ROWS, (('token_rows', 'embedding_xd'),
+                                            ('token_rows', 'head_xd'))):
+    if not token_ids or table not in token_links:
+      continue
+    link, ours = token_links[table], values[table]
+    rows = link.to_hf([np.asarray(ours)])[0][token_ids]
+    if table in token_indices:
+      tensor = f'{PREFIX}{_module_name(link.hf[0])}.{TOKEN_TENSOR}'
+      if tensor not in checkpoint:
+        raise CheckpointError(f'{weights_path} has no tensor {tensor!r}, which '
+                              'trainable_token_indices asks for')
+      stored = checkpoint.read(tensor)
+      if stored.shape != rows.shape:
+        raise CheckpointError(f'{weights_path}: tensor {tensor!r} has shape {stored.shape}, not '
+                              f'{rows.shape} (the tokens listed, the base model\'s width)')
+      rows = np.asarray(stored, dtype=rows.dtype) - rows
+      used.add(tensor)
+    else:
+      rows = np.zeros_like(rows)  # peft left these rows as they are.
+    values[delta_path] = jax.device_put(rows)
   for name in config.lora_target_names:
     for i, link in enumerate(by_target[name]):
       module = _module(arch, link, name)
