@@ -128,11 +128,7 @@ def merge(model):
   `model` is unchanged."""
   plain = _plain(model, LoRADense.merged_kernel)
   if model.token_rows is not None:
-    table_vd, head_dv = model.token_rows.folded(
-        model.embed.embedding[...], None if model.lm_head is None else model.lm_head.kernel[...])
-    plain.embed.embedding.set_value(table_vd)
-    if head_dv is not None:
-      plain.lm_head.kernel.set_value(head_dv)
+    model.token_rows.fold_into(plain)
   return plain
 
 

@@ -48,6 +48,15 @@ class TrainableTokens(nnx.Module):
     table_vd = table_vd.at[ids].add(self.embedding_xd[...].astype(table_vd.dtype))
     return table_vd, None if head_dv is None else self.head(head_dv)
 
+  def fold_into(self, plain):
+    """Sets the table (and untied head) of `plain`, a model without token rows whose table and
+    head are those these deltas move, to the moved ones."""
+    table_vd, head_dv = self.folded(plain.embed.embedding[...],
+                                    None if plain.lm_head is None else plain.lm_head.kernel[...])
+    plain.embed.embedding.set_value(table_vd)
+    if head_dv is not None:
+      plain.lm_head.kernel.set_value(head_dv)
+
 
 def add_trainable_tokens(model, config):
   """`model` (a decoder of config, with its PEFT method's parameters) with zero deltas for

@@ -141,3 +141,24 @@ def test_bad_token_lists_and_folders_are_named_errors(rng, tmp_path):
   with pytest.raises(CheckpointError, match="'400' is not a token id below vocab_size=97"):
     adapters.load(base, folder)
   assert base.token_rows is None and base.config.trainable_tokens == ''
+
+
+def test_a_prompt_folder_leaves_the_token_rows_to_its_base(rng, tmp_path):
+  """peft's PROMPT_TUNING folders have no place for token rows: the exported base holds them,
+  so that base and folder together are our model (which exporting leaves as it was)."""
+  listed = token_ids(rng)
+  config = small_config(vocab_size=TINY['vocab_size'], init_std=0.2, peft='prompt',
+                        prompt_tokens=2, trainable_tokens=','.join(map(str, listed)))
+  model = registry.build(config, rngs=nnx.Rngs(seed(rng)))
+  for _, variable in nnx.to_flat_state(nnx.state(model, registry.trainable(config))):
+    variable.set_value(jnp.asarray(rng.normal(0.0, 0.3, variable.shape), jnp.float32))
+  ids = jnp.asarray(ids_with(rng, listed))
+  ours = np.asarray(model(ids))
+  hf.save(adapters.base_model(model), str(tmp_path / 'base'))
+  adapters.save(model, str(tmp_path / 'adapter'))
+  theirs = peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'base')),
+      str(tmp_path / 'adapter')).eval()
+  expected = hf_logits(theirs, np.asarray(ids))[:, 2:]  # After the virtual tokens'.
+  np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(np.asarray(model(ids)), ours)

@@ -244,16 +244,16 @@ def _write_workdir(model, run: TrainConfig, source: str):
 
 
 def workdir_to_hf(workdir: str, hf_out: str | None, peft_out: str | None = None) -> int:
-  """Writes the workdir's latest parameters to a new Hugging Face folder and, for a LoRA or
-  prompt-tuning run, its adapter to a new peft folder (then hf_out gets the base model it
-  adapts, so that peft.PeftModel.from_pretrained(<hf_out model>, peft_out) is the run's
-  model); returns the step."""
+  """Writes the workdir's latest parameters to a new Hugging Face folder and, for a LoRA,
+  prompt- or prefix-tuning run, its adapter to a new peft folder (then hf_out gets the base
+  model it adapts, so that peft.PeftModel.from_pretrained(<hf_out model>, peft_out) is the
+  run's model); returns the step."""
   loaded = restore(workdir)
   model = nnx.merge(loaded.graphdef, loaded.params)
   if peft_out:
     if not model.config.peft:
       raise ConfigError(f'{workdir} is not a PEFT run (peft=\'\'); --peft_out writes the '
-                        'adapter of a LoRA or prompt-tuning run')
+                        'adapter of a LoRA, prompt- or prefix-tuning run')
     adapters.save(model, peft_out, base_model_name_or_path=hf_out)
   if hf_out:
     hf.save(adapters.base_model(model), hf_out)

@@ -2,6 +2,8 @@
 (models/hf/peft.py), prompt tuning (models/hf/prompt_tuning.py) or prefix tuning
 (models/hf/prefix_tuning.py), chosen by the model's config.peft to save and by the folder's
 peft_type to load."""
+from flax import nnx
+
 from lmlab.models import lora, prefix_tuning, prompt_tuning
 from lmlab.models.errors import CheckpointError
 from lmlab.models.hf import peft, prefix_tuning as hf_prefix_tuning
@@ -35,5 +37,13 @@ def load(model, folder: str):
 
 
 def base_model(model):
-  """The plain model that the adapter of `model` adapts (`model` itself when plain)."""
-  return BASES[model.config.peft](model) if model.config.peft else model
+  """The plain model that the adapter of `model` adapts (`model` itself when plain). A LoRA
+  folder holds the model's trainable token rows; a prompt- or prefix-tuning folder has no
+  place for them, so for those the base holds them, added into its table."""
+  if not model.config.peft:
+    return model
+  base = BASES[model.config.peft](model)
+  if model.token_rows is not None and model.config.peft != 'lora':
+    base = nnx.clone(base)  # Its variables are the model's own.
+    model.token_rows.fold_into(base)
+  return base

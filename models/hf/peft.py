@@ -123,12 +123,12 @@ def _save_token_rows(model, arch, all_modules: set, tensors: dict):
   if model.token_rows is None:
     return None
   ids = list(model.token_rows.ids)
-  embedding, head = model.token_rows.folded(
-      model.embed.embedding[...], None if model.lm_head is None else model.lm_head.kernel[...])
+  moved = dict(zip(TOKEN_ROWS, model.token_rows.folded(
+      model.embed.embedding[...], None if model.lm_head is None else model.lm_head.kernel[...])))
   indices = {}
   for path, link in _token_row_links(model, arch).items():
     module = _module_name(link.hf[0])
-    table = link.to_hf([np.asarray(embedding if path == TOKEN_ROWS[0] else head)])[0]
+    table = link.to_hf([np.asarray(moved[path])])[0]
     tensors[f'{PREFIX}{module}.{TOKEN_TENSOR}'] = np.ascontiguousarray(table[ids])
     [name] = _peft_names([module], all_modules)
     indices[name] = ids
