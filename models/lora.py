@@ -104,24 +104,6 @@ def quantized(model, config: ModelConfig):
   return model
 
 
-def dequantized(model):
-  """A QLoRA model as the LoRA model of float_config(model.config) whose kernels are its
-  kernels de-quantised; changed in place and returned."""
-  for *_, layer in _adapted_layers(model, model.config):
-    layer.kernel = layer.kernel.param()
-  model.config = float_config(model.config)
-  return model
-
-
-def filled_as_float(graphdef, params, fill):
-  """The parameters (of graphdef, a QLoRA model) that fill(parameters) -> parameters gives
-  when it fills the float LoRA model they de-quantise to: the result quantised again."""
-  model = nnx.merge(graphdef, params)
-  config = model.config
-  float_graphdef, float_params = nnx.split(dequantized(model))
-  return nnx.state(quantized(nnx.merge(float_graphdef, fill(float_params)), config))
-
-
 def merge(model):
   """A plain model of without_peft(model.config) whose kernels are model's, each adapter folded
   into its own: W + A B * scale, and the trainable token rows' deltas into their rows.

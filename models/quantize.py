@@ -2,8 +2,8 @@
 al. 2023), and its exact de-quantisation.
 
 The array is read row-major as one sequence of values, padded with zeros to whole blocks of
-`block` values; each block is divided by its absmax (the largest |value|, 1 for an all-zero
-block) and each quotient stored as a code:
+`block` values; each block is multiplied by the float32 reciprocal of its absmax (the largest
+|value|, 1 for an all-zero block) and each quotient stored as a code:
 
   int8: round(quotient * 127) as an int8, de-quantised as code * absmax * float32(1 / 127)
         (XLA turns a division by a constant into that product; written so, it is exact to
@@ -48,9 +48,11 @@ def _blocks(flat_x, block: int):
 
 
 def _over_absmax(rows_xx):
-  """(each row divided by its absmax, 1 for an all-zero row; the float32 absmax of each row)."""
+  """(each row times the float32 reciprocal of its absmax, 1 for an all-zero row; the float32
+  absmax of each row). XLA turns a division by a broadcast value into this product; written
+  so, the rounding of every quotient is exact to reproduce."""
   absmax_x = jnp.max(jnp.abs(rows_xx), axis=1)
-  return rows_xx / jnp.where(absmax_x == 0, 1.0, absmax_x)[:, None], absmax_x
+  return rows_xx * (1.0 / jnp.where(absmax_x == 0, 1.0, absmax_x))[:, None], absmax_x
 
 
 def _int8(quotients):
@@ -89,6 +91,26 @@ def dequantize(codes_x, scale_codes_x, group_scales_x, mean, *, scheme: str, blo
   return values_xx.reshape(-1)[:size].reshape(shape).astype(dtype)
 
 
+# A QuantizedArray's variables, in the order quantize returns them.
+FIELDS = ('codes', 'scale_codes', 'group_scales', 'mean')
+
+
+def filled_from(params, floats: dict, *, scheme: str, block: int):
+  """params (a model's state) with each QuantizedArray that floats holds a float array for, at
+  its own path and of its shape, holding that array quantised; the rest as it was."""
+  flat = dict(nnx.to_flat_state(params))
+  for path in [path[:-1] for path in flat if path[-1] == FIELDS[0]]:
+    value = floats.get(path)
+    if value is None:
+      continue
+    quantized = quantize(jnp.asarray(value), scheme, block)
+    if any(flat[(*path, name)].shape != array.shape for name, array in zip(FIELDS, quantized)):
+      continue
+    for name, array in zip(FIELDS, quantized):
+      flat[(*path, name)] = flat[(*path, name)].replace(array)
+  return nnx.from_flat_state(list(flat.items()))
+
+
 class QuantizedArray(nnx.Module):
   """An array held as quantize's codes and scales; `[...]` gives it de-quantised, so it stands
   in for the nnx.Param it was made from where that is only read."""
@@ -99,11 +121,8 @@ class QuantizedArray(nnx.Module):
     self.scheme, self.block = scheme, block
     self.shape, self.dtype = tuple(value.shape), value.dtype
     self.logical_axes = sharding.logical_axes(param)
-    codes_x, scale_codes_x, group_scales_x, mean = quantize(value, scheme, block)
-    self.codes = QuantizedParam(codes_x)
-    self.scale_codes = QuantizedParam(scale_codes_x)
-    self.group_scales = QuantizedParam(group_scales_x)
-    self.mean = QuantizedParam(mean)
+    for name, array in zip(FIELDS, quantize(value, scheme, block)):
+      setattr(self, name, QuantizedParam(array))
 
   def __getitem__(self, index):
     return dequantize(self.codes[...], self.scale_codes[...], self.group_scales[...],

@@ -75,6 +75,24 @@ def hf_model(family: str, fields: dict, seed: int):
   return model
 
 
+def saved_by_peft(family: str, peft_config, tmp_path, seed: int, redraw):
+  """peft's model, under peft_config, of a random transformers `family` model saved in
+  tmp_path/base; each of its trained parameters becomes redraw(name, parameter) (None: kept)
+  before it is saved in tmp_path/adapter."""
+  import peft
+  model = hf_model(family, {}, seed)
+  model.save_pretrained(tmp_path / 'base')
+  theirs = peft.get_peft_model(model, peft_config).eval()
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for name, parameter in theirs.named_parameters():
+      value = redraw(name, parameter) if parameter.requires_grad else None
+      if value is not None:
+        parameter.copy_(value)
+  theirs.save_pretrained(tmp_path / 'adapter')
+  return theirs
+
+
 def hf_logits(model, ids, mask=None):
   with torch.no_grad():
     out = model(torch.tensor(np.asarray(ids)),

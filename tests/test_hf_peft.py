@@ -16,7 +16,7 @@ from lmlab.models.errors import CheckpointError
 from lmlab.models.hf import peft as hf_peft
 from lmlab.models.hf import peft_folders, safetensors_files
 from lmlab.models.lora import add_lora
-from test_hf import TINY, hf_logits, hf_model
+from test_hf import TINY, hf_logits, saved_by_peft
 from test_lora import randomise_adapters
 
 torch = pytest.importorskip('torch')
@@ -63,20 +63,13 @@ def test_save_lora_folder_loads_in_peft(case, rng, tmp_path):
 @pytest.mark.parametrize('case', list(CASES))
 def test_peft_folder_loads_with_load_lora(case, rng, tmp_path):
   family, _, lora_fields = CASES[case]
-  model = hf_model(family, {}, int(rng.integers(1 << 30)))
-  model.save_pretrained(tmp_path / 'base')
-  torch.manual_seed(int(rng.integers(1 << 30)))
   lora_config = peft.LoraConfig(
       task_type='CAUSAL_LM', r=lora_fields['lora_rank'],
       lora_alpha=lora_fields.get('lora_alpha', 16.0),
       use_rslora=lora_fields.get('lora_rslora', False),
       target_modules=[f'{name}_proj' for name in lora_fields['lora_targets'].split(',')])
-  theirs = peft.get_peft_model(model, lora_config).eval()
-  with torch.no_grad():
-    for name, parameter in theirs.named_parameters():
-      if '.lora_' in name:
-        parameter.copy_(0.2 * torch.randn_like(parameter))
-  theirs.save_pretrained(tmp_path / 'adapter')
+  theirs = saved_by_peft(family, lora_config, tmp_path, int(rng.integers(1 << 30)),
+                         lambda _, x: 0.2 * torch.randn_like(x))
 
   base = hf.load(str(tmp_path / 'base'))
   ours = hf_peft.load_lora(base, str(tmp_path / 'adapter'))

@@ -1,5 +1,5 @@
 """Fine-tuning through main.py: SFT of LoRA adapters on a pre-trained run, chat, merge and
-export to Hugging Face peft; prompt tuning, exported likewise."""
+export to Hugging Face peft; QLoRA's quantised start; prompt tuning, exported likewise."""
 import json
 
 import jax
@@ -14,6 +14,7 @@ from lmlab.models.errors import ConfigError
 from lmlab.models.hf import peft as hf_peft
 from lmlab.training import run as run_lib
 from test_main import SMALL, expect_error, metrics, run_main, run_mains
+from test_qlora import QLORA_FLAGS, check_quantised_from
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -53,8 +54,12 @@ def test_lora_sft_and_prompt_tuning_runs_train_only_their_parameters_and_export(
   chats.write_text(''.join(json.dumps({'prompt': str(rng.choice(words)),
                                        'completion': str(rng.choice(words))}) + '\n'
                            for _ in range(40)), encoding='utf-8')
-  run_main(*SMALL, *LORA, '--objective=sft', f'--data={chats}', f'--init_from={base}',
-           f'--workdir={tuned}', '--steps=6', '--seq_len=32', '--learning_rate=3e-2')
+  quantised = str(tmp_path / 'quantised')
+  run_mains([*SMALL, *LORA, '--objective=sft', f'--data={chats}', f'--init_from={base}',
+             f'--workdir={tuned}', '--steps=6', '--seq_len=32', '--learning_rate=3e-2'],
+            [*SMALL, *QLORA_FLAGS, f'--data={corpus_dir}', f'--init_from={base}',
+             f'--workdir={quantised}', '--steps=2'])
+  check_quantised_from(base, quantised)
 
   before, after = run_lib.restore(base), run_lib.restore(tuned)
   config = nnx.merge(after.graphdef, after.params).config

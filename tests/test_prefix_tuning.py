@@ -18,7 +18,7 @@ from lmlab.models.generation import SamplingConfig, make_generate
 from lmlab.models.hf import adapters
 from lmlab.models.hf import prefix_tuning as hf_prefix_tuning
 from lmlab.models.prefix_tuning import PrefixParam, add_prefix
-from test_hf import TINY, hf_logits, hf_model
+from test_hf import TINY, hf_logits, saved_by_peft
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -75,16 +75,9 @@ def test_saved_prefix_loads_in_peft_and_back(family, projection, rng, tmp_path):
 
 def test_peft_prefix_folder_loads_with_load_prefix(rng, tmp_path):
   o = int(rng.integers(1, 6))
-  model = hf_model('Llama', {}, seed(rng))
-  model.save_pretrained(tmp_path / 'base')
-  theirs = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type='CAUSAL_LM',
-                                                              num_virtual_tokens=o)).eval()
-  torch.manual_seed(seed(rng))
-  with torch.no_grad():
-    for name, parameter in theirs.named_parameters():
-      if 'prompt_encoder' in name:
-        parameter.copy_(0.5 * torch.randn_like(parameter))
-  theirs.save_pretrained(tmp_path / 'adapter')
+  theirs = saved_by_peft('Llama', peft.PrefixTuningConfig(task_type='CAUSAL_LM',
+                                                          num_virtual_tokens=o),
+                         tmp_path, seed(rng), lambda _, x: 0.5 * torch.randn_like(x))
 
   base = hf.load(str(tmp_path / 'base'))
   ours = adapters.load(base, str(tmp_path / 'adapter'))

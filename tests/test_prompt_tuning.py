@@ -17,7 +17,7 @@ from lmlab.models.generation import SamplingConfig, make_generate
 from lmlab.models.hf import adapters, peft_folders, safetensors_files
 from lmlab.models.hf import prompt_tuning as hf_prompt_tuning
 from lmlab.models.prompt_tuning import PromptParam, add_prompt
-from test_hf import TINY, hf_logits, hf_model
+from test_hf import TINY, hf_logits, saved_by_peft
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -74,16 +74,9 @@ def test_saved_prompt_loads_in_peft(family, rng, tmp_path):
 @pytest.mark.parametrize('family', list(FAMILIES))
 def test_peft_prompt_folder_loads_with_load_prompt(family, rng, tmp_path):
   p = int(rng.integers(1, 6))
-  model = hf_model(family, {}, seed(rng))
-  model.save_pretrained(tmp_path / 'base')
-  theirs = peft.get_peft_model(model, peft.PromptTuningConfig(task_type='CAUSAL_LM',
-                                                              num_virtual_tokens=p)).eval()
-  torch.manual_seed(seed(rng))
-  with torch.no_grad():
-    for name, parameter in theirs.named_parameters():
-      if 'prompt_encoder' in name:
-        parameter.copy_(0.5 * torch.randn_like(parameter))
-  theirs.save_pretrained(tmp_path / 'adapter')
+  theirs = saved_by_peft(family, peft.PromptTuningConfig(task_type='CAUSAL_LM',
+                                                         num_virtual_tokens=p),
+                         tmp_path, seed(rng), lambda _, x: 0.5 * torch.randn_like(x))
 
   base = hf.load(str(tmp_path / 'base'))
   ours = adapters.load(base, str(tmp_path / 'adapter'))

@@ -13,7 +13,6 @@ import pytest
 from flax import nnx
 
 from conftest import small_config
-from test_main import SMALL, run_main
 from lmlab.models import lora, quantize, registry
 from lmlab.models.config import without_peft
 from lmlab.models.errors import ConfigError
@@ -39,7 +38,7 @@ def nf4_from_normal_quantiles():
 
 def np_over_absmax(rows):
   absmax = np.abs(rows).max(axis=1)
-  return rows / np.where(absmax == 0, F32(1), absmax)[:, None], absmax
+  return rows * (F32(1) / np.where(absmax == 0, F32(1), absmax))[:, None], absmax
 
 
 def np_quantize(w, scheme, block, mean):
@@ -248,8 +247,8 @@ def test_only_the_adapters_train(rng):
 
 @pytest.mark.parametrize('scheme', ['int8', 'nf4'])
 def test_pretrained_parameters_load_quantised(rng, scheme):
-  """As training/run.py init_from loads a pre-trained run into a QLoRA model: copied by path
-  into the float LoRA model, then quantised."""
+  """As training/run.py init_from loads a pre-trained run into a QLoRA model: the kernels
+  quantised into their QuantizedArrays, the rest copied by path."""
   config = qlora_config(scheme)
   pretrained = registry.build(without_peft(config), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   source = dict(nnx.to_flat_state(nnx.state(pretrained)))
@@ -257,11 +256,11 @@ def test_pretrained_parameters_load_quantised(rng, scheme):
   randomise_adapters(model, rng)
   graphdef, params = nnx.split(model)
 
-  def copied(float_params):
-    return nnx.from_flat_state([(path, source[path] if path in source else value)
-                                for path, value in nnx.to_flat_state(float_params)])
-
-  loaded = nnx.merge(graphdef, lora.filled_as_float(graphdef, params, copied))
+  copied = nnx.from_flat_state([(path, source[path] if path in source else value)
+                                for path, value in nnx.to_flat_state(params)])
+  loaded = nnx.merge(graphdef, quantize.filled_from(
+      copied, {path: value[...] for path, value in source.items()}, scheme=scheme,
+      block=config.lora_quantize_block))
   twin = float_twin(model, {p: np.asarray(source[p][...]) for p in adapted_kernel_paths(config)})
   nnx.update(twin, nnx.from_flat_state([(p, v) for p, v in source.items()
                                         if p not in adapted_kernel_paths(config)]))
@@ -282,13 +281,13 @@ def test_bad_fields_are_config_errors(fields, field):
     small_config(**{'peft': 'lora', **fields})
 
 
-def test_init_from_quantises_the_pretrained_kernels(tmp_path, corpus_dir):
-  """main.py --init_from a pre-trained run with --lora_quantize: each adapted kernel is stored
-  as quantize.quantize of the pre-trained one, and the rest is the pre-trained model's."""
-  base, tuned = str(tmp_path / 'base'), str(tmp_path / 'tuned')
-  run_main(*SMALL, f'--data={corpus_dir}', f'--workdir={base}', '--steps=2')
-  run_main(*SMALL, '--peft=lora', '--lora_rank=2', '--lora_targets=q,down', '--lora_quantize=nf4',
-           f'--data={corpus_dir}', f'--init_from={base}', f'--workdir={tuned}', '--steps=2')
+# main.py --init_from a pre-trained run with these flags (test_main_finetune runs it).
+QLORA_FLAGS = ['--peft=lora', '--lora_rank=2', '--lora_targets=q,down', '--lora_quantize=nf4']
+
+
+def check_quantised_from(base: str, tuned: str):
+  """The run `tuned`, started with QLORA_FLAGS from the run `base`, stores each adapted kernel
+  as quantize.quantize of the pre-trained one, and the rest as the pre-trained model has it."""
   before = dict(nnx.to_flat_state(run_lib.restore(base).params))
   after = run_lib.restore(tuned)
   config = nnx.merge(after.graphdef, after.params).config
@@ -296,7 +295,7 @@ def test_init_from_quantises_the_pretrained_kernels(tmp_path, corpus_dir):
   kernels = adapted_kernel_paths(config)
   for path in kernels:
     expected = quantize.quantize(before[path][...], 'nf4', config.lora_quantize_block)
-    for name, value in zip(('codes', 'scale_codes', 'group_scales', 'mean'), expected):
+    for name, value in zip(quantize.FIELDS, expected):
       np.testing.assert_array_equal(stored[(*path, name)][...], value, err_msg=str(path))
   for path, value in before.items():
     if path not in kernels:

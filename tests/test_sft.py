@@ -53,14 +53,27 @@ def write_jsonl(path, examples):
 
 
 def test_sft_learns_to_answer_in_the_template_format(tmp_path, rng):
-  data = write_jsonl(tmp_path / 'chats.jsonl', copy_chats(rng, 400))
-  config = TrainConfig(workdir=str(tmp_path / 'sft'), objective='sft', data=data, steps=80,
-                       batch_size=16, seq_len=48, eval_every=1000, save_every=1000,
-                       val_fraction=0.05, seed=int(rng.integers(1000)))
+  """A model pre-trained on plain text (words of the task's letters), fine-tuned on chats in
+  which the assistant repeats the user's word, answers a new word in ChatML's format."""
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(4):
+    (corpus / f'{i}.txt').write_text(' '.join(''.join(rng.choice(list(LETTERS), 3))
+                                              for _ in range(3000)), encoding='utf-8')
   model = small_config(vocab_size=0, d_model=64, n_heads=4, n_kv_heads=4, ffn_dim=128)
-  optimizer = OptimizerConfig(learning_rate=3e-3, warmup_steps=10, total_steps=80)
+  quiet = dict(print_fn=lambda *_: None)
+  common = dict(batch_size=16, seq_len=48, eval_every=1000, save_every=1000,
+                seed=int(rng.integers(1000)))
+  train(TrainConfig(workdir=str(tmp_path / 'base'), data=str(corpus), steps=40, **common),
+        model, OptimizerConfig(learning_rate=3e-3, warmup_steps=5, total_steps=40), **quiet)
+
+  model, tokenizer_spec, init_params = run_lib.init_from(str(tmp_path / 'base'), [])
+  data = write_jsonl(tmp_path / 'chats.jsonl', copy_chats(rng, 400))
+  config = TrainConfig(workdir=str(tmp_path / 'sft'), objective='sft', data=data, steps=60,
+                       val_fraction=0.05, tokenizer=tokenizer_spec, **common)
+  optimizer = OptimizerConfig(learning_rate=3e-3, warmup_steps=10, total_steps=60)
   params, graphdef, tokenizer, summary = train(config, model, optimizer,
-                                               print_fn=lambda *_: None)
+                                               init_params=init_params, **quiet)
   assert summary['eval_loss'] < 0.5 * summary['initial_eval_loss']
   words = [''.join(rng.choice(list(LETTERS), 3)) for _ in range(8)]
   answers = [run_lib.chat_reply(graphdef, params, tokenizer, chat_template('chatml'),

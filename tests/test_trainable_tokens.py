@@ -12,7 +12,7 @@ from lmlab.models import hf, lora, registry
 from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.hf import adapters
 from lmlab.models.trainable_tokens import TokenRowsParam
-from test_hf import TINY, hf_logits, hf_model
+from test_hf import TINY, hf_logits, saved_by_peft
 from test_lora import randomise_adapters
 
 torch = pytest.importorskip('torch')
@@ -74,17 +74,13 @@ def test_token_rows_load_in_peft_and_back_and_merge(tied, rng, tmp_path):
 
 def test_peft_folder_with_token_rows_loads(rng, tmp_path):
   listed = token_ids(rng, 2)
-  model = hf_model('Llama', {}, seed(rng))
-  model.save_pretrained(tmp_path / 'base')
-  theirs = peft.get_peft_model(model, peft.LoraConfig(
-      task_type='CAUSAL_LM', r=2, target_modules=['q_proj'],
-      trainable_token_indices={'embed_tokens': listed, 'lm_head': listed})).eval()
-  torch.manual_seed(seed(rng))
-  with torch.no_grad():
-    for name, parameter in theirs.named_parameters():
-      if 'trainable_tokens_delta' in name or 'lora_B' in name:
-        parameter.add_((0.3 if 'delta' in name else 0.05) * torch.randn_like(parameter))
-  theirs.save_pretrained(tmp_path / 'adapter')
+  # peft's rows start as the table's; B at zero, A at random.
+  theirs = saved_by_peft(
+      'Llama', peft.LoraConfig(task_type='CAUSAL_LM', r=2, target_modules=['q_proj'],
+                               trainable_token_indices={'embed_tokens': listed,
+                                                        'lm_head': listed}),
+      tmp_path, seed(rng), lambda name, x: None if 'lora_A' in name else x + (
+          0.3 if 'delta' in name else 0.05) * torch.randn_like(x))
   ours = adapters.load(hf.load(str(tmp_path / 'base')), str(tmp_path / 'adapter'))
   assert ours.config.trainable_tokens == ','.join(map(str, listed))
   ids = ids_with(rng, listed)

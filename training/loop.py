@@ -22,7 +22,7 @@ from lmlab.data.errors import DataError
 from lmlab.models import sharding
 from lmlab.models.config import ModelConfig
 from lmlab.models.errors import ConfigError
-from lmlab.models.registry import abstract_model, build
+from lmlab.models.registry import abstract_model, build, param_count
 from lmlab.training import mfu as mfu_lib
 from lmlab.training import objectives
 from lmlab.training import parallel
@@ -78,11 +78,13 @@ def _compiled_memory(compiled) -> dict:
           if getattr(analysis, attribute, None) is not None}
 
 
-def _parameter_sizes(state: TrainState, trainable) -> dict:
-  """How many parameters train, of how many, and the optimizer state's bytes per device: the
-  memory a fine-tuning method saves."""
+def _parameter_sizes(state: TrainState, trainable, model_config: ModelConfig) -> dict:
+  """How many parameters train, of how many (a QLoRA kernel counting the values it stands
+  for, not its codes), and the optimizer state's bytes per device: the memory a fine-tuning
+  method saves."""
   count = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree))
-  total, trained = count(state.params), count(steps_lib.trainable_part(state.params, trainable))
+  total = param_count(model_config)
+  trained = count(steps_lib.trainable_part(state.params, trainable))
   return {'params': total, 'trainable_params': trained, 'trainable_share': trained / total,
           'opt_state_bytes_per_device': parallel.bytes_per_device(state.opt_state)}
 
@@ -192,7 +194,7 @@ def _run(train_config, opt_config, task, layout, *, print_fn, init_params, lead)
       task, train_config, layout, checkpoints, init_opt_state, init_params, print_fn)
   frozen = task.frozen(initial_params)
   param_bytes = parallel.bytes_per_device(state.params)
-  sizes = _parameter_sizes(state, task.trainable)
+  sizes = _parameter_sizes(state, task.trainable, model_config)
   print_fn(f'mesh {dict(layout.mesh.shape)} on {jax.device_count()} devices '
            f'({jax.process_count()} processes); parameters: {param_bytes / 2**20:.1f} MiB '
            f'on the fullest device; trains {sizes["trainable_params"]:,} of '

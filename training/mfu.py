@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lmlab.models.lora import float_config
 from lmlab.models.registry import abstract_model
 
 # Dense bfloat16 peak FLOP/s of one JAX device (vendor data sheets; a TPU v2/v3 chip is two
@@ -31,9 +32,9 @@ def peak_flops(device_kind: str):
 
 
 def matmul_params(config) -> int:
-  """Weights each token is multiplied by once per forward pass: the blocks' matrices and
-  the output head (tied or not)."""
-  blocks = abstract_model(config).blocks
+  """Weights each token is multiplied by once per forward pass: the blocks' matrices (a QLoRA
+  kernel as the values it stands for) and the output head (tied or not)."""
+  blocks = abstract_model(float_config(config)).blocks
   block_weights = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(blocks, nnx.Param))
                       if leaf.ndim >= 2)
   return block_weights + config.d_model * config.vocab_size

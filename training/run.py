@@ -18,7 +18,7 @@ from lmlab.data import corpus as corpus_lib
 from lmlab.data import tokenizer as tokenizer_lib
 from lmlab.data.chat_template import ChatTemplate, render
 from lmlab.data.errors import DataError
-from lmlab.models import hf, lora
+from lmlab.models import hf, lora, quantize
 from lmlab.models.hf import adapters
 from lmlab.models.config import ModelConfig, preset, with_overrides
 from lmlab.models.errors import CheckpointError, ConfigError
@@ -143,10 +143,13 @@ def init_from(workdir: str, overrides: list[str]):
   model_config = with_overrides(read_config(workdir)['model'], overrides).validate()
 
   def init_params(params):
+    params = copied(params)
     if not model_config.lora_quantize:
-      return copied(params)
-    # QLoRA: copied into the float LoRA model by path and shape, then quantised.
-    return lora.filled_as_float(nnx.graphdef(abstract_model(model_config)), params, copied)
+      return params
+    # QLoRA: each quantised kernel holds the pre-trained one at its path, quantised.
+    return quantize.filled_from(params, {name: value[...] for name, value in source.items()},
+                                scheme=model_config.lora_quantize,
+                                block=model_config.lora_quantize_block)
   return model_config, path or loaded.run.tokenizer, init_params
 
 

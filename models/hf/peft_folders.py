@@ -58,3 +58,12 @@ def field(adapter: dict, path: str, name: str, kind: type, default):
   if not (is_finite_number(value) if kind is float else type(value) is kind):
     raise CheckpointError(f'{path}: {name}={value!r:.60} is not {TYPE_NAMES[kind]}')
   return value
+
+
+def check_one_stack(adapter: dict, path: str):
+  """Raises unless a prompt-learning folder (prompt or prefix tuning) is for one stack of
+  layers, as a causal LM has (an encoder-decoder has two)."""
+  if adapter.get('num_transformer_submodules') not in (None, 1):
+    raise CheckpointError(f'{path}: num_transformer_submodules='
+                          f'{adapter["num_transformer_submodules"]!r:.60} is not 1, a causal '
+                          'LM\'s one stack')

@@ -28,7 +28,8 @@ from flax import nnx
 
 from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.hf import safetensors_files
-from lmlab.models.hf.peft_folders import WEIGHTS_FILE, check_type, field, read_config, write
+from lmlab.models.hf.peft_folders import (WEIGHTS_FILE, check_one_stack, check_type, field,
+                                          read_config, write)
 from lmlab.models.prefix_tuning import add_prefix
 
 TENSOR = 'prompt_embeddings'
@@ -74,10 +75,7 @@ def save_prefix(model, folder: str, *, base_model_name_or_path: str | None = Non
 def _prefix_config(adapter: dict, path: str, base):
   """The ModelConfig of `base` with the prefix tuning that adapter_config.json describes."""
   check_type(adapter, path, 'PREFIX_TUNING')
-  if adapter.get('num_transformer_submodules') not in (None, 1):
-    raise CheckpointError(f'{path}: num_transformer_submodules='
-                          f'{adapter["num_transformer_submodules"]!r:.60} is not 1, a causal '
-                          'LM\'s one stack')
+  check_one_stack(adapter, path)
   expected = dict(num_layers=base.n_layers,
                   token_dim=base.n_kv_heads * base.resolved_head_dim)
   for name, value in expected.items():

@@ -20,7 +20,8 @@ from flax import nnx
 
 from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.hf import safetensors_files
-from lmlab.models.hf.peft_folders import WEIGHTS_FILE, check_type, field, read_config, write
+from lmlab.models.hf.peft_folders import (WEIGHTS_FILE, check_one_stack, check_type, field,
+                                          read_config, write)
 from lmlab.models.prompt_tuning import add_prompt
 
 TENSOR = 'prompt_embeddings'
@@ -47,10 +48,7 @@ def save_prompt(model, folder: str, *, base_model_name_or_path: str | None = Non
 def _prompt_config(adapter: dict, path: str, base):
   """The ModelConfig of `base` with the prompt tuning that adapter_config.json describes."""
   check_type(adapter, path, 'PROMPT_TUNING')
-  if adapter.get('num_transformer_submodules') not in (None, 1):
-    raise CheckpointError(f'{path}: num_transformer_submodules='
-                          f'{adapter["num_transformer_submodules"]!r:.60} is not 1, a causal '
-                          'LM\'s one prompt')
+  check_one_stack(adapter, path)
   token_dim = field(adapter, path, 'token_dim', int, base.d_model)
   if token_dim != base.d_model:
     raise CheckpointError(f'{path}: token_dim={token_dim} is not the base model\'s width '
