@@ -142,15 +142,20 @@ def test_finetuning(tmp_path, corpus):
   with open(tmp_path / 'base' / 'config.json') as f:
     base = ModelConfig(**json.load(f)['model'])
   d, f_dim = base.d_model, base.ffn_dim
+  # Under each parameter-efficient method the rows of ChatML's two tokens (new to the byte
+  # tokenizer) train too: in the embedding and in the untied head.
+  token_rows = 2 * d * (1 if base.tie_embeddings else 2)
   # Rank 2 on q, k, v, o (d x d here) and gate, up, down: rank * (d_in + d_out) each.
   adapters = base.n_layers * 2 * (4 * (d + d) + 2 * (d + f_dim) + (f_dim + d))
-  assert int(rows['lora2']['trainable_params']) == adapters
+  assert int(rows['lora2']['trainable_params']) == adapters + token_rows
   assert int(rows['full']['trainable_params']) == param_count(base)
   # Houlsby adapters of width 3 after both sublayers: down and up, each with a bias.
-  assert int(rows['adapter3']['trainable_params']) == base.n_layers * 2 * (2 * 3 * d + 3 + d)
+  assert int(rows['adapter3']['trainable_params']) == (base.n_layers * 2 * (2 * 3 * d + 3 + d)
+                                                       + token_rows)
   # Two keys and two values in every layer, each n_kv_heads * head_dim wide.
   kv_width = base.n_kv_heads * base.resolved_head_dim
-  assert int(rows['prefix2']['trainable_params']) == base.n_layers * 2 * 2 * kv_width
+  assert int(rows['prefix2']['trainable_params']) == (base.n_layers * 2 * 2 * kv_width
+                                                      + token_rows)
   # Every method but prefix tuning (whose prefix every token sees) starts out computing the
   # base model: the same source loss before fine-tuning.
   before = [float(row['source_loss']) - float(row['forgetting']) for method, row in rows.items()
