@@ -13,7 +13,7 @@ from lmlab.models.hf import adapters
 from lmlab.models.errors import ConfigError
 from lmlab.models.hf import peft as hf_peft
 from lmlab.training import run as run_lib
-from test_main import SMALL, expect_error, metrics, run_main, run_mains
+from test_main import SMALL, assert_one_error_line, expect_error, metrics, run_main, run_mains
 from test_qlora import QLORA_FLAGS, check_quantised_from
 
 torch = pytest.importorskip('torch')
@@ -54,11 +54,21 @@ def test_lora_sft_and_prompt_tuning_runs_train_only_their_parameters_and_export(
   chats.write_text(''.join(json.dumps({'prompt': str(rng.choice(words)),
                                        'completion': str(rng.choice(words))}) + '\n'
                            for _ in range(40)), encoding='utf-8')
-  quantised = str(tmp_path / 'quantised')
-  run_mains([*SMALL, *LORA, '--objective=sft', f'--data={chats}', f'--init_from={base}',
-             f'--workdir={tuned}', '--steps=6', '--seq_len=32', '--learning_rate=3e-2'],
-            [*SMALL, *QLORA_FLAGS, f'--data={corpus_dir}', f'--init_from={base}',
-             f'--workdir={quantised}', '--steps=2'])
+  quantised, prompted = str(tmp_path / 'quantised'), str(tmp_path / 'prompted')
+  # Prompt tuning too (checked at the end): packed documents are refused; unpacked ones train
+  # the prompt.
+  prompt = ['--peft=prompt', '--prompt_tokens=3', f'--data={corpus_dir}', f'--init_from={base}']
+  *trained, packed = run_mains(
+      [*SMALL, *LORA, '--objective=sft', f'--data={chats}', f'--init_from={base}',
+       f'--workdir={tuned}', '--steps=6', '--seq_len=32', '--learning_rate=3e-2'],
+      [*SMALL, *QLORA_FLAGS, f'--data={corpus_dir}', f'--init_from={base}',
+       f'--workdir={quantised}', '--steps=2'],
+      [*SMALL, *prompt, '--document_masking=false', f'--workdir={prompted}', '--steps=3',
+       '--learning_rate=3e-2'],
+      [*SMALL, *prompt, f'--workdir={tmp_path / "packed"}', '--steps=1'], check=False)
+  for result in trained:
+    assert result.returncode == 0, result.stderr[-3000:]
+  assert_one_error_line(packed, 'peft=prompt takes unpacked rows')
   check_quantised_from(base, quantised)
 
   before, after = run_lib.restore(base), run_lib.restore(tuned)
@@ -107,13 +117,6 @@ def test_lora_sft_and_prompt_tuning_runs_train_only_their_parameters_and_export(
   with pytest.raises(ConfigError, match='no LoRA adapters'):
     run_lib.merge_lora(base, hf_out=str(tmp_path / 'no'), out_workdir=None)
 
-  # Prompt tuning through main.py: packed documents are refused; unpacked ones train the prompt.
-  prompt = ['--peft=prompt', '--prompt_tokens=3', f'--data={corpus_dir}', f'--init_from={base}']
-  expect_error(*SMALL, *prompt, f'--workdir={tmp_path / "packed"}', '--steps=1',
-               match='peft=prompt takes unpacked rows')
-  prompted = str(tmp_path / 'prompted')
-  run_main(*SMALL, *prompt, '--document_masking=false', f'--workdir={prompted}', '--steps=3',
-           '--learning_rate=3e-2')
   after = run_lib.restore(prompted)
   assert metrics(prompted)[0]['trainable_params'] == 3 * 32
   prompted_params = dict(nnx.to_flat_state(after.params))
