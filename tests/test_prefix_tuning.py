@@ -5,7 +5,6 @@ over prefix and row, padded rows, cached greedy generation, what a run trains, a
 errors of bad configs, inputs and folders."""
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,22 +13,16 @@ from flax import nnx
 from conftest import config_rewriter, jit_call, small_config
 from lmlab.models import hf, registry
 from lmlab.models.errors import CheckpointError, ConfigError
-from lmlab.models.generation import SamplingConfig, make_generate
 from lmlab.models.hf import adapters
 from lmlab.models.hf import prefix_tuning as hf_prefix_tuning
 from lmlab.models.prefix_tuning import PrefixParam, add_prefix
 from test_hf import TINY, hf_logits, saved_by_peft
 
+from test_prompt_tuning import FAMILIES, greedy, random_ids, seed
+
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 peft = pytest.importorskip('peft')
-
-# transformers family: our base config's fields for it.
-FAMILIES = {'Llama': dict(), 'Qwen2': dict(qkv_bias=True, norm_eps=1e-6)}
-
-
-def seed(rng) -> int:
-  return int(rng.integers(1 << 30))
 
 
 def prefix_tuned(rng, o: int, projection: int = 0, **fields):
@@ -44,10 +37,6 @@ def prefix_tuned(rng, o: int, projection: int = 0, **fields):
   for path, variable in nnx.to_flat_state(nnx.state(tuned, PrefixParam)):
     variable.set_value(jnp.asarray(rng.normal(0.0, 0.5, variable.shape), jnp.float32))
   return base, tuned
-
-
-def random_ids(rng, shape=(2, 9)):
-  return rng.integers(0, TINY['vocab_size'], shape)
 
 
 def exported(base, tuned, tmp_path):
@@ -133,13 +122,8 @@ def test_padded_rows_and_cached_generation_match_peft(rng, tmp_path):
   real = mask == 1
   np.testing.assert_allclose(got[real], hf_logits(theirs, ids, mask)[real], atol=1e-4, rtol=0)
 
-  prompt = random_ids(rng, (2, int(rng.integers(1, 8))))
-  n_new, vocab = 5, tuned.config.vocab_size
-  graphdef, params = nnx.split(tuned)
-  # The last id is the end token, never chosen, so that every row makes all n_new tokens.
-  generate = make_generate(graphdef, SamplingConfig(max_new_tokens=n_new, temperature=0.0),
-                           end_token=vocab - 1, n_valid=vocab - 1)
-  made = np.asarray(generate(params, jnp.asarray(prompt), jax.random.key(0)))
+  prompt, made = greedy(tuned, rng)
+  vocab = tuned.config.vocab_size
   logits = hf_logits(theirs, np.concatenate([prompt, made], axis=1))
   t = prompt.shape[1]
   np.testing.assert_array_equal(made, logits[:, t - 1:-1, :vocab - 1].argmax(-1))

@@ -109,15 +109,21 @@ def test_padded_rows_match_peft(rng, tmp_path):
     np.testing.assert_allclose(got[row, 9 - n:], alone, atol=1e-4, rtol=0)
 
 
-def test_cached_greedy_generation_equals_the_full_forward_argmax(rng):
-  _, tuned = prompt_tuned(rng, int(rng.integers(1, 6)), position='learned')
+def greedy(model, rng, n_new=5):
+  """(a random prompt [2, T], the n_new tokens greedy cached generation makes after it)."""
   prompt = random_ids(rng, (2, int(rng.integers(1, 8))))
-  n_new, vocab = 5, tuned.config.vocab_size
-  graphdef, params = nnx.split(tuned)
+  vocab = model.config.vocab_size
+  graphdef, params = nnx.split(model)
   # The last id is the end token, never chosen, so that every row makes all n_new tokens.
   generate = make_generate(graphdef, SamplingConfig(max_new_tokens=n_new, temperature=0.0),
                            end_token=vocab - 1, n_valid=vocab - 1)
-  got = np.asarray(generate(params, jnp.asarray(prompt), jax.random.key(0)))
+  return prompt, np.asarray(generate(params, jnp.asarray(prompt), jax.random.key(0)))
+
+
+def test_cached_greedy_generation_equals_the_full_forward_argmax(rng):
+  _, tuned = prompt_tuned(rng, int(rng.integers(1, 6)), position='learned')
+  prompt, got = greedy(tuned, rng)
+  vocab = tuned.config.vocab_size
   # Greedy: each new token is the argmax of the full forward pass over the tokens before it.
   logits = np.asarray(jit_call(tuned)(jnp.concatenate([prompt, got], axis=1)))
   t = prompt.shape[1]

@@ -11,6 +11,7 @@ from lmlab.models.json_values import is_finite_number, read_json
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
+PROMPT_TENSOR = 'prompt_embeddings'  # Prompt and prefix tuning's one tensor.
 TYPE_NAMES = {int: 'an integer', float: 'a number', bool: 'true or false',
               list: 'a list of module names'}
 
@@ -67,3 +68,18 @@ def check_one_stack(adapter: dict, path: str):
     raise CheckpointError(f'{path}: num_transformer_submodules='
                           f'{adapter["num_transformer_submodules"]!r:.60} is not 1, a causal '
                           'LM\'s one stack')
+
+
+def read_prompt_embeddings(folder: str, shape: tuple, axes: str):
+  """The one tensor of a prompt-learning folder (prompt or prefix tuning), prompt_embeddings,
+  which must be there alone and of `shape` (axes: what its axes are, for the error)."""
+  weights_path = os.path.join(folder, WEIGHTS_FILE)
+  checkpoint = safetensors_files.Checkpoint(folder, [WEIGHTS_FILE])
+  if checkpoint.names() != {PROMPT_TENSOR}:
+    raise CheckpointError(f'{weights_path} holds {sorted(checkpoint.names())!r:.80}, not the one '
+                          f'tensor {PROMPT_TENSOR!r}')
+  stored = checkpoint.read(PROMPT_TENSOR)
+  if stored.shape != shape:
+    raise CheckpointError(f'{weights_path}: {PROMPT_TENSOR} has shape {stored.shape}, not '
+                          f'{shape} ({axes})')
+  return stored

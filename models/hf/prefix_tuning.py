@@ -20,19 +20,15 @@ embeddings, and scaled RoPE (YaRN's attention factor, dynamic NTK's length) othe
 those models are refused.
 """
 import dataclasses
-import os
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from lmlab.models.errors import CheckpointError, ConfigError
-from lmlab.models.hf import safetensors_files
-from lmlab.models.hf.peft_folders import (WEIGHTS_FILE, check_one_stack, check_type, field,
-                                          read_config, write)
+from lmlab.models.hf.peft_folders import (PROMPT_TENSOR, check_one_stack, check_type, field,
+                                          read_config, read_prompt_embeddings, write)
 from lmlab.models.prefix_tuning import add_prefix
-
-TENSOR = 'prompt_embeddings'
 
 
 def _check_positions(config, what: str):
@@ -69,7 +65,7 @@ def save_prefix(model, folder: str, *, base_model_name_or_path: str | None = Non
       peft_type='PREFIX_TUNING', base_model_name_or_path=base_model_name_or_path,
       num_virtual_tokens=o, token_dim=config.n_kv_heads * config.resolved_head_dim,
       num_transformer_submodules=1, num_attention_heads=config.n_kv_heads,
-      num_layers=config.n_layers, prefix_projection=False), {TENSOR: np.asarray(prefix_ox)})
+      num_layers=config.n_layers, prefix_projection=False), {PROMPT_TENSOR: np.asarray(prefix_ox)})
 
 
 def _prefix_config(adapter: dict, path: str, base):
@@ -100,17 +96,9 @@ def load_prefix(model, folder: str):
                           f'peft={model.config.peft!r}')
   config = _prefix_config(adapter, config_path, model.config)
   _check_positions(config, config_path)
-  weights_path = os.path.join(folder, WEIGHTS_FILE)
-  checkpoint = safetensors_files.Checkpoint(folder, [WEIGHTS_FILE])
-  if checkpoint.names() != {TENSOR}:
-    raise CheckpointError(f'{weights_path} holds {sorted(checkpoint.names())!r:.80}, not the one '
-                          f'tensor {TENSOR!r}')
-  stored_ox = checkpoint.read(TENSOR)
   o, kv, d = config.prefix_tokens, config.n_kv_heads, config.resolved_head_dim
-  shape = (o, config.n_layers * 2 * kv * d)
-  if stored_ox.shape != shape:
-    raise CheckpointError(f'{weights_path}: {TENSOR} has shape {stored_ox.shape}, not {shape} '
-                          '(num_virtual_tokens, num_layers * 2 * token_dim)')
+  stored_ox = read_prompt_embeddings(folder, (o, config.n_layers * 2 * kv * d),
+                                     'num_virtual_tokens, num_layers * 2 * token_dim')
   tuned = add_prefix(nnx.merge(*nnx.split(model)), config, rngs=nnx.Rngs(0))
   stored_olxkd = np.asarray(stored_ox).reshape(o, config.n_layers, 2, kv, d)
   for i, block in enumerate(tuned.blocks):

@@ -12,19 +12,16 @@ transformers model that hf.save writes of the base. peft's inits RANDOM and SAMP
 our prompt_init 'random' and 'vocab'; a TEXT init (rows of a text's tokens) reads as 'vocab'.
 """
 import dataclasses
-import os
 
 import jax
 import numpy as np
 from flax import nnx
 
 from lmlab.models.errors import CheckpointError, ConfigError
-from lmlab.models.hf import safetensors_files
-from lmlab.models.hf.peft_folders import (WEIGHTS_FILE, check_one_stack, check_type, field,
-                                          read_config, write)
+from lmlab.models.hf.peft_folders import (PROMPT_TENSOR, check_one_stack, check_type, field,
+                                          read_config, read_prompt_embeddings, write)
 from lmlab.models.prompt_tuning import add_prompt
 
-TENSOR = 'prompt_embeddings'
 INITS = {'random': 'RANDOM', 'vocab': 'SAMPLE_VOCAB'}  # Our prompt_init: peft's.
 PEFT_INITS = {**{theirs: ours for ours, theirs in INITS.items()}, 'TEXT': 'vocab'}
 
@@ -42,7 +39,7 @@ def save_prompt(model, folder: str, *, base_model_name_or_path: str | None = Non
       num_virtual_tokens=config.prompt_tokens, token_dim=config.d_model,
       num_transformer_submodules=1, num_attention_heads=config.n_heads,
       num_layers=config.n_layers, prompt_tuning_init=INITS[config.prompt_init]),
-      {TENSOR: np.asarray(model.prompt.embedding.get_value())})
+      {PROMPT_TENSOR: np.asarray(model.prompt.embedding.get_value())})
 
 
 def _prompt_config(adapter: dict, path: str, base):
@@ -74,16 +71,8 @@ def load_prompt(model, folder: str):
     raise CheckpointError(f'load_prompt adds virtual tokens to a plain model, not to one with '
                           f'peft={model.config.peft!r}')
   config = _prompt_config(adapter, config_path, model.config)
-  weights_path = os.path.join(folder, WEIGHTS_FILE)
-  checkpoint = safetensors_files.Checkpoint(folder, [WEIGHTS_FILE])
-  if checkpoint.names() != {TENSOR}:
-    raise CheckpointError(f'{weights_path} holds {sorted(checkpoint.names())!r:.80}, not the one '
-                          f'tensor {TENSOR!r}')
-  stored_yd = checkpoint.read(TENSOR)
-  shape = (config.prompt_tokens, config.d_model)
-  if stored_yd.shape != shape:
-    raise CheckpointError(f'{weights_path}: {TENSOR} has shape {stored_yd.shape}, not {shape} '
-                          f'(num_virtual_tokens, token_dim)')
+  stored_yd = read_prompt_embeddings(folder, (config.prompt_tokens, config.d_model),
+                                     'num_virtual_tokens, token_dim')
   dtype = model.embed.embedding.dtype
   return add_prompt(nnx.merge(*nnx.split(model)), config, rngs=nnx.Rngs(0),
                     embedding_yd=jax.device_put(np.asarray(stored_yd, dtype=dtype)))
