@@ -115,7 +115,8 @@ def corpus_dir(tmp_path, rng):
 
 @pytest.fixture
 def rng(request):
-  """A numpy Generator seeded fresh per test run (the seed is printed on failure)."""
-  seed = int.from_bytes(os.urandom(4), 'little')
+  """A numpy Generator seeded fresh per test run (the seed is printed on failure; the
+  environment variable LMLAB_TEST_SEED replays one)."""
+  seed = int(os.environ.get('LMLAB_TEST_SEED') or int.from_bytes(os.urandom(4), 'little'))
   print(f'random seed for {request.node.name}: {seed}')
   return np.random.default_rng(seed)
