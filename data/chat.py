@@ -18,7 +18,7 @@ import typing
 import numpy as np
 import tiktoken
 
-from lmlab.data import bpe
+from lmlab.data import arithmetic, bpe
 from lmlab.data.chat_template import ChatTemplate, render
 from lmlab.data.errors import DataError
 from lmlab.data.files import read_lines
@@ -51,36 +51,53 @@ def _messages(where: str, example) -> list[dict]:
   else:
     raise DataError(f'{where}: the example has no "messages" list and no "prompt" and '
                     '"completion" strings')
-  if not isinstance(messages, list):
-    raise DataError(f'{where}: "messages" is a JSON {type(messages).__name__}, not a list')
-  for index, message in enumerate(messages):
-    if not (isinstance(message, dict) and message.keys() == {'role', 'content'}
-            and isinstance(message['content'], str)):
-      raise DataError(f'{where}: message {index} is {json.dumps(message)[:60]}, not an object '
-                      'of exactly a "role" and a "content" string')
-    if message['role'] not in ROLES:
-      raise DataError(f'{where}: message {index} has the role {message["role"]!r}; roles are '
-                      f'{", ".join(ROLES)}')
+  checked_messages(where, messages)
   if not any(message['role'] == 'assistant' for message in messages):
     raise DataError(f'{where}: the conversation has no assistant turn to train on')
   return messages
 
 
-def read_examples(path: str) -> list[Example]:
-  """The examples of a JSONL file, in order; blank lines are skipped."""
-  examples = []
+def checked_messages(where: str, messages, key: str = 'messages') -> list[dict]:
+  """`messages`, the value of an example's `key`, if it is a list of messages."""
+  if not isinstance(messages, list):
+    raise DataError(f'{where}: "{key}" is a JSON {type(messages).__name__}, not a list')
+  for index, message in enumerate(messages):
+    if not (isinstance(message, dict) and message.keys() == {'role', 'content'}
+            and isinstance(message['content'], str)):
+      raise DataError(f'{where}: message {index} of "{key}" is {json.dumps(message)[:60]}, not '
+                      'an object of exactly a "role" and a "content" string')
+    if message['role'] not in ROLES:
+      raise DataError(f'{where}: message {index} of "{key}" has the role '
+                      f'{message["role"]!r}; roles are {", ".join(ROLES)}')
+  return messages
+
+
+def json_lines(path: str, what: str) -> list[tuple[str, object]]:
+  """('path:line', the parsed value) of each line of a JSONL file of `what` (blank lines
+  are skipped); an error names a line that is not JSON, or a file without any."""
+  values = []
   for number, line in enumerate(read_lines(path), 1):
     if not line.strip():
       continue
     where = f'{path}:{number}'
     try:
-      parsed = json.loads(line)
+      values.append((where, json.loads(line)))
     except (ValueError, RecursionError) as error:
       raise DataError(f'{where}: not JSON ({error})') from None
-    examples.append(Example(_messages(where, parsed), where))
-  if not examples:
-    raise DataError(f'{path} holds no examples; pass a JSONL file of chat examples')
-  return examples
+  if not values:
+    raise DataError(f'{path} holds no {what}; pass a JSONL file of them')
+  return values
+
+
+def read_examples(path: str) -> list[Example]:
+  """The examples of a JSONL file, in order (blank lines are skipped), or of the synthetic
+  task data/arithmetic.py (path synthetic:arithmetic)."""
+  if path == arithmetic.SYNTHETIC:
+    lines = [(f'{path} problem {i}', example)
+             for i, example in enumerate(arithmetic.sft_examples())]
+  else:
+    lines = json_lines(path, 'chat examples')
+  return [Example(_messages(where, parsed), where) for where, parsed in lines]
 
 
 def _special_tokens_of(tokenizer) -> set[str]:
@@ -111,12 +128,13 @@ def with_special_tokens(tokenizer: tiktoken.Encoding, tokens) -> tuple[tiktoken.
   return extended, added
 
 
-def _trained_spans(template: ChatTemplate, messages, where: str):
-  """(rendered text, [(start, end)] of the trained part of each assistant turn in it)."""
+def _trained_spans(template: ChatTemplate, messages, where: str, trained_from: int):
+  """(rendered text, [(start, end)] of the trained part of each assistant turn from message
+  `trained_from` on)."""
   text = render(template, messages, where=where)
   spans, previous_end = [], 0
   for index, message in enumerate(messages):
-    if message['role'] != 'assistant':
+    if message['role'] != 'assistant' or index < trained_from:
       continue
     prompt = render(template, messages[:index], add_generation_prompt=True, where=where)
     through = render(template, messages[:index + 1], where=where)
@@ -134,16 +152,18 @@ def _trained_spans(template: ChatTemplate, messages, where: str):
 
 
 def encode_conversation(template: ChatTemplate, tokenizer: tiktoken.Encoding, messages, *,
-                        where: str = 'the conversation') -> EncodedConversation:
+                        where: str = 'the conversation',
+                        trained_from: int = 0) -> EncodedConversation:
   """The tokens of `messages` rendered with `template`, True in the loss mask on each assistant
-  turn's content and end token (see the module docstring). `where` names them in errors."""
+  turn's content and end token (see the module docstring), from message `trained_from` on.
+  `where` names them in errors."""
   specials = set(template.special_tokens)
   missing = sorted(specials - _special_tokens_of(tokenizer))
   if missing:
     raise DataError(f'tokenizer {tokenizer.name!r} lacks the special tokens {missing} of chat '
                     f'template {template.name!r}; add them with '
                     'lmlab.data.chat.with_special_tokens (and grow the embedding to match)')
-  text, spans = _trained_spans(template, messages, where)
+  text, spans = _trained_spans(template, messages, where, trained_from)
   boundaries = [0, *(offset for span in spans for offset in span), len(text)]
   ids, mask = [], []
   for piece, (start, end) in enumerate(zip(boundaries, boundaries[1:])):

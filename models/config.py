@@ -33,7 +33,7 @@ LARGEST_SIZE = 1 << 24
 # Fields that only one family reads, and their values when unused.
 FAMILY_FIELDS = {
     'encoder': dict(type_vocab_size=0, position_offset=0, pooler=False, mlm_head=False,
-                    nsp_head=False, n_labels=0),
+                    nsp_head=False),
     'encoder_decoder': dict(n_decoder_layers=0, embed_scale=False),
 }
 # Parameter-efficient fine-tuning methods ('': none, the whole model trains), and the fields
@@ -120,7 +120,10 @@ class ModelConfig:
   pooler: bool = False          # encoder: dense + tanh of the first ([CLS]) token.
   mlm_head: bool = False        # encoder: masked-LM head, its decoder tied to the embeddings.
   nsp_head: bool = False        # encoder: next-sentence classifier on the pooled output.
-  n_labels: int = 0             # encoder: a sequence classifier on the pooled output.
+  # encoder: a sequence classifier on the pooled output; decoder: a score head [D, n_labels]
+  # in place of the LM head, whose output at a sequence's last token scores it (a reward
+  # model has 1).
+  n_labels: int = 0
   n_decoder_layers: int = 0     # encoder_decoder: decoder layers; 0: n_layers, as the encoder.
   embed_scale: bool = False     # encoder_decoder: embeddings times sqrt(d_model).
 
@@ -345,8 +348,11 @@ class ModelConfig:
     if not self.causal and self.sliding_window:
       raise ConfigError(f'sliding_window={self.sliding_window} needs causal attention; set '
                         'sliding_window=0 with causal=false')
-    if (self.nsp_head or self.n_labels) and not self.pooler:
+    if self.family == 'encoder' and (self.nsp_head or self.n_labels) and not self.pooler:
       raise ConfigError('nsp_head and n_labels classify the pooled output; set pooler=true')
+    if self.family == 'encoder_decoder' and self.n_labels:
+      raise ConfigError(f'n_labels={self.n_labels} applies to family=encoder or decoder, not '
+                        'encoder_decoder')
     if self.position_offset and self.position != 'learned':
       raise ConfigError(f'position_offset={self.position_offset} indexes a learned position '
                         f'table; it needs position=learned, not {self.position!r}')

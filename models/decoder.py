@@ -1,6 +1,8 @@
 """The LLaMA/Qwen-style causal decoder: embeddings -> N blocks -> final norm -> head.
 
-Every architectural choice comes from a `ModelConfig`; see models/config.py.
+Every architectural choice comes from a `ModelConfig`; see models/config.py. The head is the
+LM head (logits over the vocabulary) or, with n_labels > 0, a score head (a reward model's
+scalar at every position, of which a sequence's last token is the score).
 """
 
 import jax
@@ -36,10 +38,13 @@ class DecoderLM(nnx.Module):
     self.final_norm = (make_norm(config.norm, config.d_model, eps=config.norm_eps, dtype=dtype,
                                  param_dtype=param_dtype)
                        if PLACEMENTS[config.norm_placement].final_norm else identity)
-    self.lm_head = (None if config.tie_embeddings else
+    self.lm_head = (None if config.tie_embeddings or config.n_labels else
                     Dense(config.d_model, config.vocab_size, axes=(EMBED, VOCAB), use_bias=False,
                           init_std=config.init_std, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs))
+    self.score = (Dense(config.d_model, config.n_labels, axes=(EMBED, None), use_bias=False,
+                        init_std=config.init_std, dtype=dtype, param_dtype=param_dtype,
+                        rngs=rngs) if config.n_labels else None)
     self.dropout = nnx.Dropout(config.dropout_rate)
     self.prompt = nnx.data(None)  # peft=prompt: a prompt_tuning.Prompt (registry.build adds it).
     # config.trainable_tokens: a trainable_tokens.TrainableTokens (registry.build adds it).
@@ -47,7 +52,8 @@ class DecoderLM(nnx.Module):
 
   def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, prefix_len_b=None,
                attention_mask=None, dropout_key=None):
-    """Logits [B, T, V] of the next token at every position.
+    """Logits [B, T, V] of the next token at every position (a scoring model's n_labels
+    scores [B, T, L]).
 
     positions_bt defaults to 0..T-1; with packed documents, pass each token's position in
     its document and the documents' segment_ids_bt so attention stops at their boundaries.
@@ -139,7 +145,9 @@ class DecoderLM(nnx.Module):
 
   def logits(self, x_btd):
     """The output head: x times the output embedding (the input one when tied), whose rows
-    are normalised to unit length first with the NormHead of Baichuan 2."""
+    are normalised to unit length first with the NormHead of Baichuan 2; or the score head."""
+    if self.score is not None:
+      return self.score(x_btd)
     if self.lm_head is None:
       w_dv = self.embed.embedding[...].T
     else:

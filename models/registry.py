@@ -36,12 +36,17 @@ def build(config: ModelConfig, *, rngs: nnx.Rngs):
 
 def trainable(config: ModelConfig):
   """The nnx filter of the parameters a run of `config` trains: its PEFT method's (a LoRA
-  run's adapters, a prompt-tuning run's virtual tokens) with its trainable token rows, or
-  None for all of them."""
+  run's adapters, a prompt-tuning run's virtual tokens) with its trainable token rows and a
+  decoder's score head (new to the model, as peft's modules_to_save), or None for all of
+  them."""
   if not config.peft:
     return None
-  method = PEFT_METHODS[config.peft][1]
-  return nnx.Any(method, TokenRowsParam) if config.trainable_tokens else method
+  filters = [PEFT_METHODS[config.peft][1]]
+  if config.trainable_tokens:
+    filters.append(TokenRowsParam)
+  if config.n_labels:
+    filters.append(nnx.PathContains('score'))
+  return filters[0] if len(filters) == 1 else nnx.Any(*filters)
 
 
 def abstract_model(config: ModelConfig):

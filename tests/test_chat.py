@@ -495,12 +495,12 @@ BAD_LINES = {
     'not an object': '[1, 2]',
     'no "messages" list and no "prompt"': '{"prompt": "only a prompt"}',
     'not a list': '{"messages": {"role": "user"}}',
-    'message 0 is .* not an object of exactly': '{"messages": [{"role": "user"}]}',
-    'message 1 is .* not an object of exactly': ('{"messages": [{"role": "user", "content": "a"},'
-                                                 ' {"role": "assistant", "content": 3}]}'),
-    "message 1 has the role 'robot'": ('{"messages": [{"role": "user", "content": "a"}, '
-                                       '{"role": "robot", "content": "b"}]}'),
-    'message 0 is .*"name".* not an object of exactly': (
+    'message 0 of "messages" is .* not an object of exactly': '{"messages": [{"role": "user"}]}',
+    'message 1 of "messages" is .* not an object of exactly': (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}]}'),
+    "message 1 of \"messages\" has the role 'robot'": (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}'),
+    'message 0 of "messages" is .*"name".* not an object of exactly': (
         '{"messages": [{"role": "user", "content": "a", "name": "b"}]}'),
     'no assistant turn': '{"messages": [{"role": "user", "content": "a"}]}',
     'both "messages" and "prompt"': '{"messages": [], "prompt": "a", "completion": "b"}',
@@ -520,7 +520,7 @@ def test_bad_example_is_an_error_naming_file_and_line(message, rng, tmp_path):
 def test_empty_or_undecodable_examples_file_is_an_error(rng, tmp_path):
   path = tmp_path / 'chat.jsonl'
   path.write_text('\n' * int(rng.integers(0, 3)), encoding='utf-8')
-  with pytest.raises(DataError, match='holds no examples'):
+  with pytest.raises(DataError, match='holds no chat examples'):
     chat.read_examples(str(path))
   _, lines = random_examples(rng)
   path.write_bytes(b''.join(line.encode() + b'\n' for line in lines) + b'{"prompt": "\xff"}')

@@ -60,10 +60,10 @@ CASES = {
 GENERATION_CASES = ('llama', 'qwen2', 'qwen3', 'mistral', 'bloom', 'deepseek', 'deepseek-q-lora')
 
 
-def hf_model(family: str, fields: dict, seed: int):
+def hf_model(family: str, fields: dict, seed: int, head: str = 'ForCausalLM'):
   """A transformers model with every parameter drawn at random (biases and norms too)."""
   config_class = getattr(transformers, f'{family}Config')
-  model_class = getattr(transformers, f'{family}ForCausalLM')
+  model_class = getattr(transformers, family + head)
   base = BASES.get(family, TINY)
   config = config_class(**{**base, **fields}, pad_token_id=0, bos_token_id=1, eos_token_id=2)
   torch.manual_seed(seed)
@@ -132,6 +132,32 @@ def test_logits_match_transformers_with_left_padding(checkpoint, rng, tmp_path):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'ours')).eval()
   assert type(reloaded) is type(model)
   np.testing.assert_array_equal(hf_logits(reloaded, ids, mask)[real], expected[real])
+
+
+@pytest.mark.parametrize('family, labels', [('Llama', 1), ('Qwen2', 1), ('Mistral', 3)])
+def test_sequence_classifier_scores_match_transformers_both_ways(family, labels, rng, tmp_path):
+  """A reward model (one label) or classifier: transformers' score of each right-padded row,
+  read at its last real token, is ours at that token; saved by us, transformers loads the
+  same model (pad_token_id is what tells it where each row ends)."""
+  model = hf_model(family, {'num_labels': labels}, int(rng.integers(1 << 30)),
+                   head='ForSequenceClassification')
+  model.save_pretrained(tmp_path / 'hf')
+  ours = hf.load(str(tmp_path / 'hf'))
+  assert ours.config.n_labels == labels and ours.lm_head is None
+  ids = rng.integers(3, model.config.vocab_size, (3, 10))
+  lengths = rng.integers(1, 11, 3)
+  ids[np.arange(10) >= lengths[:, None]] = 0  # pad_token_id
+  with torch.no_grad():
+    expected = model(torch.tensor(ids)).logits.numpy()
+  scores = np.asarray(ours(jnp.asarray(ids)))
+  np.testing.assert_allclose(scores[np.arange(3), lengths - 1], expected, atol=1e-4, rtol=0)
+
+  hf.save(ours, str(tmp_path / 'ours'), pad_token_id=0)
+  reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(
+      str(tmp_path / 'ours')).eval()
+  assert type(reloaded) is type(model)
+  with torch.no_grad():
+    np.testing.assert_array_equal(reloaded(torch.tensor(ids)).logits.numpy(), expected)
 
 
 @pytest.mark.parametrize('checkpoint', GENERATION_CASES, indirect=True)

@@ -7,7 +7,10 @@ import dataclasses
 
 from lmlab.models.config import ModelConfig
 from lmlab.models.errors import ConfigError
+from lmlab.training.preference_losses import DPO_LOSSES, SMOOTHED
 
+# The objectives that read chat data, rendered with --chat_template.
+CHAT_OBJECTIVES = ('sft', 'reward', 'dpo')
 # What a family learns unless --objective says otherwise.
 FAMILY_OBJECTIVES = {'decoder': 'lm', 'encoder_decoder': 'seq2seq'}
 
@@ -35,16 +38,23 @@ class TrainConfig:
   document_masking: bool = True
   z_loss: float = 0.0  # Weight of the log^2 Z logit penalty (PaLM: 1e-4); 0: off.
   max_z_loss: float = 0.0  # Weight of the max-logit^2 penalty (Baichuan 2: 2e-4); 0: off.
-  # What to learn (training/objectives.py: lm, sft, bert, roberta, classify, seq2seq);
-  # default: lm for decoders, bert or roberta for encoders (by their NSP head), seq2seq for
-  # encoder-decoders.
+  # What to learn (training/objectives.py: lm, sft, reward, dpo, bert, roberta, classify,
+  # seq2seq); default: lm for decoders, bert or roberta for encoders (by their NSP head),
+  # seq2seq for encoder-decoders.
   objective: str | None = None
-  # sft and --mode=chat: how conversations are rendered: chatml, llama2, llama3, or a Hugging
-  # Face folder whose tokenizer_config.json (or chat_template.jinja) has a chat_template; its
-  # special tokens join the tokenizer. Default for sft: chatml.
+  # sft, reward, dpo and --mode=chat: how conversations are rendered: chatml, llama2, llama3,
+  # or a Hugging Face folder whose tokenizer_config.json (or chat_template.jinja) has a
+  # chat_template; its special tokens join the tokenizer. Default for those objectives: chatml.
   chat_template: str | None = None
   # seq2seq: target mass spread over the vocabulary; default 0.1 (Vaswani et al. 2017), else 0.
+  # dpo: the probability that a pair's labels are flipped (cDPO, rDPO, SimPO); default 0.
   label_smoothing: float | None = None
+  # dpo: the loss (training/preference_losses.py): sigmoid (DPO), robust, hinge, ipo, or simpo
+  # (reference-free).
+  dpo_loss: str = 'sigmoid'
+  # dpo: the KL penalty's strength beta (SimPO: the reward scale); default 0.1, simpo 2.0.
+  beta: float | None = None
+  simpo_gamma: float = 0.5  # dpo with --dpo_loss=simpo: the target reward margin gamma.
   beam_size: int = 4  # seq2seq eval: beam search width beside greedy decoding; 1: greedy only.
   length_penalty: float = 0.6  # seq2seq beam search: alpha of ((5+len)/6)^alpha.
   eval_every: int = 100  # Evaluate every N steps.
@@ -78,9 +88,12 @@ class TrainConfig:
       smoothing = 0.1 if objective == 'seq2seq' else 0.0
     tokenizer = self.tokenizer or ('wordpiece:8192' if model_config.family == 'encoder'
                                    else 'bytes')
-    chat_template = self.chat_template or ('chatml' if objective == 'sft' else None)
+    chat_template = self.chat_template or ('chatml' if objective in CHAT_OBJECTIVES else None)
+    beta = self.beta
+    if beta is None:
+      beta = 2.0 if self.dpo_loss == 'simpo' else 0.1
     return dataclasses.replace(self, objective=objective, label_smoothing=smoothing,
-                               tokenizer=tokenizer, chat_template=chat_template)
+                               tokenizer=tokenizer, chat_template=chat_template, beta=beta)
 
   def validate(self) -> 'TrainConfig':
     if not self.workdir:
@@ -99,11 +112,27 @@ class TrainConfig:
     for name in ('z_loss', 'max_z_loss', 'label_smoothing'):
       if not 0.0 <= (getattr(self, name) or 0.0) < 1.0:
         raise ConfigError(f'--{name}={getattr(self, name)} must be in [0, 1) (0: off)')
+    self._validate_dpo()
     if self.peak_flops < 0:
       raise ConfigError(f'--peak_flops={self.peak_flops} must be >= 0 (0: the known devices)')
     if not 0.0 < self.val_fraction < 1.0:
       raise ConfigError(f'--val_fraction={self.val_fraction} must be between 0 and 1')
     return self
+
+
+  def _validate_dpo(self):
+    if self.dpo_loss not in DPO_LOSSES:
+      raise ConfigError(f'--dpo_loss={self.dpo_loss!r} is not one of {", ".join(DPO_LOSSES)}')
+    if self.beta is not None and not self.beta > 0:
+      raise ConfigError(f'--beta={self.beta} must be positive')
+    if self.objective != 'dpo':
+      return
+    if self.label_smoothing and self.dpo_loss not in SMOOTHED:
+      raise ConfigError(f'--label_smoothing={self.label_smoothing}: --dpo_loss={self.dpo_loss} '
+                        f'has no label smoothing (only {", ".join(SMOOTHED)})')
+    if self.dpo_loss == 'robust' and not (self.label_smoothing or 0.0) < 0.5:
+      raise ConfigError(f'--label_smoothing={self.label_smoothing} must be below 0.5 for '
+                        '--dpo_loss=robust, which divides by 1 - 2 * label_smoothing')
 
 
 def default_objective(model_config: ModelConfig) -> str:

@@ -7,6 +7,10 @@
   SupervisedFineTuning    `--objective=sft --data=chats.jsonl --init_from=runs/tiny`: the
                           next-token loss on the assistant turns of chat data
                           (training/sft.py)
+  RewardModelling         `--objective=reward --data=pairs.jsonl --init_from=runs/tiny-sft`:
+                          a reward model on preference pairs (training/preference.py)
+  DirectPreference        `--objective=dpo --data=pairs.jsonl --init_from=runs/tiny-sft`:
+                          DPO and its variants (training/preference.py)
   SequenceClassification  `--objective=classify --data=labels.tsv`: one label<TAB>text per
                           line, a classifier on BERT's pooled output; `--init_from` a
                           pre-trained run fine-tunes it
@@ -34,6 +38,7 @@ from lmlab.models.config import ConfigError
 from lmlab.training.language_modeling import (LanguageModeling, check_fits, load_run_tokenizer,
                                               resolve_vocab)
 from lmlab.training.objective import Objective
+from lmlab.training.preference import DirectPreference, RewardModelling
 from lmlab.training.seq2seq import Seq2Seq
 from lmlab.training.sft import SupervisedFineTuning
 
@@ -247,9 +252,9 @@ class SequenceClassification(Objective):
 
 
 # --objective names and their classes; 'bert' and 'roberta' differ in the run's TrainConfig.
-OBJECTIVES = {'lm': LanguageModeling, 'sft': SupervisedFineTuning, 'bert': BertPretraining,
-              'roberta': BertPretraining, 'classify': SequenceClassification,
-              'seq2seq': Seq2Seq}
+OBJECTIVES = {'lm': LanguageModeling, 'sft': SupervisedFineTuning, 'reward': RewardModelling,
+              'dpo': DirectPreference, 'bert': BertPretraining, 'roberta': BertPretraining,
+              'classify': SequenceClassification, 'seq2seq': Seq2Seq}
 
 
 def by_name(name: str):

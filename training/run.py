@@ -193,9 +193,12 @@ _generator = functools.lru_cache(maxsize=4)(make_generate)
 def _continuation(graphdef, params, tokenizer, prompt_tokens: list[int], sampling, *,
                   seed: int, eot: int) -> str:
   """The text sampled after prompt_tokens, up to (without) eot."""
-  family = nnx.merge(graphdef, params).config.family
-  if family != 'decoder':
-    raise ConfigError(f'--mode=generate samples from decoders, not family={family}')
+  config = nnx.merge(graphdef, params).config
+  if config.family != 'decoder':
+    raise ConfigError(f'--mode=generate samples from decoders, not family={config.family}')
+  if config.n_labels:
+    raise ConfigError(f'this model scores sequences (n_labels={config.n_labels}, a reward '
+                      'model): it has no LM head to sample from')
   generate = _generator(graphdef, sampling, end_token=eot, n_valid=tokenizer.n_vocab)
   new_tokens = jax.device_get(generate(params, jnp.asarray([prompt_tokens], jnp.int32),
                                        jax.random.key(seed)))[0].tolist()
@@ -246,6 +249,13 @@ def _write_workdir(model, run: TrainConfig, source: str):
     checkpoints.close()
 
 
+def _pad_token(loaded: Loaded, config: ModelConfig) -> int | None:
+  """The pad_token_id of a scoring model's config.json: transformers reads each row's score
+  at its last token that is not this one. The end-of-text token, which no rendered
+  conversation holds. None for a language model."""
+  return tokenizer_lib.separator_id(loaded.tokenizer) if config.n_labels else None
+
+
 def workdir_to_hf(workdir: str, hf_out: str | None, peft_out: str | None = None) -> int:
   """Writes the workdir's latest parameters to a new Hugging Face folder and, for a LoRA,
   prompt- or prefix-tuning run, its adapter to a new peft folder (then hf_out gets the base
@@ -257,9 +267,12 @@ def workdir_to_hf(workdir: str, hf_out: str | None, peft_out: str | None = None)
     if not model.config.peft:
       raise ConfigError(f'{workdir} is not a PEFT run (peft=\'\'); --peft_out writes the '
                         'adapter of a LoRA, prompt- or prefix-tuning run')
+    if model.config.n_labels:
+      raise ConfigError(f'{workdir} has a score head, which a peft adapter folder does not '
+                        'hold here; --mode=merge writes the whole model to --hf_out')
     adapters.save(model, peft_out, base_model_name_or_path=hf_out)
   if hf_out:
-    hf.save(adapters.base_model(model), hf_out)
+    hf.save(adapters.base_model(model), hf_out, pad_token_id=_pad_token(loaded, model.config))
   return loaded.step
 
 
@@ -275,7 +288,7 @@ def merge_lora(workdir: str, *, hf_out: str | None, out_workdir: str | None) -> 
     raise ConfigError(f'{workdir} has no LoRA adapters to merge (peft={model.config.peft!r})')
   merged = lora.merge(model)
   if hf_out:
-    hf.save(merged, hf_out)
+    hf.save(merged, hf_out, pad_token_id=_pad_token(loaded, model.config))
   if out_workdir:
     _write_workdir(merged, dataclasses.replace(loaded.run, workdir=out_workdir),
                    f'{workdir} checkpoint {loaded.step}, LoRA merged')

@@ -28,7 +28,9 @@ from lmlab.models.registry import abstract_model
 
 # In the order save() tries them: the first that can express a config is chosen.
 ARCHITECTURES = {arch.name: arch for arch in (bloom.BLOOM, llama.QWEN3, llama.QWEN2,
-                                              llama.LLAMA, llama.MISTRAL,
+                                              llama.LLAMA, llama.MISTRAL, llama.QWEN3_SCORE,
+                                              llama.QWEN2_SCORE, llama.LLAMA_SCORE,
+                                              llama.MISTRAL_SCORE,
                                               deepseek_v2.DEEPSEEK_V2, bert.BERT_MODEL,
                                               bert.BERT_MASKED_LM, bert.BERT_PRETRAINING,
                                               bert.ROBERTA_MASKED_LM)}
@@ -147,9 +149,11 @@ def architecture_for(config: ModelConfig, name: str | None = None):
 
 
 def save(model, path: str, *, architecture: str | None = None,
-         shard_bytes: int = SHARD_BYTES):
+         shard_bytes: int = SHARD_BYTES, pad_token_id: int | None = None):
   """Writes config.json and safetensors shards (with an index when there are several) into
-  a new or empty directory `path`; tensors keep the model's parameter dtype."""
+  a new or empty directory `path`; tensors keep the model's parameter dtype. pad_token_id,
+  when given, goes into config.json (a sequence classifier of transformers needs it to find
+  the last token of each padded row)."""
   config = model.config
   if config.peft:
     raise CheckpointError(f'save writes a plain model, and this one has peft={config.peft!r} '
@@ -188,5 +192,7 @@ def save(model, path: str, *, architecture: str | None = None,
     with open(os.path.join(path, safetensors_files.INDEX_FILE), 'x') as f:
       json.dump(index, f, indent=2)
   hf_config['torch_dtype'] = str(jnp.dtype(config.param_dtype))
+  if pad_token_id is not None:
+    hf_config['pad_token_id'] = pad_token_id
   with open(os.path.join(path, CONFIG_FILE), 'x') as f:
     json.dump(hf_config, f, indent=2)

@@ -1,8 +1,12 @@
 """The LLaMA family in transformers: Llama, Qwen2, Qwen3 and Mistral.
 
 All four are pre-RMSNorm decoders with SwiGLU MLPs and rotate-half RoPE; they differ in
-biases (Qwen2: q/k/v only), QK-norm (Qwen3), and a sliding window (Mistral).
+biases (Qwen2: q/k/v only), QK-norm (Qwen3), and a sliding window (Mistral). Each comes as
+a causal LM (*ForCausalLM) and as a sequence classifier (*ForSequenceClassification: a score
+head [num_labels, hidden] in place of the LM head; a reward model has one label).
 """
+import dataclasses
+
 from lmlab.models.errors import CheckpointError
 from lmlab.models.hf.architecture import (Architecture, copy, field, linear, refuse, rope_from_hf,
                                           rope_to_hf, typed)
@@ -10,7 +14,7 @@ from lmlab.models.hf.architecture import (Architecture, copy, field, linear, ref
 LLAMA_FIXED = dict(norm='rmsnorm', norm_placement='pre', mlp='swiglu', position='rope',
                    rope_interleaved=False, parallel_block=False, attention_scale='inv_sqrt_d',
                    attention_type='mha', head='dense', embed_norm=False, qk_norm=False,
-                   sliding_window=0)
+                   sliding_window=0, n_labels=0)
 
 
 def common_from_hf(hf_config: dict) -> dict:
@@ -87,10 +91,13 @@ def mistral_to_hf(config) -> dict:
 
 
 def ends_links(config) -> list:
-  """The embedding, final norm and (untied) head of a LLaMA-layout checkpoint."""
+  """The embedding, final norm and head (the untied LM head, or the score head) of a
+  LLaMA-layout checkpoint."""
   links = [copy('model.embed_tokens.weight', ('embed', 'embedding')),
            copy('model.norm.weight', ('final_norm', 'scale'))]
-  if not config.tie_embeddings:
+  if config.n_labels:
+    links += linear('score', ('score',), bias=False)
+  elif not config.tie_embeddings:
     links += linear('lm_head', ('lm_head',), bias=False)
   return links
 
@@ -126,3 +133,26 @@ MISTRAL = Architecture('MistralForCausalLM', 'mistral',
                        dict(_without(LLAMA_FIXED, 'sliding_window'), qkv_bias=False,
                             use_bias=False),
                        mistral_from_hf, mistral_to_hf, llama_links)
+
+
+def sequence_classification(causal_lm: Architecture) -> Architecture:
+  """The *ForSequenceClassification twin of a *ForCausalLM architecture. Its labels are
+  config.json's id2label (transformers' default without one: two)."""
+
+  def from_hf(hf_config: dict) -> dict:
+    labels = field(hf_config, 'id2label', {}, expected=dict)
+    return dict(causal_lm.config_from_hf(hf_config),
+                n_labels=len(labels) or field(hf_config, 'num_labels', 2))
+
+  def to_hf(config) -> dict:
+    return dict(causal_lm.config_to_hf(config),
+                id2label={str(i): f'LABEL_{i}' for i in range(config.n_labels)},
+                label2id={f'LABEL_{i}': i for i in range(config.n_labels)})
+
+  return dataclasses.replace(
+      causal_lm, name=causal_lm.name.replace('ForCausalLM', 'ForSequenceClassification'),
+      fixed=_without(causal_lm.fixed, 'n_labels'), config_from_hf=from_hf, config_to_hf=to_hf)
+
+
+LLAMA_SCORE, QWEN2_SCORE, QWEN3_SCORE, MISTRAL_SCORE = map(
+    sequence_classification, (LLAMA, QWEN2, QWEN3, MISTRAL))
