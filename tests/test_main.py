@@ -20,10 +20,11 @@ SMALL = ['--set', 'd_model=32', '--set', 'n_layers=1', '--set', 'n_heads=2',
          '--eval_batches=2', '--max_new_tokens=8', '--warmup_steps=2']
 
 
-def run_main(*args, check=True, prefix=()):
-  """main.py with `args` (after the command words of `prefix`, such as a ulimit)."""
+def run_main(*args, check=True, prefix=(), cwd=ROOT):
+  """main.py with `args` (after the command words of `prefix`, such as a ulimit), run in
+  `cwd`."""
   result = subprocess.run([*prefix, sys.executable, os.path.join(ROOT, 'main.py'), *args],
-                          capture_output=True, cwd=ROOT, timeout=300)
+                          capture_output=True, cwd=cwd, timeout=300)
   # Decoded here rather than with text=True, which would turn a generated '\r' into '\n'.
   result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
   if check and result.returncode != 0:

@@ -7,10 +7,11 @@ import dataclasses
 
 from lmlab.models.config import ModelConfig
 from lmlab.models.errors import ConfigError
+from lmlab.training.policy_losses import GRPO_LOSSES
 from lmlab.training.preference_losses import DPO_LOSSES, SMOOTHED
 
 # The objectives that read chat data, rendered with --chat_template.
-CHAT_OBJECTIVES = ('sft', 'reward', 'dpo')
+CHAT_OBJECTIVES = ('sft', 'reward', 'dpo', 'grpo', 'rsft')
 # What a family learns unless --objective says otherwise.
 FAMILY_OBJECTIVES = {'decoder': 'lm', 'encoder_decoder': 'seq2seq'}
 
@@ -38,13 +39,14 @@ class TrainConfig:
   document_masking: bool = True
   z_loss: float = 0.0  # Weight of the log^2 Z logit penalty (PaLM: 1e-4); 0: off.
   max_z_loss: float = 0.0  # Weight of the max-logit^2 penalty (Baichuan 2: 2e-4); 0: off.
-  # What to learn (training/objectives.py: lm, sft, reward, dpo, bert, roberta, classify,
-  # seq2seq); default: lm for decoders, bert or roberta for encoders (by their NSP head),
+  # What to learn (training/objectives.py: lm, sft, reward, dpo, grpo, rsft, bert, roberta,
+  # classify, seq2seq); default: lm for decoders, bert or roberta for encoders (by their NSP head),
   # seq2seq for encoder-decoders.
   objective: str | None = None
-  # sft, reward, dpo and --mode=chat: how conversations are rendered: chatml, llama2, llama3,
-  # or a Hugging Face folder whose tokenizer_config.json (or chat_template.jinja) has a
-  # chat_template; its special tokens join the tokenizer. Default for those objectives: chatml.
+  # sft, reward, dpo, grpo, rsft and --mode=chat: how conversations are rendered: chatml,
+  # llama2, llama3, or a Hugging Face folder whose tokenizer_config.json (or
+  # chat_template.jinja) has a chat_template; its special tokens join the tokenizer. Default
+  # for those objectives: chatml.
   chat_template: str | None = None
   # seq2seq: target mass spread over the vocabulary; default 0.1 (Vaswani et al. 2017), else 0.
   # dpo: the probability that a pair's labels are flipped (cDPO, rDPO, SimPO); default 0.
@@ -52,9 +54,23 @@ class TrainConfig:
   # dpo: the loss (training/preference_losses.py): sigmoid (DPO), robust, hinge, ipo, or simpo
   # (reference-free).
   dpo_loss: str = 'sigmoid'
-  # dpo: the KL penalty's strength beta (SimPO: the reward scale); default 0.1, simpo 2.0.
+  # dpo: the KL penalty's strength beta (SimPO: the reward scale); default 0.1, simpo 2.0;
+  # grpo: the weight of the KL penalty, default 0.04 (DeepSeekMath).
   beta: float | None = None
   simpo_gamma: float = 0.5  # dpo with --dpo_loss=simpo: the target reward margin gamma.
+  # grpo, rsft: what judges a completion: module:function(prompt, completion) -> number, or a
+  # reward model's workdir; default for --data=synthetic:arithmetic: its exact checker.
+  reward: str | None = None
+  # grpo: completions per prompt (G); rsft: samples per prompt, of which the best trains.
+  group_size: int = 8
+  completion_tokens: int = 16  # grpo, rsft: the most tokens a sampled completion has.
+  sample_temperature: float = 1.0  # grpo, rsft: the temperature completions are sampled at.
+  # grpo: the loss (training/policy_losses.py): grpo (DeepSeekMath) or dr_grpo (no std
+  # scaling of advantages, no per-completion length normalisation).
+  grpo_loss: str = 'grpo'
+  clip_epsilon: float = 0.2  # grpo: the ratio's clip range 1 +- epsilon.
+  # rsft: the reward below which a prompt's best sample is not trained on; default: none.
+  min_reward: float | None = None
   beam_size: int = 4  # seq2seq eval: beam search width beside greedy decoding; 1: greedy only.
   length_penalty: float = 0.6  # seq2seq beam search: alpha of ((5+len)/6)^alpha.
   eval_every: int = 100  # Evaluate every N steps.
@@ -91,7 +107,7 @@ class TrainConfig:
     chat_template = self.chat_template or ('chatml' if objective in CHAT_OBJECTIVES else None)
     beta = self.beta
     if beta is None:
-      beta = 2.0 if self.dpo_loss == 'simpo' else 0.1
+      beta = 0.04 if objective == 'grpo' else 2.0 if self.dpo_loss == 'simpo' else 0.1
     return dataclasses.replace(self, objective=objective, label_smoothing=smoothing,
                                tokenizer=tokenizer, chat_template=chat_template, beta=beta)
 
@@ -113,12 +129,34 @@ class TrainConfig:
       if not 0.0 <= (getattr(self, name) or 0.0) < 1.0:
         raise ConfigError(f'--{name}={getattr(self, name)} must be in [0, 1) (0: off)')
     self._validate_dpo()
+    self._validate_sampling()
     if self.peak_flops < 0:
       raise ConfigError(f'--peak_flops={self.peak_flops} must be >= 0 (0: the known devices)')
     if not 0.0 < self.val_fraction < 1.0:
       raise ConfigError(f'--val_fraction={self.val_fraction} must be between 0 and 1')
     return self
 
+
+  def _validate_sampling(self):
+    if self.grpo_loss not in GRPO_LOSSES:
+      raise ConfigError(f'--grpo_loss={self.grpo_loss!r} is not one of {", ".join(GRPO_LOSSES)}')
+    if self.objective not in ('grpo', 'rsft'):
+      return
+    smallest = 2 if self.objective == 'grpo' else 1
+    if self.group_size < smallest:
+      raise ConfigError(f'--group_size={self.group_size} must be at least {smallest} for '
+                        f'--objective={self.objective}')
+    if self.objective == 'grpo' and self.batch_size % self.group_size:
+      raise ConfigError(f'--batch_size={self.batch_size} (completions per step) is not a '
+                        f'multiple of --group_size={self.group_size}')
+    if not 0 < self.completion_tokens < self.seq_len:
+      raise ConfigError(f'--completion_tokens={self.completion_tokens} must be positive and '
+                        f'below --seq_len={self.seq_len}, which also holds the prompt')
+    if not self.sample_temperature > 0:
+      raise ConfigError(f'--sample_temperature={self.sample_temperature} must be positive: '
+                        'the samples of a prompt must differ')
+    if not 0 < self.clip_epsilon < 1:
+      raise ConfigError(f'--clip_epsilon={self.clip_epsilon} must be in (0, 1)')
 
   def _validate_dpo(self):
     if self.dpo_loss not in DPO_LOSSES:

@@ -201,12 +201,13 @@ def _run(train_config, opt_config, task, layout, *, print_fn, init_params, lead)
            f'{sizes["params"]:,} ({sizes["trainable_share"]:.2%}), optimizer state '
            f'{sizes["opt_state_bytes_per_device"] / 2**20:.1f} MiB')
 
-  def batch_at(step):
+  def batch_at(step, params):
+    batch = task.train_batch(step, params) if task.online else task.train_batch(step)
     micro_batches = {k: np.asarray(v).reshape(train_config.grad_accum, -1, *np.shape(v)[1:])
-                     for k, v in task.train_batch(step).items()}
+                     for k, v in batch.items()}
     return layout.put_batch(micro_batches, batch_axis=1)
 
-  first_batch = batch_at(start_step)
+  first_batch = batch_at(start_step, state.params)
   step = steps_lib.make_train_step(
       graphdef, optimizer, schedule(opt_config), seed=train_config.seed,
       use_dropout=model_config.dropout_rate > 0 or model_config.lora_dropout > 0,

@@ -4,7 +4,10 @@ An objective is made as objective(train_config, model_config, log=print) and pro
   model_config, tokenizer   the model config resolved against the data (vocab_size 0, a
                             classifier's labels, ...) and the run's tokenizer
   load_data()               called once the run's config is recorded (tokenising, checks)
-  train_batch(step)         numpy arrays [batch_size, ...], a pure function of (seed, step)
+  train_batch(step)         numpy arrays [batch_size, ...], a pure function of (seed, step);
+                            an `online` objective's is train_batch(step, params), sampled
+                            from the model whose parameters the step starts from (a pure
+                            function of (seed, step, params))
   loss                      loss(model, batch, dropout_key, frozen) -> (loss, metrics with
                             'loss'), or None for the next-token loss of training/steps.py
   evaluate(graphdef, params) -> {'eval_loss': ..., and other eval_* metrics}
@@ -27,6 +30,7 @@ class Objective:
   trains (all of them, or a PEFT method's), nothing frozen."""
   loss = None
   put_batch = None
+  online = False
 
   @property
   def trainable(self):

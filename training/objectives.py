@@ -11,6 +11,11 @@
                           a reward model on preference pairs (training/preference.py)
   DirectPreference        `--objective=dpo --data=pairs.jsonl --init_from=runs/tiny-sft`:
                           DPO and its variants (training/preference.py)
+  GroupRelative           `--objective=grpo --data=prompts.jsonl --reward=module:function
+                          --init_from=runs/tiny-sft`: GRPO on the policy's samples
+                          (training/online.py)
+  RejectionSampling       `--objective=rsft ...`: SFT on the best of several samples
+                          (training/online.py)
   SequenceClassification  `--objective=classify --data=labels.tsv`: one label<TAB>text per
                           line, a classifier on BERT's pooled output; `--init_from` a
                           pre-trained run fine-tunes it
@@ -38,6 +43,7 @@ from lmlab.models.config import ConfigError
 from lmlab.training.language_modeling import (LanguageModeling, check_fits, load_run_tokenizer,
                                               resolve_vocab)
 from lmlab.training.objective import Objective
+from lmlab.training.online import GroupRelative, RejectionSampling
 from lmlab.training.preference import DirectPreference, RewardModelling
 from lmlab.training.seq2seq import Seq2Seq
 from lmlab.training.sft import SupervisedFineTuning
@@ -253,7 +259,8 @@ class SequenceClassification(Objective):
 
 # --objective names and their classes; 'bert' and 'roberta' differ in the run's TrainConfig.
 OBJECTIVES = {'lm': LanguageModeling, 'sft': SupervisedFineTuning, 'reward': RewardModelling,
-              'dpo': DirectPreference, 'bert': BertPretraining, 'roberta': BertPretraining,
+              'dpo': DirectPreference, 'grpo': GroupRelative, 'rsft': RejectionSampling,
+              'bert': BertPretraining, 'roberta': BertPretraining,
               'classify': SequenceClassification, 'seq2seq': Seq2Seq}
 
 

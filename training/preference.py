@@ -53,14 +53,18 @@ def _weighted_means(batch, values: dict) -> dict:
   return {**means, 'pairs': pairs}
 
 
+def token_logps(model, tokens_bt, dropout_key=None):
+  """(log p of each token from the ones before it [B, T-1], the logits [B, T-1, V])."""
+  logits_btv = model(tokens_bt[:, :-1], dropout_key=dropout_key).astype(jnp.float32)
+  log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+  target_logit_bt = jnp.take_along_axis(logits_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+  return target_logit_bt - log_z_bt, logits_btv
+
+
 def sequence_logps(model, tokens_bt, mask_bt, dropout_key=None):
   """The sum over each row of log p(token) at the positions where mask_bt is 1 (the first
   token, which nothing predicts, is never masked in)."""
-  logits_btv = model(tokens_bt[:, :-1], dropout_key=dropout_key).astype(jnp.float32)
-  targets_bt = tokens_bt[:, 1:]
-  log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-  target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-  return jnp.sum((target_logit_bt - log_z_bt) * mask_bt[:, 1:], axis=1)
+  return jnp.sum(token_logps(model, tokens_bt, dropout_key)[0] * mask_bt[:, 1:], axis=1)
 
 
 class _Preferences(Objective):

@@ -21,10 +21,9 @@ from lmlab.data.errors import DataError
 from lmlab.models import hf, lora, quantize
 from lmlab.models.hf import adapters
 from lmlab.models.config import ModelConfig, preset, with_overrides
-from lmlab.models.errors import CheckpointError, ConfigError
+from lmlab.models.errors import ConfigError
 from lmlab.models.generation import SamplingConfig, make_generate
 from lmlab.models.hf.architecture import RUN_FIELDS
-from lmlab.models.registry import abstract_model, trainable
 from lmlab.models.sharding import VOCAB, logical_axes
 from lmlab.training import objectives
 from lmlab.training import steps as steps_lib
@@ -32,49 +31,16 @@ from lmlab.training.checkpoint import Checkpoints
 from lmlab.training.config import TrainConfig, default_objective
 from lmlab.training.language_modeling import (end_token, evaluate_tokens, load_run_tokenizer,
                                               tokenize, tokenizer_dir)
-from lmlab.training.optimizer import OptimizerConfig, make_optimizer
+from lmlab.training.optimizer import OptimizerConfig
+from lmlab.training.restored import Loaded, restore
 from lmlab.training.workdir import (WorkdirError, config_path, locked, read_config,
                                     record_config)
-
-
-@dataclasses.dataclass(frozen=True)
-class Loaded:
-  """A model to evaluate or sample from, with the run config that describes its data."""
-  graphdef: object
-  params: object
-  tokenizer: object
-  run: TrainConfig
-  source: str            # 'checkpoint <step>' or the Hugging Face folder.
-  step: int | None = None
-  end_token: int | None = None  # Ends a sample; None: the tokenizer's end-of-text.
 
 
 def default_workdir(model: str, hf_checkpoint: str | None = None) -> str:
   if hf_checkpoint:
     return os.path.join('runs', 'hf-' + os.path.basename(os.path.normpath(hf_checkpoint)))
   return os.path.join('runs', model)
-
-
-def restore(workdir: str) -> Loaded:
-  """The latest checkpoint of a training run's workdir, read without writing there (a run
-  may be using it)."""
-  resolved = read_config(workdir)
-  fields = {f.name for f in dataclasses.fields(TrainConfig)}
-  run = TrainConfig(**{k: v for k, v in resolved.items() if k in fields})
-  graphdef, abstract_params = nnx.split(abstract_model(resolved['model']))
-  checkpoints = Checkpoints(workdir, read_only=True)
-  try:
-    step = checkpoints.latest_step()
-    if step is None:
-      raise CheckpointError(f'no checkpoint in {checkpoints.directory}; train first')
-    optimizer = make_optimizer(OptimizerConfig(**resolved['optimizer']).resolved(
-        run.steps, resolved['model'].family))
-    params, _, _ = checkpoints.restore(
-        step, abstract_params, lambda params: optimizer.init(steps_lib.trainable_part(
-            params, trainable(resolved['model']))))
-  finally:
-    checkpoints.close()
-  return Loaded(graphdef, params, load_run_tokenizer(run), run, f'checkpoint {step}', step)
 
 
 def load_hf(path: str, overrides: list[str], run: TrainConfig, tokenizer: str | None = None):

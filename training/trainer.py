@@ -97,7 +97,9 @@ def agree(flag: bool) -> bool:
 
 class Trainer:
   """step(params, opt_state, batch, step) -> (params, opt_state, metrics), compiled; batch_at(
-  step) places a step's batch. resume_hint ends the message of a stop request."""
+  step, params) places a step's batch (made from the parameters the step starts from, for an
+  objective that samples its batches from the model). resume_hint ends the message of a stop
+  request."""
 
   def __init__(self, step: Callable, batch_at: Callable, hooks: list[Hook], *,
                save_every: int, log_every: int, resume_hint: str = ''):
@@ -125,7 +127,7 @@ class Trainer:
     with stop_requests() as requests:
       for step in range(start, end):
         params, opt_state, metrics = self.step(state.params, state.opt_state,
-                                               self.batch_at(step), step)
+                                               self.batch_at(step, state.params), step)
         state, done = TrainState(params, opt_state), step + 1
         stopping = self._stopping(requests, done)
         event = StepEnd(step=done, state=state, device_metrics=metrics, first=step == start,

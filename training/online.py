@@ -1,0 +1,214 @@
+"""Objectives that learn from the policy's own samples: GRPO (objective 'grpo') and
+rejection-sampling fine-tuning (objective 'rsft'), on the prompts and rewards of
+training/rollouts.py.
+
+  python main.py --objective=grpo --data=synthetic:arithmetic --init_from=runs/sft \
+      --workdir=runs/grpo --group_size=8 [--reward=module:function] [--grpo_loss=dr_grpo]
+  python main.py --objective=rsft --data=synthetic:arithmetic --init_from=runs/sft \
+      --workdir=runs/rsft --group_size=8 --min_reward=1
+
+Each step samples completions from the parameters it starts with (--sample_temperature, at
+most --completion_tokens each) and judges them, then takes one optimizer update:
+  grpo  --batch_size completions, --group_size per prompt: group-normalised advantages, the
+        clipped surrogate with the k3 KL penalty (weight --beta) to the frozen reference (the
+        run's initial parameters: the --init_from run), training/policy_losses.py. One update
+        per rollout, so the ratio to the sampling policy is 1 and its clip never acts.
+  rsft  --group_size samples for each of --batch_size prompts; the best of each (Llama 2's
+        rejection sampling) trains with the SFT loss, unless its reward is below
+        --min_reward. Iterating is taking more steps: later samples come from the improved
+        policy.
+A step's batch is a pure function of (seed, step, parameters), so a resumed run repeats the
+uninterrupted one. Metrics: reward (mean of the step's samples), reward_std, kl (mean k3 per
+completion token), entropy, completion_tokens, clip_fraction (grpo), kept (rsft).
+Evaluation: each held-out prompt's greedy completion judged (eval_reward; eval_loss is its
+negative) and one sampled completion's log-probability ratio to the reference summed over
+its tokens (eval_kl, an estimate of KL(policy || reference) at the sampling temperature).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lmlab.data.chat_template import chat_template
+from lmlab.data.errors import DataError
+from lmlab.models.config import ModelConfig
+from lmlab.models.errors import ConfigError
+from lmlab.training import rollouts
+from lmlab.training.config import TrainConfig
+from lmlab.training.language_modeling import check_fits, load_run_tokenizer, resolve_vocab
+from lmlab.training.objective import Objective
+from lmlab.training.policy_losses import group_advantages, grpo_loss
+from lmlab.training.preference import token_logps
+from lmlab.training.sft import fitting_vocab, masked_cross_entropy
+
+
+def _entropy(logits_btv, mask_bt):
+  """Mean entropy of the next-token distributions where mask_bt is 1."""
+  log_p_btv = jax.nn.log_softmax(logits_btv, axis=-1)
+  entropy_bt = -jnp.sum(jnp.exp(log_p_btv) * log_p_btv, axis=-1)
+  return jnp.sum(entropy_bt * mask_bt) / jnp.maximum(jnp.sum(mask_bt), 1)
+
+
+class _Online(Objective):
+  """Prompts, reward, sampling and evaluation; a subclass makes the batch from its samples."""
+  online = True
+  name = ''
+  samples_per_row = 1  # Completions sampled for each row of the training batch.
+
+  def __init__(self, train_config: TrainConfig, model_config: ModelConfig, *, log=print):
+    if model_config.family != 'decoder' or model_config.n_labels:
+      raise ConfigError(f'--objective={self.name} trains a language model (a decoder without a '
+                        'score head)')
+    if not train_config.data:
+      raise DataError(f'--objective={self.name} needs --data=<file.jsonl> of prompts (or '
+                      'synthetic:arithmetic)')
+    self.config, self.log = train_config, log
+    template = chat_template(train_config.chat_template)
+    self.tokenizer = load_run_tokenizer(train_config)
+    self.model_config = fitting_vocab(resolve_vocab(model_config, self.tokenizer),
+                                      self.tokenizer).validate()
+    check_fits(self.model_config, self.tokenizer, train_config.seq_len)
+    sampling = dict(max_tokens=train_config.completion_tokens, seq_len=train_config.seq_len)
+    self.sampler = rollouts.Sampler(self.model_config, self.tokenizer, template,
+                                    temperature=train_config.sample_temperature, **sampling)
+    self.greedy = rollouts.Sampler(self.model_config, self.tokenizer, template,
+                                   temperature=0.0, **sampling)
+    self._read_prompts()
+    self.reward = rollouts.load_reward(train_config.reward, train_config.data, self.tokenizer,
+                                       self.prompts[self.train[0]])
+    self.reference = None
+    self._kl = None
+
+  def load_data(self):
+    """The prompts are read in __init__: bad data stops the run before it writes."""
+
+  def _read_prompts(self):
+    prompts = rollouts.read_prompts(self.config.data)
+    n_val = max(1, round(self.config.val_fraction * len(prompts)))
+    if len(prompts) <= n_val:
+      raise DataError(f'{self.config.data} has {len(prompts)} prompts, too few to hold {n_val} '
+                      'out; add some or lower --val_fraction')
+    room = self.config.seq_len - self.config.completion_tokens
+    ids = [self.sampler.prompt_ids(prompt) for prompt in prompts]
+    fit = [i for i, prompt_ids in enumerate(ids) if len(prompt_ids) <= room]
+    self.prompts, self.prompt_ids = prompts, ids
+    self.train = [i for i in fit if i < len(prompts) - n_val]
+    self.val = [i for i in fit if i >= len(prompts) - n_val]
+    if not (self.train and self.val):
+      raise DataError(f'no {"training" if not self.train else "held-out"} prompt of '
+                      f'{self.config.data} fits --seq_len={self.config.seq_len} with '
+                      f'--completion_tokens={self.config.completion_tokens}; raise --seq_len')
+    left_out = len(prompts) - len(self.train) - len(self.val)
+    self.log(f'{len(self.train)} training prompts, {len(self.val)} held out' + (
+        f'; {left_out} too long for --seq_len - --completion_tokens are left out'
+        if left_out else ''))
+    self.draws = rollouts.PromptDraws([ids[i] for i in self.train])
+
+  def frozen(self, params):
+    """The reference: the run's initial parameters."""
+    self.reference = params()
+    return self.reference
+
+  def _samples(self, step: int, params, n_prompts: int, per_prompt: int):
+    """(prompt indices [P], sequences, completion mask, lengths, rewards [P * per_prompt]) of
+    per_prompt completions of each of n_prompts prompts of one length, drawn from (seed,
+    step) and sampled from params; a prompt's completions are consecutive rows."""
+    rng = np.random.default_rng([self.config.seed, step])
+    chosen = np.asarray(self.train)[self.draws.draw(rng, n_prompts)]
+    prompt_ids = np.repeat(np.asarray([self.prompt_ids[i] for i in chosen], np.int32),
+                           per_prompt, axis=0)
+    key = jax.random.fold_in(jax.random.key(self.config.seed), step)
+    sequences, mask, lengths, texts = self.sampler.sample(params, prompt_ids, key)
+    prompts = [self.prompts[i] for i in chosen for _ in range(per_prompt)]
+    return chosen, sequences, mask, lengths, self.reward(prompts, texts, sequences, lengths)
+
+  def evaluate(self, graphdef, params):
+    """eval_reward of greedy completions and eval_kl of sampled ones over every held-out
+    prompt (see the module docstring), batched by prompt length."""
+    if self._kl is None:
+
+      def kl(params, reference, sequences, mask):
+        logps, _ = token_logps(nnx.merge(graphdef, params), sequences)
+        ref_logps, _ = token_logps(nnx.merge(graphdef, reference), sequences)
+        return jnp.sum((logps - ref_logps) * mask[:, 1:], axis=1)
+
+      self._kl = jax.jit(kl)
+    size = self.config.micro_batch_size
+    by_length = {}
+    for i in self.val:
+      by_length.setdefault(len(self.prompt_ids[i]), []).append(i)
+    rewards, kls, tokens = [], [], []
+    for indices in by_length.values():
+      for start in range(0, len(indices), size):
+        chunk = indices[start:start + size]
+        rows = chunk + [chunk[-1]] * (size - len(chunk))  # A full batch: one compile.
+        prompt_ids = np.asarray([self.prompt_ids[i] for i in rows], np.int32)
+        prompts = [self.prompts[i] for i in rows]
+        sequences, mask, lengths, texts = self.greedy.sample(params, prompt_ids,
+                                                             jax.random.key(0))
+        rewards += list(self.reward(prompts, texts, sequences, lengths)[:len(chunk)])
+        tokens += list(mask.sum(axis=1)[:len(chunk)])
+        if self.reference is not None:
+          sampled, sampled_mask, _, _ = self.sampler.sample(
+              params, prompt_ids, jax.random.fold_in(jax.random.key(self.config.seed), start))
+          kls += list(np.asarray(self._kl(params, self.reference, sampled,
+                                          sampled_mask))[:len(chunk)])
+    metrics = {'eval_loss': -float(np.mean(rewards)), 'eval_reward': float(np.mean(rewards)),
+               'eval_completion_tokens': float(np.mean(tokens))}
+    if kls:
+      metrics['eval_kl'] = float(np.mean(kls))
+    return metrics
+
+
+class GroupRelative(_Online):
+  """GRPO: --group_size completions per prompt, their rewards normalised within the group."""
+  name = 'grpo'
+
+  def train_batch(self, step: int, params):
+    g = self.config.group_size
+    _, sequences, mask, _, rewards = self._samples(step, params, self.config.batch_size // g, g)
+    advantages = np.asarray(group_advantages(jnp.asarray(rewards), g, self.config.grpo_loss))
+    return {'sequences': sequences, 'mask': mask, 'rewards': rewards,
+            'advantages': advantages.astype(np.float32)}
+
+  def loss(self, model, batch, dropout_key, frozen=None):
+    logps_bt, logits_btv = token_logps(model, batch['sequences'], dropout_key)
+    mask_bt = batch['mask'][:, 1:].astype(jnp.float32)
+    ref_logps_bt = None
+    if frozen is not None:
+      ref_logps_bt = jax.lax.stop_gradient(
+          token_logps(nnx.merge(nnx.graphdef(model), frozen), batch['sequences'])[0])
+    c = self.config
+    loss, k3_bt, clipped_bt = grpo_loss(
+        c.grpo_loss, logps_bt=logps_bt, old_logps_bt=jax.lax.stop_gradient(logps_bt),
+        ref_logps_bt=ref_logps_bt, advantages_b=batch['advantages'], mask_bt=mask_bt,
+        beta=c.beta, epsilon=c.clip_epsilon, max_tokens=c.completion_tokens)
+    tokens = jnp.maximum(jnp.sum(mask_bt), 1)
+    return loss, {'loss': loss, 'reward': jnp.mean(batch['rewards']),
+                  'reward_std': jnp.std(batch['rewards']),
+                  'kl': jnp.sum(k3_bt * mask_bt) / tokens,
+                  'clip_fraction': jnp.sum(clipped_bt * mask_bt) / tokens,
+                  'entropy': _entropy(jax.lax.stop_gradient(logits_btv), mask_bt),
+                  'completion_tokens': tokens / mask_bt.shape[0]}
+
+
+class RejectionSampling(_Online):
+  """Rejection-sampling fine-tuning: the best of --group_size samples of each prompt."""
+  name = 'rsft'
+
+  def train_batch(self, step: int, params):
+    g, b = self.config.group_size, self.config.batch_size
+    _, sequences, mask, _, rewards = self._samples(step, params, b, g)
+    best = np.argmax(rewards.reshape(b, g), axis=1) + g * np.arange(b)
+    kept = rewards[best] >= (-np.inf if self.config.min_reward is None else
+                             self.config.min_reward)
+    return {'sequences': sequences[best], 'mask': mask[best] * kept[:, None],
+            'rewards': rewards, 'kept': kept.astype(np.float32)}
+
+  def loss(self, model, batch, dropout_key, frozen=None):
+    del frozen
+    logits_btv = model(batch['sequences'][:, :-1], dropout_key=dropout_key)
+    mask_bt = batch['mask'][:, 1:]
+    loss, count = masked_cross_entropy(logits_btv, batch['sequences'][:, 1:], mask_bt)
+    return loss, {'loss': loss, 'trained_tokens': count, 'reward': jnp.mean(batch['rewards']),
+                  'reward_std': jnp.std(batch['rewards']), 'kept': jnp.mean(batch['kept'])}
