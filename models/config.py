@@ -124,6 +124,9 @@ class ModelConfig:
   # in place of the LM head, whose output at a sequence's last token scores it (a reward
   # model has 1).
   n_labels: int = 0
+  # decoder: a value head [D, 1] beside the LM head, zero at the start, estimating the return
+  # at each position (PPO's critic on the policy's trunk); __call__(..., with_values=True).
+  value_head: bool = False
   n_decoder_layers: int = 0     # encoder_decoder: decoder layers; 0: n_layers, as the encoder.
   embed_scale: bool = False     # encoder_decoder: embeddings times sqrt(d_model).
 
@@ -350,6 +353,9 @@ class ModelConfig:
                         'sliding_window=0 with causal=false')
     if self.family == 'encoder' and (self.nsp_head or self.n_labels) and not self.pooler:
       raise ConfigError('nsp_head and n_labels classify the pooled output; set pooler=true')
+    if self.value_head and (self.family != 'decoder' or self.n_labels):
+      raise ConfigError('value_head=true goes beside the LM head of a decoder (family=decoder, '
+                        'n_labels=0)')
     if self.family == 'encoder_decoder' and self.n_labels:
       raise ConfigError(f'n_labels={self.n_labels} applies to family=encoder or decoder, not '
                         'encoder_decoder')

@@ -45,15 +45,18 @@ class DecoderLM(nnx.Module):
     self.score = (Dense(config.d_model, config.n_labels, axes=(EMBED, None), use_bias=False,
                         init_std=config.init_std, dtype=dtype, param_dtype=param_dtype,
                         rngs=rngs) if config.n_labels else None)
+    self.value_head = (Dense(config.d_model, 1, axes=(EMBED, None), use_bias=False,
+                             init_std=0.0, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                       if config.value_head else None)
     self.dropout = nnx.Dropout(config.dropout_rate)
     self.prompt = nnx.data(None)  # peft=prompt: a prompt_tuning.Prompt (registry.build adds it).
     # config.trainable_tokens: a trainable_tokens.TrainableTokens (registry.build adds it).
     self.token_rows = nnx.data(None)
 
   def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, prefix_len_b=None,
-               attention_mask=None, dropout_key=None):
+               attention_mask=None, dropout_key=None, with_values=False):
     """Logits [B, T, V] of the next token at every position (a scoring model's n_labels
-    scores [B, T, L]).
+    scores [B, T, L]); with_values: (logits, the value head's values [B, T]).
 
     positions_bt defaults to 0..T-1; with packed documents, pass each token's position in
     its document and the documents' segment_ids_bt so attention stops at their boundaries.
@@ -88,7 +91,10 @@ class DecoderLM(nnx.Module):
     hidden_btd, _ = self._forward(x_btd, positions_bt, segment_ids_bt=segment_ids_bt,
                                   prefix_len_b=prefix_len_b, caches=None, cache_index=None,
                                   dropout_key=dropout_key)
-    return self.logits(hidden_btd[:, n_virtual:])
+    hidden_btd = hidden_btd[:, n_virtual:]
+    if with_values:
+      return self.logits(hidden_btd), self.value_head(hidden_btd)[..., 0]
+    return self.logits(hidden_btd)
 
   def _embed(self, tokens_bt):
     x_btd = self.embed(tokens_bt)

@@ -1,5 +1,7 @@
 """The module class a ModelConfig builds, chosen by its `family`, with its parameter-efficient
 fine-tuning method's parameters, and which of them train."""
+import dataclasses
+
 import jax
 from flax import nnx
 
@@ -37,8 +39,8 @@ def build(config: ModelConfig, *, rngs: nnx.Rngs):
 def trainable(config: ModelConfig):
   """The nnx filter of the parameters a run of `config` trains: its PEFT method's (a LoRA
   run's adapters, a prompt-tuning run's virtual tokens) with its trainable token rows and a
-  decoder's score head (new to the model, as peft's modules_to_save), or None for all of
-  them."""
+  decoder's score or value head (new to the model, as peft's modules_to_save), or None for
+  all of them."""
   if not config.peft:
     return None
   filters = [PEFT_METHODS[config.peft][1]]
@@ -46,6 +48,8 @@ def trainable(config: ModelConfig):
     filters.append(TokenRowsParam)
   if config.n_labels:
     filters.append(nnx.PathContains('score'))
+  if config.value_head:
+    filters.append(nnx.PathContains('value_head'))
   return filters[0] if len(filters) == 1 else nnx.Any(*filters)
 
 
@@ -59,3 +63,15 @@ def param_count(config: ModelConfig) -> int:
   stands for."""
   return sum(leaf.size for leaf in jax.tree.leaves(
       nnx.state(abstract_model(float_config(config)), nnx.Param)))
+
+
+def without_value_head(model):
+  """The language model of a model with a value head (PPO's policy without its critic), or
+  `model` itself when it has none."""
+  if not getattr(model.config, 'value_head', False):
+    return model
+  graphdef, abstract = nnx.split(abstract_model(dataclasses.replace(model.config,
+                                                                    value_head=False)))
+  values = dict(nnx.to_flat_state(nnx.state(model)))
+  return nnx.merge(graphdef, nnx.from_flat_state(
+      [(path, values[path]) for path, _ in nnx.to_flat_state(abstract)]))

@@ -1,6 +1,6 @@
-"""GRPO and rejection-sampling fine-tuning: rewards from a Python function, the sampled batch
-against the generated tokens, GRPO's batch loss against per-sequence numpy log-probabilities,
-short runs that raise the reward, and bad input."""
+"""GRPO, rejection-sampling fine-tuning and PPO: rewards from a Python function, the sampled
+batch against the generated tokens, GRPO's batch loss and PPO's returns against per-sequence
+numpy log-probabilities, short runs that raise the reward, and bad input."""
 import json
 import textwrap
 
@@ -17,7 +17,9 @@ from lmlab.models.errors import ConfigError
 from lmlab.training import rollouts
 from lmlab.training.config import TrainConfig
 from lmlab.training.loop import train
-from lmlab.training.online import GroupRelative, RejectionSampling
+from lmlab.models import hf
+from lmlab.training import run as run_lib
+from lmlab.training.online import GroupRelative, ProximalPolicy, RejectionSampling
 from lmlab.training.optimizer import OptimizerConfig
 from test_main import assert_one_error_line, metrics, run_main
 
@@ -94,6 +96,13 @@ def log_softmax(logits):
   return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
 
 
+def numpy_logps(model, sequences):
+  """log p of each token of sequences after the first [B, T-1], by numpy's log-softmax."""
+  log_p = log_softmax(np.asarray(nnx.jit(lambda m, t: m(t))(model,
+                                                            jnp.asarray(sequences[:, :-1]))))
+  return np.take_along_axis(log_p, sequences[:, 1:, None], -1)[..., 0]
+
+
 def test_grpo_batch_is_the_generated_completions_and_its_loss_the_formula(tmp_path, rng,
                                                                           reward_module):
   task = objective(GroupRelative, tmp_path, rng, reward_module, beta=0.1)
@@ -116,11 +125,8 @@ def test_grpo_batch_is_the_generated_completions_and_its_loss_the_formula(tmp_pa
       groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 1e-4),
       rtol=1e-4, atol=1e-5)
 
-  run = nnx.jit(lambda m, tokens: m(tokens))
-  logps = {}
-  for name, m in (('policy', model), ('reference', reference)):
-    log_p = log_softmax(np.asarray(run(m, jnp.asarray(sequences[:, :-1]))))
-    logps[name] = np.take_along_axis(log_p, sequences[:, 1:, None], -1)[..., 0]
+  logps = {name: numpy_logps(m, sequences) for name, m in (('policy', model),
+                                                            ('reference', reference))}
   completion = mask[:, 1:].astype(np.float64)
   log_ratio = logps['reference'] - logps['policy']
   k3 = np.exp(log_ratio) - log_ratio - 1
@@ -167,3 +173,38 @@ def test_rejection_sampling_trains_on_the_best_sample_and_raises_the_reward(
 
   _, rewards = short_run(tmp_path, rng, reward_module, 'rsft', 24, group_size=4)
   assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.2, rewards
+
+
+def test_ppo_returns_are_the_score_less_the_kl_penalty(tmp_path, rng, reward_module):
+  """With γ = λ = 1 and the value head at zero (as it starts), the return from a completion's
+  first token is its score minus β times its summed log-ratio to the reference."""
+  beta = float(rng.uniform(0.05, 0.5))
+  task = objective(ProximalPolicy, tmp_path, rng, reward_module, beta=beta, gamma=1.0,
+                   gae_lambda=1.0)
+  assert task.model_config.value_head
+  model = registry.build(task.model_config, rngs=nnx.Rngs(int(rng.integers(1000))))
+  reference = registry.build(task.model_config, rngs=nnx.Rngs(int(rng.integers(1000))))
+  batch = task.train_batch(int(rng.integers(1000)), nnx.state(model))
+  prepared = nnx.jit(lambda m, b, f: task.prepare(m, b, f))(
+      model, jax.tree.map(jnp.asarray, batch), nnx.state(reference))
+  completion = batch['mask'][:, 1:] == 1
+  log_ratio = (numpy_logps(model, batch['sequences'])
+               - numpy_logps(reference, batch['sequences'])) * completion
+  np.testing.assert_allclose(np.asarray(prepared['kl']).sum(1), log_ratio.sum(1), rtol=1e-4,
+                             atol=1e-5)
+  first = completion.argmax(1)
+  returns = np.asarray(prepared['returns'])[np.arange(len(first)), first]
+  np.testing.assert_allclose(returns, batch['scores'] - beta * log_ratio.sum(1), rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_ppo_raises_the_reward_and_exports_the_policy_alone(tmp_path, rng, reward_module):
+  _, rewards = short_run(tmp_path, rng, reward_module, 'ppo', 40, ppo_epochs=4)
+  assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.2, rewards
+  loaded = run_lib.restore(str(tmp_path / 'ppo'))
+  run_lib.workdir_to_hf(str(tmp_path / 'ppo'), str(tmp_path / 'hf'))
+  exported = hf.load(str(tmp_path / 'hf'))
+  assert exported.value_head is None
+  tokens = jnp.asarray(rng.integers(0, 256, (2, 9)))
+  np.testing.assert_array_equal(np.asarray(exported(tokens)), np.asarray(
+      nnx.merge(loaded.graphdef, loaded.params)(tokens)))

@@ -1,5 +1,6 @@
 """GRPO's advantages and loss against the formulas of DeepSeekMath and Dr. GRPO written in
-numpy, and against TRL's GRPOTrainer (loss, KL and clip metrics) where TRL is installed."""
+numpy, and against TRL's GRPOTrainer (loss, KL and clip metrics) where TRL is installed; PPO's
+GAE, whitening and loss against theirs (Schulman et al. 2016, 2017) in numpy."""
 import collections
 import types
 
@@ -7,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmlab.training.policy_losses import GRPO_LOSSES, group_advantages, grpo_loss
+from lmlab.training.policy_losses import (GRPO_LOSSES, gae, group_advantages, grpo_loss,
+                                           ppo_loss, whiten)
 
 
 def random_rollout(rng, b=12, t=9):
@@ -101,3 +103,48 @@ def test_grpo_loss_and_metrics_match_trl(kind, rng):
       group_advantages(jnp.asarray(rewards.numpy()), 8, 'grpo'),
       ((rewards - rewards.mean()) / (trl_utils.nanstd(rewards) + 1e-4)).numpy(), rtol=1e-5,
       atol=1e-6)
+
+
+def test_gae_is_the_discounted_sum_of_td_errors(rng):
+  """A_t = sum_l (γλ)^l δ_{t+l} over the completion (Schulman et al. 2016, eq. 16), which
+  starts after a prompt and ends before padding; R_t = A_t + V_t."""
+  b, t = 5, 10
+  gamma, lam = rng.uniform(0.8, 1.0), rng.uniform(0.5, 1.0)
+  rewards, values = rng.normal(size=(2, b, t))
+  start = rng.integers(0, 4, b)
+  end = start + rng.integers(1, t - 3, b)
+  mask = ((np.arange(t) >= start[:, None]) & (np.arange(t) < end[:, None])).astype(np.float64)
+  expected = np.zeros((b, t))
+  for i in range(b):
+    v = lambda j: values[i, j] if j < end[i] else 0.0
+    deltas = [rewards[i, j] + gamma * v(j + 1) - values[i, j] for j in range(t)]
+    for j in range(start[i], end[i]):
+      expected[i, j] = sum((gamma * lam) ** (k - j) * deltas[k] for k in range(j, end[i]))
+  advantages, returns = gae(jnp.asarray(rewards * mask), jnp.asarray(values * mask),
+                            jnp.asarray(mask), gamma=gamma, lam=lam)
+  np.testing.assert_allclose(advantages, expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(returns, (expected + values) * mask, rtol=1e-4, atol=1e-5)
+
+
+def test_whiten_and_ppo_loss_are_their_formulas(rng):
+  logps, old, _, _, mask = random_rollout(rng)
+  advantages, values, old_values, returns = rng.normal(size=(4, *logps.shape))
+  real = mask == 1
+  x = advantages[real]
+  np.testing.assert_allclose(np.asarray(whiten(jnp.asarray(advantages), jnp.asarray(mask)))[real],
+                             (x - x.mean()) / x.std(ddof=1), rtol=1e-4, atol=1e-5)
+  epsilon, value_clip, value_coef = rng.uniform(0.05, 0.4), rng.uniform(0.05, 0.5), 0.1
+  loss, policy, value, _ = ppo_loss(
+      logps_bt=jnp.asarray(logps), old_logps_bt=jnp.asarray(old),
+      advantages_bt=jnp.asarray(advantages), values_bt=jnp.asarray(values),
+      old_values_bt=jnp.asarray(old_values), returns_bt=jnp.asarray(returns),
+      mask_bt=jnp.asarray(mask), epsilon=epsilon, value_clip=value_clip, value_coef=value_coef)
+  ratio = np.exp(logps - old)[real]
+  a = advantages[real]
+  surrogate = np.minimum(ratio * a, np.clip(ratio, 1 - epsilon, 1 + epsilon) * a)
+  v, v_old, r = values[real], old_values[real], returns[real]
+  v_clipped = v_old + np.clip(v - v_old, -value_clip, value_clip)
+  value_expected = np.mean(0.5 * np.maximum((v - r) ** 2, (v_clipped - r) ** 2))
+  np.testing.assert_allclose(policy, -surrogate.mean(), rtol=1e-4)
+  np.testing.assert_allclose(value, value_expected, rtol=1e-4)
+  np.testing.assert_allclose(loss, -surrogate.mean() + value_coef * value_expected, rtol=1e-4)

@@ -11,7 +11,9 @@ from lmlab.training.policy_losses import GRPO_LOSSES
 from lmlab.training.preference_losses import DPO_LOSSES, SMOOTHED
 
 # The objectives that read chat data, rendered with --chat_template.
-CHAT_OBJECTIVES = ('sft', 'reward', 'dpo', 'grpo', 'rsft')
+CHAT_OBJECTIVES = ('sft', 'reward', 'dpo', 'grpo', 'rsft', 'ppo')
+# The objectives that sample their batches from the policy (training/online.py).
+ONLINE_OBJECTIVES = ('grpo', 'rsft', 'ppo')
 # What a family learns unless --objective says otherwise.
 FAMILY_OBJECTIVES = {'decoder': 'lm', 'encoder_decoder': 'seq2seq'}
 
@@ -39,11 +41,11 @@ class TrainConfig:
   document_masking: bool = True
   z_loss: float = 0.0  # Weight of the log^2 Z logit penalty (PaLM: 1e-4); 0: off.
   max_z_loss: float = 0.0  # Weight of the max-logit^2 penalty (Baichuan 2: 2e-4); 0: off.
-  # What to learn (training/objectives.py: lm, sft, reward, dpo, grpo, rsft, bert, roberta,
-  # classify, seq2seq); default: lm for decoders, bert or roberta for encoders (by their NSP head),
-  # seq2seq for encoder-decoders.
+  # What to learn (training/objectives.py: lm, sft, reward, dpo, grpo, rsft, ppo, bert,
+  # roberta, classify, seq2seq); default: lm for decoders, bert or roberta for encoders (by
+  # their NSP head), seq2seq for encoder-decoders.
   objective: str | None = None
-  # sft, reward, dpo, grpo, rsft and --mode=chat: how conversations are rendered: chatml,
+  # sft, reward, dpo, grpo, rsft, ppo and --mode=chat: how conversations are rendered: chatml,
   # llama2, llama3, or a Hugging Face folder whose tokenizer_config.json (or
   # chat_template.jinja) has a chat_template; its special tokens join the tokenizer. Default
   # for those objectives: chatml.
@@ -55,22 +57,30 @@ class TrainConfig:
   # (reference-free).
   dpo_loss: str = 'sigmoid'
   # dpo: the KL penalty's strength beta (SimPO: the reward scale); default 0.1, simpo 2.0;
-  # grpo: the weight of the KL penalty, default 0.04 (DeepSeekMath).
+  # grpo: the weight of the KL penalty, default 0.04 (DeepSeekMath); ppo: the per-token KL
+  # penalty's, default 0.05.
   beta: float | None = None
   simpo_gamma: float = 0.5  # dpo with --dpo_loss=simpo: the target reward margin gamma.
-  # grpo, rsft: what judges a completion: module:function(prompt, completion) -> number, or a
-  # reward model's workdir; default for --data=synthetic:arithmetic: its exact checker.
+  # grpo, rsft, ppo: what judges a completion: module:function(prompt, completion) -> number,
+  # or a reward model's workdir; default for --data=synthetic:arithmetic: its exact checker.
   reward: str | None = None
   # grpo: completions per prompt (G); rsft: samples per prompt, of which the best trains.
   group_size: int = 8
-  completion_tokens: int = 16  # grpo, rsft: the most tokens a sampled completion has.
-  sample_temperature: float = 1.0  # grpo, rsft: the temperature completions are sampled at.
+  completion_tokens: int = 16  # grpo, rsft, ppo: the most tokens a sampled completion has.
+  # grpo, rsft, ppo: the temperature completions are sampled at.
+  sample_temperature: float = 1.0
   # grpo: the loss (training/policy_losses.py): grpo (DeepSeekMath) or dr_grpo (no std
   # scaling of advantages, no per-completion length normalisation).
   grpo_loss: str = 'grpo'
-  clip_epsilon: float = 0.2  # grpo: the ratio's clip range 1 +- epsilon.
+  clip_epsilon: float = 0.2  # grpo, ppo: the ratio's clip range 1 +- epsilon.
   # rsft: the reward below which a prompt's best sample is not trained on; default: none.
   min_reward: float | None = None
+  ppo_epochs: int = 4  # ppo: optimizer updates on each rollout batch.
+  gamma: float = 1.0  # ppo: the discount of later rewards.
+  gae_lambda: float = 0.95  # ppo: lambda of generalised advantage estimation.
+  value_coef: float = 0.1  # ppo: the weight of the value loss.
+  value_clip: float = 0.2  # ppo: how far a value may move from the rollout's (clipped loss).
+  whiten_rewards: bool = False  # ppo: scale the batch's rewards to unit variance first.
   beam_size: int = 4  # seq2seq eval: beam search width beside greedy decoding; 1: greedy only.
   length_penalty: float = 0.6  # seq2seq beam search: alpha of ((5+len)/6)^alpha.
   eval_every: int = 100  # Evaluate every N steps.
@@ -92,6 +102,11 @@ class TrainConfig:
   peak_flops: float = 0.0
 
   @property
+  def updates_per_step(self) -> int:
+    """Optimizer updates a step takes: PPO's epochs over its rollout, else one."""
+    return self.ppo_epochs if self.objective == 'ppo' else 1
+
+  @property
   def micro_batch_size(self) -> int:
     """Sequences per micro-batch: the batch split over grad_accum (also the eval batch)."""
     return self.batch_size // self.grad_accum
@@ -107,7 +122,8 @@ class TrainConfig:
     chat_template = self.chat_template or ('chatml' if objective in CHAT_OBJECTIVES else None)
     beta = self.beta
     if beta is None:
-      beta = 0.04 if objective == 'grpo' else 2.0 if self.dpo_loss == 'simpo' else 0.1
+      beta = {'grpo': 0.04, 'ppo': 0.05}.get(objective,
+                                             2.0 if self.dpo_loss == 'simpo' else 0.1)
     return dataclasses.replace(self, objective=objective, label_smoothing=smoothing,
                                tokenizer=tokenizer, chat_template=chat_template, beta=beta)
 
@@ -140,7 +156,7 @@ class TrainConfig:
   def _validate_sampling(self):
     if self.grpo_loss not in GRPO_LOSSES:
       raise ConfigError(f'--grpo_loss={self.grpo_loss!r} is not one of {", ".join(GRPO_LOSSES)}')
-    if self.objective not in ('grpo', 'rsft'):
+    if self.objective not in ONLINE_OBJECTIVES:
       return
     smallest = 2 if self.objective == 'grpo' else 1
     if self.group_size < smallest:
@@ -157,6 +173,14 @@ class TrainConfig:
                         'the samples of a prompt must differ')
     if not 0 < self.clip_epsilon < 1:
       raise ConfigError(f'--clip_epsilon={self.clip_epsilon} must be in (0, 1)')
+    if self.ppo_epochs < 1:
+      raise ConfigError(f'--ppo_epochs={self.ppo_epochs} must be at least 1')
+    for name in ('gamma', 'gae_lambda'):
+      if not 0 <= getattr(self, name) <= 1:
+        raise ConfigError(f'--{name}={getattr(self, name)} must be in [0, 1]')
+    if self.value_coef < 0 or self.value_clip <= 0:
+      raise ConfigError(f'--value_coef={self.value_coef} must be >= 0 and --value_clip='
+                        f'{self.value_clip} positive')
 
   def _validate_dpo(self):
     if self.dpo_loss not in DPO_LOSSES:

@@ -105,7 +105,8 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
   """
   model_config.validate()
   train_config = train_config.resolved(model_config).validate()
-  opt_config = opt_config.resolved(train_config.steps, model_config.family)
+  opt_config = opt_config.resolved(train_config.steps * train_config.updates_per_step,
+                                   model_config.family)
   make_objective = objective or objectives.by_name(train_config.objective)
   layout = parallel.Layout.create(train_config.mesh, train_config.logical_rules, model_config)
   if train_config.micro_batch_size % layout.batch_ways():
@@ -212,7 +213,7 @@ def _run(train_config, opt_config, task, layout, *, print_fn, init_params, lead)
       graphdef, optimizer, schedule(opt_config), seed=train_config.seed,
       use_dropout=model_config.dropout_rate > 0 or model_config.lora_dropout > 0,
       z_loss=train_config.z_loss, max_z_loss=train_config.max_z_loss, loss_fn=task.loss,
-      trainable=task.trainable,
+      trainable=task.trainable, prepare=task.prepare, epochs=train_config.updates_per_step,
       shardings=(params_at, opt_state_at, {k: v.sharding for k, v in first_batch.items()},
                  layout.replicated, jax.tree.map(lambda x: x.sharding, frozen)))
   compiled = step.lower(state.params, state.opt_state, first_batch,

@@ -16,6 +16,9 @@ An objective is made as objective(train_config, model_config, log=print) and pro
   frozen(params)            state the loss reads but does not train (a reference or teacher
                             model's parameters), made from the run's initial parameters, or
                             None; it is placed like the parameters and passed to every step
+  prepare                   prepare(model, micro_batch, frozen) -> micro_batch, or None: what
+                            the loss needs from the parameters a step starts with, computed
+                            once before its updates (training/steps.py make_train_step)
   put_batch(numpy batch)    places a batch on the devices; train() sets it to the run's
                             (training.parallel.Layout.put_batch)
 
@@ -31,6 +34,7 @@ class Objective:
   loss = None
   put_batch = None
   online = False
+  prepare = None
 
   @property
   def trainable(self):

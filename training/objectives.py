@@ -16,6 +16,8 @@
                           (training/online.py)
   RejectionSampling       `--objective=rsft ...`: SFT on the best of several samples
                           (training/online.py)
+  ProximalPolicy          `--objective=ppo ...`: PPO with a KL penalty and a value head
+                          (training/online.py)
   SequenceClassification  `--objective=classify --data=labels.tsv`: one label<TAB>text per
                           line, a classifier on BERT's pooled output; `--init_from` a
                           pre-trained run fine-tunes it
@@ -43,7 +45,7 @@ from lmlab.models.config import ConfigError
 from lmlab.training.language_modeling import (LanguageModeling, check_fits, load_run_tokenizer,
                                               resolve_vocab)
 from lmlab.training.objective import Objective
-from lmlab.training.online import GroupRelative, RejectionSampling
+from lmlab.training.online import GroupRelative, ProximalPolicy, RejectionSampling
 from lmlab.training.preference import DirectPreference, RewardModelling
 from lmlab.training.seq2seq import Seq2Seq
 from lmlab.training.sft import SupervisedFineTuning
@@ -260,6 +262,7 @@ class SequenceClassification(Objective):
 # --objective names and their classes; 'bert' and 'roberta' differ in the run's TrainConfig.
 OBJECTIVES = {'lm': LanguageModeling, 'sft': SupervisedFineTuning, 'reward': RewardModelling,
               'dpo': DirectPreference, 'grpo': GroupRelative, 'rsft': RejectionSampling,
+              'ppo': ProximalPolicy,
               'bert': BertPretraining, 'roberta': BertPretraining,
               'classify': SequenceClassification, 'seq2seq': Seq2Seq}
 

@@ -1,11 +1,13 @@
-"""Objectives that learn from the policy's own samples: GRPO (objective 'grpo') and
-rejection-sampling fine-tuning (objective 'rsft'), on the prompts and rewards of
+"""Objectives that learn from the policy's own samples: GRPO (objective 'grpo'),
+rejection-sampling fine-tuning ('rsft') and PPO ('ppo'), on the prompts and rewards of
 training/rollouts.py.
 
   python main.py --objective=grpo --data=synthetic:arithmetic --init_from=runs/sft \
       --workdir=runs/grpo --group_size=8 [--reward=module:function] [--grpo_loss=dr_grpo]
   python main.py --objective=rsft --data=synthetic:arithmetic --init_from=runs/sft \
       --workdir=runs/rsft --group_size=8 --min_reward=1
+  python main.py --objective=ppo --data=synthetic:arithmetic --init_from=runs/sft \
+      --workdir=runs/ppo --reward=runs/reward [--ppo_epochs=4 --beta=0.05]
 
 Each step samples completions from the parameters it starts with (--sample_temperature, at
 most --completion_tokens each) and judges them, then takes one optimizer update:
@@ -17,13 +19,20 @@ most --completion_tokens each) and judges them, then takes one optimizer update:
         rejection sampling) trains with the SFT loss, unless its reward is below
         --min_reward. Iterating is taking more steps: later samples come from the improved
         policy.
+  ppo   one completion for each of --batch_size prompts; the per-token KL penalty, the score
+        at the last token, GAE advantages from a value head on the policy's trunk
+        (value_head=true, zero at the start), then --ppo_epochs updates of the clipped
+        surrogate and value losses on the rollout (training/policy_losses.py).
 A step's batch is a pure function of (seed, step, parameters), so a resumed run repeats the
 uninterrupted one. Metrics: reward (mean of the step's samples), reward_std, kl (mean k3 per
-completion token), entropy, completion_tokens, clip_fraction (grpo), kept (rsft).
+completion token; ppo: summed over the completion), entropy, completion_tokens,
+clip_fraction (grpo, ppo), kept (rsft), policy_loss and value_loss (ppo).
 Evaluation: each held-out prompt's greedy completion judged (eval_reward; eval_loss is its
 negative) and one sampled completion's log-probability ratio to the reference summed over
 its tokens (eval_kl, an estimate of KL(policy || reference) at the sampling temperature).
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,8 +46,8 @@ from lmlab.training import rollouts
 from lmlab.training.config import TrainConfig
 from lmlab.training.language_modeling import check_fits, load_run_tokenizer, resolve_vocab
 from lmlab.training.objective import Objective
-from lmlab.training.policy_losses import group_advantages, grpo_loss
-from lmlab.training.preference import token_logps
+from lmlab.training.policy_losses import gae, group_advantages, grpo_loss, ppo_loss, whiten
+from lmlab.training.preference import picked_logps, token_logps
 from lmlab.training.sft import fitting_vocab, masked_cross_entropy
 
 
@@ -212,3 +221,53 @@ class RejectionSampling(_Online):
     loss, count = masked_cross_entropy(logits_btv, batch['sequences'][:, 1:], mask_bt)
     return loss, {'loss': loss, 'trained_tokens': count, 'reward': jnp.mean(batch['rewards']),
                   'reward_std': jnp.std(batch['rewards']), 'kept': jnp.mean(batch['kept'])}
+
+
+class ProximalPolicy(_Online):
+  """PPO with a KL penalty to the reference, on one completion of each of --batch_size
+  prompts; the critic is a value head on the policy's trunk (value_head=true)."""
+  name = 'ppo'
+
+  def __init__(self, train_config, model_config, *, log=print):
+    super().__init__(train_config, dataclasses.replace(model_config, value_head=True), log=log)
+
+  def train_batch(self, step: int, params):
+    _, sequences, mask, lengths, scores = self._samples(step, params, self.config.batch_size, 1)
+    return {'sequences': sequences, 'mask': mask, 'lengths': lengths, 'scores': scores}
+
+  def prepare(self, model, batch, frozen):
+    """The rollout's log-probabilities, values, rewards, advantages and returns, from the
+    parameters the step starts with."""
+    c = self.config
+    logits_btv, values_bt = model(batch['sequences'][:, :-1], with_values=True)
+    logps_bt = picked_logps(logits_btv, batch['sequences'])
+    ref_logps_bt = token_logps(nnx.merge(nnx.graphdef(model), frozen), batch['sequences'])[0]
+    mask_bt = batch['mask'][:, 1:].astype(jnp.float32)
+    kl_bt = (logps_bt - ref_logps_bt) * mask_bt
+    last_bt = jax.nn.one_hot(batch['lengths'] - 2, mask_bt.shape[1])  # Predicts the last token.
+    rewards_bt = -c.beta * kl_bt + batch['scores'][:, None] * last_bt
+    if c.whiten_rewards:
+      rewards_bt = whiten(rewards_bt, mask_bt, shift_mean=False) * mask_bt
+    advantages_bt, returns_bt = gae(rewards_bt, values_bt * mask_bt, mask_bt, gamma=c.gamma,
+                                    lam=c.gae_lambda)
+    return {**batch, 'old_logps': logps_bt, 'old_values': values_bt * mask_bt, 'kl': kl_bt,
+            'advantages': whiten(advantages_bt, mask_bt) * mask_bt, 'returns': returns_bt}
+
+  def loss(self, model, batch, dropout_key, frozen=None):
+    del frozen
+    c = self.config
+    logits_btv, values_bt = model(batch['sequences'][:, :-1], dropout_key=dropout_key,
+                                  with_values=True)
+    mask_bt = batch['mask'][:, 1:].astype(jnp.float32)
+    loss, policy_loss, value_loss, clipped_bt = ppo_loss(
+        logps_bt=picked_logps(logits_btv, batch['sequences']), old_logps_bt=batch['old_logps'],
+        advantages_bt=batch['advantages'], values_bt=values_bt, old_values_bt=batch['old_values'],
+        returns_bt=batch['returns'], mask_bt=mask_bt, epsilon=c.clip_epsilon,
+        value_clip=c.value_clip, value_coef=c.value_coef)
+    tokens = jnp.maximum(jnp.sum(mask_bt), 1)
+    return loss, {'loss': loss, 'policy_loss': policy_loss, 'value_loss': value_loss,
+                  'reward': jnp.mean(batch['scores']), 'reward_std': jnp.std(batch['scores']),
+                  'kl': jnp.mean(jnp.sum(batch['kl'], axis=1)),
+                  'clip_fraction': jnp.sum(clipped_bt * mask_bt) / tokens,
+                  'entropy': _entropy(jax.lax.stop_gradient(logits_btv), mask_bt),
+                  'completion_tokens': tokens / mask_bt.shape[0]}

@@ -53,12 +53,17 @@ def _weighted_means(batch, values: dict) -> dict:
   return {**means, 'pairs': pairs}
 
 
+def picked_logps(logits_btv, tokens_bt):
+  """log p of tokens_bt[:, 1:] under the logits of the tokens before them [B, T-1, V]."""
+  logits_btv = logits_btv.astype(jnp.float32)
+  return (jnp.take_along_axis(logits_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+          - jax.nn.logsumexp(logits_btv, axis=-1))
+
+
 def token_logps(model, tokens_bt, dropout_key=None):
   """(log p of each token from the ones before it [B, T-1], the logits [B, T-1, V])."""
-  logits_btv = model(tokens_bt[:, :-1], dropout_key=dropout_key).astype(jnp.float32)
-  log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-  target_logit_bt = jnp.take_along_axis(logits_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
-  return target_logit_bt - log_z_bt, logits_btv
+  logits_btv = model(tokens_bt[:, :-1], dropout_key=dropout_key)
+  return picked_logps(logits_btv, tokens_bt), logits_btv
 
 
 def sequence_logps(model, tokens_bt, mask_bt, dropout_key=None):

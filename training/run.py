@@ -24,6 +24,7 @@ from lmlab.models.config import ModelConfig, preset, with_overrides
 from lmlab.models.errors import ConfigError
 from lmlab.models.generation import SamplingConfig, make_generate
 from lmlab.models.hf.architecture import RUN_FIELDS
+from lmlab.models.registry import without_value_head
 from lmlab.models.sharding import VOCAB, logical_axes
 from lmlab.training import objectives
 from lmlab.training import steps as steps_lib
@@ -228,7 +229,7 @@ def workdir_to_hf(workdir: str, hf_out: str | None, peft_out: str | None = None)
   model it adapts, so that peft.PeftModel.from_pretrained(<hf_out model>, peft_out) is the
   run's model); returns the step."""
   loaded = restore(workdir)
-  model = nnx.merge(loaded.graphdef, loaded.params)
+  model = without_value_head(nnx.merge(loaded.graphdef, loaded.params))
   if peft_out:
     if not model.config.peft:
       raise ConfigError(f'{workdir} is not a PEFT run (peft=\'\'); --peft_out writes the '
@@ -249,7 +250,7 @@ def merge_lora(workdir: str, *, hf_out: str | None, out_workdir: str | None) -> 
     raise ConfigError('--mode=merge needs --hf_out=<new folder> or --merged_workdir=<new '
                       'workdir> to write the merged model to')
   loaded = restore(workdir)
-  model = nnx.merge(loaded.graphdef, loaded.params)
+  model = without_value_head(nnx.merge(loaded.graphdef, loaded.params))
   if model.config.peft != 'lora':
     raise ConfigError(f'{workdir} has no LoRA adapters to merge (peft={model.config.peft!r})')
   merged = lora.merge(model)

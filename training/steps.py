@@ -55,7 +55,7 @@ def batch_loss(graphdef, params, batch):
 
 def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout: bool,
                     z_loss: float = 0.0, max_z_loss: float = 0.0, loss_fn=None,
-                    trainable=None, shardings=None):
+                    trainable=None, shardings=None, prepare=None, epochs: int = 1):
   """step(params, opt_state, batch, step, frozen=None) -> (params, opt_state, metrics).
 
   Every array of the batch dict arrives as A micro-batches [A, B, T]; their gradients are
@@ -68,6 +68,10 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
   only them; see trainable_part); None: all of them.
   shardings, when given, is (params', optimizer state's, batch's, replicated, frozen's)
   shardings, which the step takes its inputs in and returns its outputs in.
+  prepare(model, micro_batch, frozen) -> micro_batch, when given, adds to each micro-batch
+  what the loss needs from the parameters the step starts with (PPO's old log-probabilities,
+  values and advantages); then `epochs` updates are taken over the batch, each from the
+  gradients of all its micro-batches (metrics: their mean over the updates).
   """
   base_key = jax.random.key(seed)
 
@@ -77,8 +81,8 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
     logits = batch_logits(graphdef, params, micro_batch, key)
     return objective(logits, micro_batch['targets'], z_loss=z_loss, max_z_loss=max_z_loss)
 
-  def train_step(params, opt_state, batch, step, frozen=None):
-    step_key = jax.random.fold_in(base_key, step)
+  def update(params, opt_state, batch, number, frozen, update_key):
+    """The `number`th optimizer update (counting from 0)."""
     trained, fixed = ((params, None) if trainable is None else
                       nnx.split_state(params, trainable, ...))
     whole = (lambda trained: trained) if fixed is None else (
@@ -86,7 +90,7 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
 
     def accumulate(grad_sum, micro):
       index, micro_batch = micro
-      key = jax.random.fold_in(step_key, index) if use_dropout else None
+      key = jax.random.fold_in(update_key, index) if use_dropout else None
       (_, metrics), grads = jax.value_and_grad(
           lambda trained: micro_objective(whole(trained), micro_batch, key, frozen),
           has_aux=True)(trained)
@@ -99,8 +103,25 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
     updates, opt_state = optimizer.update(grads, opt_state, trained)
     params = whole(optax.apply_updates(trained, updates))
     metrics = {**jax.tree.map(jnp.mean, micro_metrics), 'grad_norm': optax.tree.norm(grads),
-               'lr': lr_schedule(step)}
+               'lr': lr_schedule(number)}
     return params, opt_state, metrics
+
+  def train_step(params, opt_state, batch, step, frozen=None):
+    step_key = jax.random.fold_in(base_key, step)
+    if prepare is not None:
+      model = nnx.merge(graphdef, params)
+      batch = jax.lax.map(lambda micro: prepare(model, micro, frozen), batch)
+    if epochs == 1:
+      return update(params, opt_state, batch, step, frozen, step_key)
+
+    def epoch(carry, index):
+      params, opt_state = carry
+      params, opt_state, metrics = update(params, opt_state, batch, step * epochs + index,
+                                          frozen, jax.random.fold_in(step_key, index))
+      return (params, opt_state), metrics
+
+    (params, opt_state), metrics = jax.lax.scan(epoch, (params, opt_state), jnp.arange(epochs))
+    return params, opt_state, jax.tree.map(jnp.mean, metrics)
 
   if shardings is None:
     return jax.jit(train_step, donate_argnums=(0, 1))
