@@ -18,6 +18,10 @@
   python main.py --mode=merge --workdir=runs/tiny-chat --hf_out=exported/merged
   python main.py --mode=convert --workdir=runs/tiny-chat --hf_out=exported/base \
       --peft_out=exported/adapter          # a Hugging Face model and its peft adapter
+  python main.py --objective=dpo --data=pairs.jsonl --init_from=runs/tiny-chat \
+      --workdir=runs/tiny-dpo               # DPO (or --objective=reward: a reward model)
+  python main.py --objective=grpo --data=prompts.jsonl --reward=my_rewards:score \
+      --init_from=runs/tiny-chat --workdir=runs/tiny-grpo   # or rsft, ppo
 
 Any ModelConfig field can be overridden with --set field=value (repeatable; --peft and the
 flags of its methods' fields, --lora_*, --adapter_size, --adaption_* and --prompt_*, are

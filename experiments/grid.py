@@ -136,8 +136,9 @@ def matched_ffn_dim(model, reference) -> int:
 class Settings:
   """One script's resolved settings: --scale defaults, then the script's, then flags."""
 
-  def __init__(self, name: str, script_defaults: dict | None = None):
-    self.name, self.scale = name, FLAGS.scale
+  def __init__(self, name: str, script_defaults: dict | None = None, data: str | None = None):
+    """data: what the script trains on, when not --data (for the description)."""
+    self.name, self.scale, self.data = name, FLAGS.scale, data
     self._defaults = {**SCALE_DEFAULTS[self.scale], **(script_defaults or {}).get(self.scale, {})}
     self.out = FLAGS.out or os.path.join('runs', 'experiments', name)
     for flag in ('seeds', 'steps', 'batch_size', 'seq_len', 'd_model', 'n_heads'):
@@ -211,7 +212,7 @@ class Settings:
 
   def describe(self) -> str:
     """One line of the settings every run shares, for results.md."""
-    data = FLAGS.data or 'the Python standard library'
+    data = self.data or FLAGS.data or 'the Python standard library'
     head_dim = self.value('head_dim') or self.value('d_model') // self.value('n_heads')
     common = ', '.join(f'{name} {"/".join(map(str, values))}'
                        for name, values in self.common_axes.items())

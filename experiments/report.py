@@ -207,6 +207,26 @@ def bar_plot_of(settings, records: list[dict], axes: list[str], key: str, *, yla
   return file, title
 
 
+def scatter_plot(settings, records: list[dict], axes: list[str], x_key: str, y_key: str, *,
+                 xlabel: str, ylabel: str, title: str, file: str):
+  """A point per run of (record[x_key], record[y_key]), a colour per cell."""
+  fig, ax = plt.subplots(figsize=(5.5, 4.0))
+  for values, members in group(records, axes).items():
+    points = [(m[x_key], m[y_key]) for m in members
+              if _present(m.get(x_key)) and _present(m.get(y_key))]
+    if points:
+      ax.scatter(*zip(*points), label='/'.join(map(str, values)), alpha=0.8)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=11)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(settings.out, file), dpi=90)
+  plt.close(fig)
+  return file, title
+
+
 def curves_and_final_loss(settings, records: list[dict], axes: list[str]):
   """The two plots of a script whose only comparison is the loss: curves and final values."""
   return [loss_curves(settings, records, line_axes=axes),

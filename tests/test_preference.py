@@ -17,6 +17,7 @@ from lmlab.data.errors import DataError
 from lmlab.models import registry
 from lmlab.training.config import TrainConfig
 from lmlab.training.language_modeling import load_run_tokenizer
+from lmlab.training import run as run_lib
 from lmlab.training.loop import train
 from lmlab.training.optimizer import OptimizerConfig
 from lmlab.training.preference import DirectPreference, RewardModelling
@@ -201,9 +202,26 @@ def short_run(tmp_path, rng, objective, steps, **fields):
                                               total_steps=steps), print_fn=lambda *_: None)[3]
 
 
-def test_a_reward_model_learns_which_reply_is_preferred(tmp_path, rng):
+def test_a_reward_model_learns_which_reply_is_preferred_and_exports(tmp_path, rng):
+  """Held-out pairs are ranked right; the exported folder scores padded rows as we do, in
+  transformers, which finds each row's end by the pad_token_id written beside it."""
   summary = short_run(tmp_path, rng, 'reward', 60)
   assert summary['eval_accuracy'] >= 0.95, summary
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  run_lib.workdir_to_hf(str(tmp_path / 'reward'), str(tmp_path / 'hf'))
+  loaded = run_lib.restore(str(tmp_path / 'reward'))
+  pad = json.loads((tmp_path / 'hf' / 'config.json').read_text())['pad_token_id']
+  assert pad == loaded.tokenizer.encode_single_token('<|endoftext|>')
+  ids = rng.integers(0, 256, (3, 12))
+  lengths = rng.integers(1, 13, 3)
+  ids[np.arange(12) >= lengths[:, None]] = pad
+  ours = np.asarray(nnx.merge(loaded.graphdef, loaded.params)(jnp.asarray(ids)))[..., 0]
+  reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(
+      str(tmp_path / 'hf')).eval()
+  with torch.no_grad():
+    theirs = reloaded(torch.tensor(ids)).logits.numpy()[:, 0]
+  np.testing.assert_allclose(theirs, ours[np.arange(3), lengths - 1], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize('loss', ['sigmoid', 'simpo'])

@@ -86,7 +86,7 @@ class _Online(Objective):
     self.reward = rollouts.load_reward(train_config.reward, train_config.data, self.tokenizer,
                                        self.prompts[self.train[0]])
     self.reference = None
-    self._kl = None
+    self._kl = {}
 
   def load_data(self):
     """The prompts are read in __init__: bad data stops the run before it writes."""
@@ -134,14 +134,14 @@ class _Online(Objective):
   def evaluate(self, graphdef, params):
     """eval_reward of greedy completions and eval_kl of sampled ones over every held-out
     prompt (see the module docstring), batched by prompt length."""
-    if self._kl is None:
+    if graphdef not in self._kl:
 
       def kl(params, reference, sequences, mask):
         logps, _ = token_logps(nnx.merge(graphdef, params), sequences)
         ref_logps, _ = token_logps(nnx.merge(graphdef, reference), sequences)
         return jnp.sum((logps - ref_logps) * mask[:, 1:], axis=1)
 
-      self._kl = jax.jit(kl)
+      self._kl[graphdef] = jax.jit(kl)
     size = self.config.micro_batch_size
     by_length = {}
     for i in self.val:
@@ -160,7 +160,7 @@ class _Online(Objective):
         if self.reference is not None:
           sampled, sampled_mask, _, _ = self.sampler.sample(
               params, prompt_ids, jax.random.fold_in(jax.random.key(self.config.seed), start))
-          kls += list(np.asarray(self._kl(params, self.reference, sampled,
+          kls += list(np.asarray(self._kl[graphdef](params, self.reference, sampled,
                                           sampled_mask))[:len(chunk)])
     metrics = {'eval_loss': -float(np.mean(rewards)), 'eval_reward': float(np.mean(rewards)),
                'eval_completion_tokens': float(np.mean(tokens))}
