@@ -49,8 +49,8 @@ from lmlab.training.optimizer import OptimizerConfig
 METHODS = ('sft', 'rsft', 'dpo', 'ipo', 'simpo', 'ppo', 'grpo')
 flags.DEFINE_list('methods', list(METHODS), f'Methods among {", ".join(METHODS)}.')
 flags.DEFINE_integer('sft_steps', None, 'Steps of the SFT run every method starts from.')
-flags.DEFINE_float('policy_learning_rate', 3e-4, 'Peak learning rate of rsft, ppo and grpo.')
-flags.DEFINE_float('dpo_learning_rate', 3e-4, 'Peak learning rate of dpo, ipo and simpo.')
+flags.DEFINE_float('policy_learning_rate', 1e-4, 'Peak learning rate of rsft, ppo and grpo.')
+flags.DEFINE_float('dpo_learning_rate', 1e-5, 'Peak learning rate of dpo, ipo and simpo.')
 flags.DEFINE_integer('group_size', 8, 'grpo: completions per prompt; rsft: samples per prompt.')
 flags.DEFINE_enum('ppo_reward', 'exact', ['exact', 'model'], 'What judges PPO\'s samples: the '
                   'exact checker, or a reward model trained here on the preference pairs.')
@@ -58,7 +58,7 @@ flags.DEFINE_integer('reward_steps', 4000, '--ppo_reward=model: steps of the rew
 
 FLAGS = flags.FLAGS
 SCRIPT_DEFAULTS = {
-    'quick': dict(seeds=3, sft_steps=400, steps=40, batch_size=32, seq_len=40,
+    'quick': dict(seeds=3, sft_steps=300, steps=100, batch_size=64, seq_len=40,
                   d_model=64, n_layers=[2], learning_rate=[3e-3], warmup_steps=[10],
                   eval_every=1000, save_every=1000),
     'full': dict(sft_steps=1000, steps=400, batch_size=64, seq_len=48, d_model=256,

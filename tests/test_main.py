@@ -32,12 +32,12 @@ def run_main(*args, check=True, prefix=(), cwd=ROOT):
   return result
 
 
-def run_mains(*commands, check=True):
+def run_mains(*commands, check=True, cwd=ROOT):
   """run_main of each argument list, the runs side by side: a run mostly keeps one core
   busy (importing JAX, compiling), so on two cores independent runs take about half as long
   together as in turn."""
   with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
-    return list(pool.map(lambda args: run_main(*args, check=check), commands))
+    return list(pool.map(lambda args: run_main(*args, check=check, cwd=cwd), commands))
 
 
 def metrics(workdir):

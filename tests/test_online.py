@@ -21,7 +21,9 @@ from lmlab.models import hf
 from lmlab.training import run as run_lib
 from lmlab.training.online import GroupRelative, ProximalPolicy, RejectionSampling
 from lmlab.training.optimizer import OptimizerConfig
-from test_main import assert_one_error_line, metrics, run_main
+from test_main import assert_one_error_line, metrics, run_mains
+from test_preference import BAD_PAIRS, vowel_pairs
+from test_preference import write_jsonl as write_pairs
 
 REWARDS = '''
 def even(prompt, completion):
@@ -71,14 +73,22 @@ def test_reward_functions_and_their_errors(tmp_path, rng, reward_module):
     rollouts.read_prompts(str(path))
 
 
-def test_a_reward_function_that_fails_stops_main_with_one_line(tmp_path, rng, reward_module):
-  data = write_prompts(tmp_path / 'prompts.jsonl', rng)
-  result = run_main('--objective=grpo', f'--data={data}', f'--reward={reward_module}:words',
-                    f'--workdir={tmp_path / "run"}', '--set', 'n_layers=1', '--set',
-                    'd_model=32', '--batch_size=4', '--group_size=2', '--seq_len=32',
-                    '--completion_tokens=4', check=False, cwd=tmp_path)
-  assert_one_error_line(result, f"--reward={reward_module}:words returned 'no number'")
-  assert not list((tmp_path / 'run').iterdir())
+def test_bad_pairs_and_a_failing_reward_stop_main_with_one_line_writing_nothing(
+    tmp_path, rng, reward_module):
+  """Both are found before the run writes anything (a reward function is tried on an empty
+  completion first); the two runs go side by side."""
+  pairs = write_pairs(tmp_path / 'pairs.jsonl', [
+      *vowel_pairs(rng, 3), BAD_PAIRS['"chosen" and "rejected" are the same']])
+  prompts = write_prompts(tmp_path / 'prompts.jsonl', rng)
+  small = ['--set', 'n_layers=1', '--set', 'd_model=32', '--seq_len=32']
+  dpo, grpo = run_mains(
+      ['--objective=dpo', f'--data={pairs}', f'--workdir={tmp_path / "dpo"}', *small],
+      ['--objective=grpo', f'--data={prompts}', f'--reward={reward_module}:words',
+       f'--workdir={tmp_path / "grpo"}', '--batch_size=4', '--group_size=2',
+       '--completion_tokens=4', *small], check=False, cwd=tmp_path)
+  assert_one_error_line(dpo, 'pairs.jsonl:4: "chosen" and "rejected" are the same')
+  assert_one_error_line(grpo, f"--reward={reward_module}:words returned 'no number'")
+  assert not list((tmp_path / 'dpo').iterdir()) and not list((tmp_path / 'grpo').iterdir())
 
 
 def objective(kind, tmp_path, rng, reward_module, **fields):

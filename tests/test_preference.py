@@ -21,7 +21,6 @@ from lmlab.training import run as run_lib
 from lmlab.training.loop import train
 from lmlab.training.optimizer import OptimizerConfig
 from lmlab.training.preference import DirectPreference, RewardModelling
-from test_main import assert_one_error_line, run_main
 
 VOWELS, CONSONANTS = 'aeiou', 'bcdfghk'
 
@@ -87,15 +86,6 @@ def test_bad_pairs_are_errors_naming_file_and_line(tmp_path, rng):
     write_jsonl(path, [*good, line, *good])
     with pytest.raises(DataError, match=f'^{path}:4: .*{problem}'):
       preferences.read_pairs(str(path))
-
-
-def test_bad_pairs_stop_main_with_one_line_and_write_nothing(tmp_path, rng):
-  data = write_jsonl(tmp_path / 'pairs.jsonl',
-                     [*vowel_pairs(rng, 3), BAD_PAIRS['"chosen" and "rejected" are the same']])
-  workdir = tmp_path / 'run'
-  result = run_main('--objective=dpo', f'--data={data}', f'--workdir={workdir}', check=False)
-  assert_one_error_line(result, 'pairs.jsonl:4: "chosen" and "rejected" are the same')
-  assert not list(workdir.iterdir())
 
 
 def test_arithmetic_task_judges_sums_exactly(rng):

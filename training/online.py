@@ -44,11 +44,11 @@ from lmlab.models.config import ModelConfig
 from lmlab.models.errors import ConfigError
 from lmlab.training import rollouts
 from lmlab.training.config import TrainConfig
-from lmlab.training.language_modeling import check_fits, load_run_tokenizer, resolve_vocab
+from lmlab.training.language_modeling import load_run_tokenizer
 from lmlab.training.objective import Objective
 from lmlab.training.policy_losses import gae, group_advantages, grpo_loss, ppo_loss, whiten
 from lmlab.training.preference import picked_logps, token_logps
-from lmlab.training.sft import fitting_vocab, masked_cross_entropy
+from lmlab.training.sft import chat_model_config, held_out_count, masked_cross_entropy
 
 
 def _entropy(logits_btv, mask_bt):
@@ -74,9 +74,7 @@ class _Online(Objective):
     self.config, self.log = train_config, log
     template = chat_template(train_config.chat_template)
     self.tokenizer = load_run_tokenizer(train_config)
-    self.model_config = fitting_vocab(resolve_vocab(model_config, self.tokenizer),
-                                      self.tokenizer).validate()
-    check_fits(self.model_config, self.tokenizer, train_config.seq_len)
+    self.model_config = chat_model_config(model_config, self.tokenizer, train_config.seq_len)
     sampling = dict(max_tokens=train_config.completion_tokens, seq_len=train_config.seq_len)
     self.sampler = rollouts.Sampler(self.model_config, self.tokenizer, template,
                                     temperature=train_config.sample_temperature, **sampling)
@@ -93,10 +91,7 @@ class _Online(Objective):
 
   def _read_prompts(self):
     prompts = rollouts.read_prompts(self.config.data)
-    n_val = max(1, round(self.config.val_fraction * len(prompts)))
-    if len(prompts) <= n_val:
-      raise DataError(f'{self.config.data} has {len(prompts)} prompts, too few to hold {n_val} '
-                      'out; add some or lower --val_fraction')
+    n_val = held_out_count(len(prompts), 'prompts', self.config)
     room = self.config.seq_len - self.config.completion_tokens
     ids = [self.sampler.prompt_ids(prompt) for prompt in prompts]
     fit = [i for i, prompt_ids in enumerate(ids) if len(prompt_ids) <= room]

@@ -33,10 +33,10 @@ from lmlab.data.errors import DataError
 from lmlab.models.config import ModelConfig
 from lmlab.models.errors import ConfigError
 from lmlab.training.config import TrainConfig
-from lmlab.training.language_modeling import check_fits, load_run_tokenizer, resolve_vocab
+from lmlab.training.language_modeling import load_run_tokenizer
 from lmlab.training.objective import Objective
 from lmlab.training.preference_losses import dpo_loss, reward_loss
-from lmlab.training.sft import fitting_vocab
+from lmlab.training.sft import chat_model_config, held_out_count
 
 
 def _both_sides(batch, name: str):
@@ -87,9 +87,8 @@ class _Preferences(Objective):
     self.config, self.log = train_config, log
     self.template = chat_template(train_config.chat_template)
     self.tokenizer = load_run_tokenizer(train_config)
-    self.model_config = self.head_config(fitting_vocab(
-        resolve_vocab(model_config, self.tokenizer), self.tokenizer)).validate()
-    check_fits(self.model_config, self.tokenizer, train_config.seq_len)
+    self.model_config = chat_model_config(model_config, self.tokenizer, train_config.seq_len,
+                                          self.head_config)
     self._eval_steps = {}
     self._read_pairs()
 
@@ -101,10 +100,7 @@ class _Preferences(Objective):
 
   def _read_pairs(self):
     raw = preferences.read_pairs(self.config.data)
-    n_val = max(1, round(self.config.val_fraction * len(raw)))
-    if len(raw) <= n_val:
-      raise DataError(f'{self.config.data} has {len(raw)} pairs, too few to hold {n_val} out; '
-                      'add some or lower --val_fraction')
+    n_val = held_out_count(len(raw), 'pairs', self.config)
     encoded = preferences.encode_pairs(raw, self.template, self.tokenizer)
     seq_len = self.config.seq_len
     self.train = [pair for pair in encoded[:-n_val] if preferences.fits(pair, seq_len)]

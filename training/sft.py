@@ -47,6 +47,25 @@ def fitting_vocab(model_config: ModelConfig, tokenizer) -> ModelConfig:
   return dataclasses.replace(model_config, vocab_size=-(-tokenizer.n_vocab // 64) * 64)
 
 
+def chat_model_config(model_config: ModelConfig, tokenizer, seq_len: int,
+                      adjust=lambda config: config) -> ModelConfig:
+  """The model config of a run on chat data: its vocabulary the tokenizer's (grown to hold the
+  chat template's tokens), then adjust(config), validated and checked against seq_len."""
+  config = adjust(fitting_vocab(resolve_vocab(model_config, tokenizer), tokenizer)).validate()
+  check_fits(config, tokenizer, seq_len)
+  return config
+
+
+def held_out_count(total: int, what: str, train_config: TrainConfig) -> int:
+  """How many of the `total` examples of --data (`what`: conversations, pairs, ...) are held
+  out: --val_fraction of them, at least one, leaving some to train on."""
+  n_val = max(1, round(train_config.val_fraction * total))
+  if total <= n_val:
+    raise DataError(f'{train_config.data} has {total} {what}, too few to hold {n_val} out; add '
+                    'some or lower --val_fraction')
+  return n_val
+
+
 class SupervisedFineTuning(Objective):
 
   def __init__(self, train_config: TrainConfig, model_config: ModelConfig, *, log=print):
@@ -57,9 +76,8 @@ class SupervisedFineTuning(Objective):
     self.config, self.log = train_config, log
     self.template = chat_template(train_config.chat_template)
     self.tokenizer = load_run_tokenizer(train_config)
-    self.model_config = self._with_new_tokens_trained(fitting_vocab(
-        resolve_vocab(model_config, self.tokenizer), self.tokenizer)).validate()
-    check_fits(self.model_config, self.tokenizer, train_config.seq_len)
+    self.model_config = chat_model_config(model_config, self.tokenizer, train_config.seq_len,
+                                          self._with_new_tokens_trained)
     self._eval_steps = {}
     self._read_conversations()
 
@@ -83,10 +101,7 @@ class SupervisedFineTuning(Objective):
 
   def _read_conversations(self):
     examples = chat.read_examples(self.config.data)
-    n_val = max(1, round(self.config.val_fraction * len(examples)))
-    if len(examples) <= n_val:
-      raise DataError(f'{self.config.data} has {len(examples)} conversations, too few to hold '
-                      f'{n_val} out; add some or lower --val_fraction')
+    n_val = held_out_count(len(examples), 'conversations', self.config)
     encoded = [chat.encode_conversation(self.template, self.tokenizer, example.messages,
                                         where=example.where) for example in examples]
     self.train, self.val = encoded[:-n_val], encoded[-n_val:]
