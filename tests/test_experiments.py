@@ -9,8 +9,9 @@ import statistics
 import pytest
 from absl import flags
 
-from lmlab.experiments import (activations, attention_scale, attention_types, finetuning,
-                               initialisation, norm_placement, position_extrapolation)
+from lmlab.experiments import (activations, alignment, attention_scale, attention_types,
+                               finetuning, initialisation, norm_placement,
+                               position_extrapolation)
 from lmlab.models.config import ModelConfig
 from lmlab.models.registry import param_count
 
@@ -50,9 +51,10 @@ def table(out):
   return [dict(zip(headers, (c.strip() for c in line.strip('|').split('|')))) for line in lines[2:]]
 
 
-def check_outputs(out, axes, header, key, n_rows):
-  """CSV, table and plots exist; each table row's mean of `header` is the CSV's mean of
-  `key` over the rows with the same axes values, and its run count their number."""
+def check_outputs(out, axes, header, key, n_rows, plot='loss_curves.png'):
+  """CSV, table and plots (`plot` among them) exist; each table row's mean of `header` is the
+  CSV's mean of `key` over the rows with the same axes values, and its run count their
+  number."""
   rows = csv_rows(out)
   assert len(rows) == n_rows
   for table_row in table(out):
@@ -67,7 +69,7 @@ def check_outputs(out, axes, header, key, n_rows):
       assert shown == '—'
   with open(os.path.join(out, 'results.md')) as f:
     plots = [line[line.index('](') + 2:-2] for line in f if line.startswith('![')]
-  assert plots and 'loss_curves.png' in plots
+  assert plots and plot in plots
   for plot in plots:
     with open(os.path.join(out, plot), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
@@ -184,3 +186,12 @@ def test_bad_flags_are_one_line(tmp_path, corpus, capsys, args, message):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: ') and message in err[0]
   assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_alignment(tmp_path, corpus):
+  run_script(alignment, tmp_path, corpus, '--algorithms=sft,grpo', '--warm_start_steps=2',
+             '--seq_len=32', '--batch_size=20', '--samples_per_prompt=4')
+  check_outputs(tmp_path, ['method'], 'held-out accuracy', 'accuracy', 2, 'accuracy_kl.png')
+  rows = {row['method']: row for row in csv_rows(tmp_path)}
+  assert float(rows['sft']['kl']) == 0.0
+  assert all(0.0 <= float(row['accuracy']) <= 1.0 for row in rows.values())
