@@ -62,7 +62,6 @@ class _Online(Objective):
   """Prompts, reward, sampling and evaluation; a subclass makes the batch from its samples."""
   online = True
   name = ''
-  samples_per_row = 1  # Completions sampled for each row of the training batch.
 
   def __init__(self, train_config: TrainConfig, model_config: ModelConfig, *, log=print):
     if model_config.family != 'decoder' or model_config.n_labels:

@@ -140,7 +140,6 @@ class Sampler:
         nnx.graphdef(abstract_model(model_config)),
         SamplingConfig(max_new_tokens=max_tokens, temperature=temperature),
         end_token=self.end_token, n_valid=tokenizer.n_vocab)
-    self.max_tokens = max_tokens
 
   def prompt_ids(self, prompt: str) -> list[int]:
     text = render(self.template, [{'role': 'user', 'content': prompt}],
