@@ -17,6 +17,7 @@ from lmlab.data.errors import DataError
 from lmlab.models import registry
 from lmlab.training.config import TrainConfig
 from lmlab.training.language_modeling import load_run_tokenizer
+from lmlab.training import rollouts
 from lmlab.training import run as run_lib
 from lmlab.training.loop import train
 from lmlab.training.optimizer import OptimizerConfig
@@ -212,6 +213,13 @@ def test_a_reward_model_learns_which_reply_is_preferred_and_exports(tmp_path, rn
   with torch.no_grad():
     theirs = reloaded(torch.tensor(ids)).logits.numpy()[:, 0]
   np.testing.assert_allclose(theirs, ours[np.arange(3), lengths - 1], atol=1e-4, rtol=0)
+  # As another run's reward (--reward=<workdir>), it scores each padded row as that row alone.
+  judged = rollouts.ModelReward(str(tmp_path / 'reward'), loaded.tokenizer)(None, None, ids,
+                                                                           lengths)
+  model = nnx.merge(loaded.graphdef, loaded.params)
+  alone = [float(np.asarray(model(jnp.asarray(row[None, :n])))[0, -1, 0])
+           for row, n in zip(ids, lengths)]
+  np.testing.assert_allclose(judged, alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('loss', ['sigmoid', 'simpo'])

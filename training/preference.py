@@ -53,6 +53,12 @@ def _weighted_means(batch, values: dict) -> dict:
   return {**means, 'pairs': pairs}
 
 
+def last_token_scores(model, tokens_bt, length_b, dropout_key=None):
+  """A reward model's score [B] of each right-padded row, read at its last real token."""
+  scores_bt = model(tokens_bt, dropout_key=dropout_key)[..., 0].astype(jnp.float32)
+  return jnp.take_along_axis(scores_bt, (length_b - 1)[:, None], axis=1)[:, 0]
+
+
 def picked_logps(logits_btv, tokens_bt):
   """log p of tokens_bt[:, 1:] under the logits of the tokens before them [B, T-1, V]."""
   logits_btv = logits_btv.astype(jnp.float32)
@@ -144,9 +150,8 @@ class RewardModelling(_Preferences):
 
   def loss(self, model, batch, dropout_key, frozen=None):
     del frozen
-    tokens_bt, length_b = _both_sides(batch, 'tokens'), _both_sides(batch, 'length')
-    scores_bt = model(tokens_bt, dropout_key=dropout_key)[..., 0].astype(jnp.float32)
-    score_b = jnp.take_along_axis(scores_bt, (length_b - 1)[:, None], axis=1)[:, 0]
+    score_b = last_token_scores(model, _both_sides(batch, 'tokens'),
+                                _both_sides(batch, 'length'), dropout_key)
     chosen_b, rejected_b = jnp.split(score_b, 2)
     loss_b = reward_loss(chosen_b, rejected_b, batch['margin'])
     metrics = _weighted_means(batch, {'loss': loss_b, 'accuracy': chosen_b > rejected_b,

@@ -31,6 +31,7 @@ from lmlab.data.errors import DataError
 from lmlab.models.errors import ConfigError
 from lmlab.models.generation import SamplingConfig, make_generate
 from lmlab.models.registry import abstract_model
+from lmlab.training.preference import last_token_scores
 from lmlab.training.restored import restore
 from lmlab.training.workdir import config_path
 
@@ -100,9 +101,8 @@ class ModelReward:
       raise ConfigError(f'--reward={workdir} has a tokenizer of {loaded.tokenizer.n_vocab} '
                         f'tokens, the policy one of {tokenizer.n_vocab}; they must be the same')
     self.params = loaded.params
-    self.score = jax.jit(lambda params, tokens_bs, lengths_b: jnp.take_along_axis(
-        nnx.merge(loaded.graphdef, params)(tokens_bs)[..., 0], (lengths_b - 1)[:, None],
-        axis=1)[:, 0].astype(jnp.float32))
+    self.score = jax.jit(lambda params, tokens_bs, lengths_b: last_token_scores(
+        nnx.merge(loaded.graphdef, params), tokens_bs, lengths_b))
 
   def __call__(self, prompts, completions, tokens_bs, lengths_b) -> np.ndarray:
     del prompts, completions
