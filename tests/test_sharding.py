@@ -31,9 +31,9 @@ def cpu_devices_env(n: int) -> dict:
 
 def test_on_eight_devices():
   """tests/multi_device in two processes side by side, each mostly keeping one core busy: the
-  steps under every mesh, and the other tests."""
+  steps under every mesh, and the other tests (each in one process: -n 0)."""
   steps = 'tests/multi_device/test_mesh.py::test_step_on_every_mesh_equals_one_device'
-  runs = [subprocess.Popen([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+  runs = [subprocess.Popen([sys.executable, '-m', 'pytest', '-q', '-n', '0',
                             *tests], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env={**cpu_devices_env(8), MULTI_DEVICE_RUN: '1'})
           for tests in ([steps], ['tests/multi_device', f'--deselect={steps}'])]
