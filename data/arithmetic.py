@@ -34,10 +34,15 @@ def _operands(prompt: str) -> tuple[int, int]:
   return int(a), int(b)
 
 
+def answer(prompt: str) -> int:
+  """The sum an 'a+b=' prompt asks for."""
+  a, b = _operands(prompt)
+  return a + b
+
+
 def reward(prompt: str, completion: str) -> float:
   """1.0 when the completion is the sum the prompt asks for (surrounding spaces aside)."""
-  a, b = _operands(prompt)
-  return float(completion.strip() == str(a + b))
+  return float(completion.strip() == str(answer(prompt)))
 
 
 def wrong_answer(a: int, b: int, rng: np.random.Generator) -> int:

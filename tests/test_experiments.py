@@ -9,9 +9,10 @@ import statistics
 import pytest
 from absl import flags
 
+from lmlab.data import arithmetic
 from lmlab.experiments import (activations, alignment, attention_scale, attention_types,
                                finetuning, initialisation, norm_placement,
-                               position_extrapolation)
+                               position_extrapolation, repetition)
 from lmlab.models.config import ModelConfig
 from lmlab.models.registry import param_count
 
@@ -189,9 +190,34 @@ def test_bad_flags_are_one_line(tmp_path, corpus, capsys, args, message):
 
 
 def test_alignment(tmp_path, corpus):
-  run_script(alignment, tmp_path, corpus, '--algorithms=sft,grpo', '--warm_start_steps=2',
+  run_script(alignment, tmp_path, corpus, '--algorithms=sft,grpo,rpo', '--warm_start_steps=2',
              '--seq_len=32', '--batch_size=20', '--samples_per_prompt=4')
-  check_outputs(tmp_path, ['method'], 'held-out accuracy', 'accuracy', 2, 'accuracy_kl.png')
+  check_outputs(tmp_path, ['method'], 'held-out accuracy', 'accuracy', 3, 'accuracy_kl.png')
   rows = {row['method']: row for row in csv_rows(tmp_path)}
   assert float(rows['sft']['kl']) == 0.0
   assert all(0.0 <= float(row['accuracy']) <= 1.0 for row in rows.values())
+  # The DPO family's pairs: each rejects a sample that is not the sum and chooses the sum.
+  with open(tmp_path / 'sampled_pairs.jsonl') as f:
+    pairs = [json.loads(line) for line in f]
+  assert len(pairs) > 100
+  held_out = {f'{a}+{b}=' for a, b in arithmetic.problems()[-500:]}
+  for pair in pairs:
+    a, b = map(int, pair['prompt'].rstrip('=').split('+'))
+    assert pair['chosen'] == str(a + b) and pair['rejected'].strip() != str(a + b)
+    assert pair['rejected'].strip() and pair['prompt'] not in held_out
+
+
+def test_repetition(tmp_path, corpus):
+  run_script(repetition, tmp_path, corpus, '--warm_start_steps=2', '--seq_len=64',
+             '--batch_size=8', '--samples_per_prompt=4', '--reply_tokens=8',
+             '--repetition_penalties=1.5')
+  check_outputs(tmp_path, ['method'], 'distinct-2', 'distinct_2', 4, 'distinct.png')
+  rows = {row['method']: row for row in csv_rows(tmp_path)}
+  assert set(rows) == {'data', 'sft', 'penalty 1.5', 'grpo'}
+  assert all(0.0 <= float(row[key]) <= 1.0 for row in rows.values()
+             for key in ('distinct_1', 'distinct_2'))
+  with open(tmp_path / 'continuations.jsonl') as f:
+    examples = [json.loads(line) for line in f]
+  assert len(examples) == repetition.EXAMPLES
+  assert all(len(e['prompt']) in range(24, 28) and e['completion'].count('\n') == 1
+             for e in examples)

@@ -156,8 +156,8 @@ def reply_logp(logits_tv, encoded):
 
 
 def test_dpo_batch_loss_is_the_formula_on_per_sequence_log_probabilities(tmp_path, rng):
-  beta = float(rng.uniform(0.05, 1.0))
-  task = objective(DirectPreference, tmp_path, rng, beta=beta)
+  beta, alpha = float(rng.uniform(0.05, 1.0)), float(rng.uniform(0.1, 2.0))
+  task = objective(DirectPreference, tmp_path, rng, beta=beta, rpo_alpha=alpha)
   model = registry.build(task.model_config, rngs=nnx.Rngs(int(rng.integers(1000))))
   reference = registry.build(task.model_config, rngs=nnx.Rngs(int(rng.integers(1000))))
   batch = task.train_batch(int(rng.integers(1000)))
@@ -172,7 +172,10 @@ def test_dpo_batch_loss_is_the_formula_on_per_sequence_log_probabilities(tmp_pat
       model, jax.tree.map(jnp.asarray, batch), nnx.state(reference))
   chosen = beta * (logps['policy', 'chosen'] - logps['reference', 'chosen'])
   rejected = beta * (logps['policy', 'rejected'] - logps['reference', 'rejected'])
-  expected = {'loss': np.mean(np.logaddexp(0.0, -(chosen - rejected))),
+  chosen_tokens = sum(int(p.chosen.loss_mask.sum()) for p in pairs)
+  nll = -logps['policy', 'chosen'].sum() / chosen_tokens  # RPO's term (Pang et al. 2024).
+  expected = {'loss': np.mean(np.logaddexp(0.0, -(chosen - rejected))) + alpha * nll,
+              'nll_loss': nll,
               'rewards/chosen': chosen.mean(), 'rewards/rejected': rejected.mean(),
               'rewards/margins': (chosen - rejected).mean(),
               'rewards/accuracies': (chosen > rejected).mean(),

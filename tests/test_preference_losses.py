@@ -6,7 +6,7 @@ import types
 import numpy as np
 import pytest
 
-from lmlab.training.preference_losses import DPO_LOSSES, dpo_loss, reward_loss
+from lmlab.training.preference_losses import DPO_LOSSES, chosen_nll, dpo_loss, reward_loss
 
 
 def log_sigmoid(x):
@@ -83,10 +83,11 @@ def test_reward_loss_is_the_ranking_loss(rng):
                              -log_sigmoid(chosen - rejected - margin), rtol=1e-5, atol=1e-6)
 
 
-def trl_dpo(kind, beta, smoothing, pc, pr, rc, rr, nc, nr):
-  """TRL's DPOTrainer loss and logged metrics on precomputed reference log-probabilities:
-  its loss method runs on a stand-in trainer whose model returns per-token log-probabilities
-  that sum to pc, pr over each reply's nc, nr tokens."""
+def trl_dpo(kinds, weights, beta, smoothing, pc, pr, rc, rr, nc, nr):
+  """TRL's DPOTrainer loss (the weighted sum of its loss types) and logged metrics on
+  precomputed reference log-probabilities: its loss method runs on a stand-in trainer whose
+  model returns per-token log-probabilities that sum to pc, pr over each reply's nc, nr
+  tokens."""
   torch = pytest.importorskip('torch')
   dpo_trainer = pytest.importorskip('trl.trainer.dpo_trainer')
   b, t = len(pc), int(max(nc.max(), nr.max())) + 2
@@ -102,8 +103,8 @@ def trl_dpo(kind, beta, smoothing, pc, pr, rc, rr, nc, nr):
   identity = lambda x: x
   trainer = types.SimpleNamespace(
       model=types.SimpleNamespace(training=True), aux_loss_enabled=False, ld_alpha=None,
-      precompute_ref_logps=True, f_divergence_type='reverse_kl', loss_types=[kind],
-      loss_weights=[1.0], beta=beta, label_smoothing=smoothing, use_weighting=False,
+      precompute_ref_logps=True, f_divergence_type='reverse_kl', loss_types=kinds,
+      loss_weights=weights, beta=beta, label_smoothing=smoothing, use_weighting=False,
       accelerator=types.SimpleNamespace(device='cpu', gather_for_metrics=identity,
                                         gather=identity),
       _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
@@ -122,7 +123,7 @@ def test_dpo_losses_and_metrics_match_trl(kind, rng):
   beta = rng.uniform(0.05, 1.0)
   smoothing = rng.uniform(0.05, 0.45) if kind == 'robust' else 0.0
   pairs = random_pairs(rng)
-  expected_loss, metrics = trl_dpo(kind, beta, smoothing, *pairs)
+  expected_loss, metrics = trl_dpo([kind], [1.0], beta, smoothing, *pairs)
   loss, chosen, rejected = ours(kind, beta, smoothing, 0.0, *pairs)
   pc, pr = pairs[:2]
   np.testing.assert_allclose(loss.mean(), expected_loss, rtol=1e-5)
@@ -132,6 +133,19 @@ def test_dpo_losses_and_metrics_match_trl(kind, rng):
                   'logps/chosen': pc.mean(), 'logps/rejected': pr.mean()}
   for name, value in ours_metrics.items():
     np.testing.assert_allclose(value, metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_rpo_adds_the_chosen_replies_mean_token_nll_as_trl(rng):
+  """RPO is TRL's loss types ['sigmoid', 'sft'] weighted [1, alpha]; its NLL is a mean over
+  the batch's chosen tokens, which differs from the mean of per-pair means when lengths do."""
+  beta, alpha = rng.uniform(0.05, 1.0), rng.uniform(0.1, 2.0)
+  pairs = random_pairs(rng)
+  expected_loss, _ = trl_dpo(['sigmoid', 'sft'], [1.0, alpha], beta, 0.0, *pairs)
+  pc, nc = pairs[0], pairs[4]
+  nll = float(chosen_nll(pc, nc, np.ones_like(pc)))
+  np.testing.assert_allclose(nll, -pc.sum() / nc.sum(), rtol=1e-6)
+  loss = ours('sigmoid', beta, 0.0, 0.0, *pairs)[0].mean() + alpha * nll
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
 
 
 def test_simpo_matches_trl(rng):

@@ -61,6 +61,9 @@ class TrainConfig:
   # penalty's, default 0.05.
   beta: float | None = None
   simpo_gamma: float = 0.5  # dpo with --dpo_loss=simpo: the target reward margin gamma.
+  # dpo: the weight alpha of the chosen replies' mean negative log-likelihood per token, added
+  # to the loss (RPO, Pang et al. 2024; TRL's loss_type ['sigmoid', 'sft']); 0: off.
+  rpo_alpha: float = 0.0
   # grpo, rsft, ppo: what judges a completion: module:function(prompt, completion) -> number,
   # or a reward model's workdir; default for --data=synthetic:arithmetic: its exact checker.
   reward: str | None = None
@@ -187,6 +190,8 @@ class TrainConfig:
       raise ConfigError(f'--dpo_loss={self.dpo_loss!r} is not one of {", ".join(DPO_LOSSES)}')
     if self.beta is not None and not self.beta > 0:
       raise ConfigError(f'--beta={self.beta} must be positive')
+    if not self.rpo_alpha >= 0:
+      raise ConfigError(f'--rpo_alpha={self.rpo_alpha} must be >= 0 (0: off)')
     if self.objective != 'dpo':
       return
     if self.label_smoothing and self.dpo_loss not in SMOOTHED:

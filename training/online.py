@@ -125,6 +125,29 @@ class _Online(Objective):
     prompts = [self.prompts[i] for i in chosen for _ in range(per_prompt)]
     return chosen, sequences, mask, lengths, self.reward(prompts, texts, sequences, lengths)
 
+  def _length_batches(self, indices):
+    """(rows, n real, prompt ids [--micro_batch_size, T]): prompt indices of one length, the
+    n real ones then the last repeated to fill the batch (one compile per length)."""
+    size = self.config.micro_batch_size
+    by_length = {}
+    for i in indices:
+      by_length.setdefault(len(self.prompt_ids[i]), []).append(i)
+    for same in by_length.values():
+      for start in range(0, len(same), size):
+        chunk = same[start:start + size]
+        rows = chunk + [chunk[-1]] * (size - len(chunk))
+        yield rows, len(chunk), np.asarray([self.prompt_ids[i] for i in rows], np.int32)
+
+  def sample_replies(self, params, indices, seed: int, sampler=None) -> dict:
+    """{index: a completion sampled from params} of each prompt, by `sampler` (default: at
+    --sample_temperature)."""
+    replies = {}
+    for n, (rows, real, prompt_ids) in enumerate(self._length_batches(indices)):
+      texts = (sampler or self.sampler).sample(
+          params, prompt_ids, jax.random.fold_in(jax.random.key(seed), n))[3]
+      replies.update(zip(rows[:real], texts))
+    return replies
+
   def evaluate(self, graphdef, params):
     """eval_reward of greedy completions and eval_kl of sampled ones over every held-out
     prompt (see the module docstring), batched by prompt length."""
@@ -136,26 +159,17 @@ class _Online(Objective):
         return jnp.sum((logps - ref_logps) * mask[:, 1:], axis=1)
 
       self._kl[graphdef] = jax.jit(kl)
-    size = self.config.micro_batch_size
-    by_length = {}
-    for i in self.val:
-      by_length.setdefault(len(self.prompt_ids[i]), []).append(i)
     rewards, kls, tokens = [], [], []
-    for indices in by_length.values():
-      for start in range(0, len(indices), size):
-        chunk = indices[start:start + size]
-        rows = chunk + [chunk[-1]] * (size - len(chunk))  # A full batch: one compile.
-        prompt_ids = np.asarray([self.prompt_ids[i] for i in rows], np.int32)
-        prompts = [self.prompts[i] for i in rows]
-        sequences, mask, lengths, texts = self.greedy.sample(params, prompt_ids,
-                                                             jax.random.key(0))
-        rewards += list(self.reward(prompts, texts, sequences, lengths)[:len(chunk)])
-        tokens += list(mask.sum(axis=1)[:len(chunk)])
-        if self.reference is not None:
-          sampled, sampled_mask, _, _ = self.sampler.sample(
-              params, prompt_ids, jax.random.fold_in(jax.random.key(self.config.seed), start))
-          kls += list(np.asarray(self._kl[graphdef](params, self.reference, sampled,
-                                          sampled_mask))[:len(chunk)])
+    for n, (rows, real, prompt_ids) in enumerate(self._length_batches(self.val)):
+      prompts = [self.prompts[i] for i in rows]
+      sequences, mask, lengths, texts = self.greedy.sample(params, prompt_ids, jax.random.key(0))
+      rewards += list(self.reward(prompts, texts, sequences, lengths)[:real])
+      tokens += list(mask.sum(axis=1)[:real])
+      if self.reference is not None:
+        sampled, sampled_mask, _, _ = self.sampler.sample(
+            params, prompt_ids, jax.random.fold_in(jax.random.key(self.config.seed), n))
+        kls += list(np.asarray(self._kl[graphdef](params, self.reference, sampled,
+                                                  sampled_mask))[:real])
     metrics = {'eval_loss': -float(np.mean(rewards)), 'eval_reward': float(np.mean(rewards)),
                'eval_completion_tokens': float(np.mean(tokens))}
     if kls:

@@ -16,7 +16,8 @@ the reference's log-probabilities are computed inside each jitted step, one more
 on the batch, rather than precomputed once over the data: that costs about a third of a step
 but no pass before training, no stored table, and stays right for any batch a (seed, step)
 draws. Metrics carry TRL's names: rewards/chosen, rewards/rejected, rewards/margins,
-rewards/accuracies, logps/chosen, logps/rejected.
+rewards/accuracies, logps/chosen, logps/rejected (and nll_loss with --rpo_alpha, which adds
+the chosen replies' negative log-likelihood to the loss: RPO).
 
 Pairs longer than --seq_len tokens (either side) are left out; the last --val_fraction of the
 pairs are held out.
@@ -35,7 +36,7 @@ from lmlab.models.errors import ConfigError
 from lmlab.training.config import TrainConfig
 from lmlab.training.language_modeling import load_run_tokenizer
 from lmlab.training.objective import Objective
-from lmlab.training.preference_losses import dpo_loss, reward_loss
+from lmlab.training.preference_losses import chosen_nll, dpo_loss, reward_loss
 from lmlab.training.sft import chat_model_config, held_out_count
 
 
@@ -195,4 +196,7 @@ class DirectPreference(_Preferences):
         'rewards/margins': chosen_reward_b - rejected_reward_b,
         'rewards/accuracies': chosen_reward_b > rejected_reward_b,
         'logps/chosen': chosen_logps_b, 'logps/rejected': rejected_logps_b})
+    if c.rpo_alpha:
+      metrics['nll_loss'] = chosen_nll(chosen_logps_b, chosen_length_b, batch['weight'])
+      metrics['loss'] += c.rpo_alpha * metrics['nll_loss']
     return metrics['loss'], metrics

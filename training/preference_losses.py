@@ -18,6 +18,9 @@ with h_c = log π(c) - log π_ref(c), h_r likewise, and Δ = h_c - h_r,
                                                     (SimPO, Meng et al. 2024)
 |c| and |r| are the replies' lengths in tokens. The implicit rewards reported beside a
 loss are β h (SimPO: β times the mean log-probability per token).
+
+RPO (Pang et al. 2024) adds α times the chosen replies' negative log-likelihood, a mean over
+every chosen token of the batch (not per pair), to a DPO loss: chosen_nll.
 """
 import jax
 import jax.numpy as jnp
@@ -29,6 +32,12 @@ SMOOTHED = ('sigmoid', 'robust', 'simpo')
 
 def reward_loss(chosen_b, rejected_b, margin_b):
   return -jax.nn.log_sigmoid(chosen_b - rejected_b - margin_b)
+
+
+def chosen_nll(chosen_logps_b, chosen_length_b, weight_b):
+  """-Σ log π(c) / Σ |c| over the pairs of weight 1 (a scalar)."""
+  return -jnp.sum(chosen_logps_b * weight_b) / jnp.maximum(
+      jnp.sum(chosen_length_b * weight_b), 1.0)
 
 
 def _smoothed_sigmoid(logits_b, smoothing: float):

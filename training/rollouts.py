@@ -133,12 +133,13 @@ class Sampler:
   completions' texts)."""
 
   def __init__(self, model_config, tokenizer, template, *, max_tokens: int, temperature: float,
-               seq_len: int):
+               seq_len: int, repetition_penalty: float = 1.0):
     self.tokenizer, self.template, self.seq_len = tokenizer, template, seq_len
     self.end_token = tokenizer.encode_single_token(template.end_token)
     self.generate = make_generate(
         nnx.graphdef(abstract_model(model_config)),
-        SamplingConfig(max_new_tokens=max_tokens, temperature=temperature),
+        SamplingConfig(max_new_tokens=max_tokens, temperature=temperature,
+                       repetition_penalty=repetition_penalty),
         end_token=self.end_token, n_valid=tokenizer.n_vocab)
 
   def prompt_ids(self, prompt: str) -> list[int]:
