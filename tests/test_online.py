@@ -209,7 +209,8 @@ def test_ppo_returns_are_the_score_less_the_kl_penalty(tmp_path, rng, reward_mod
 
 
 def test_ppo_raises_the_reward_and_exports_the_policy_alone(tmp_path, rng, reward_module):
-  _, rewards = short_run(tmp_path, rng, reward_module, 'ppo', 40, ppo_epochs=4)
+  _, rewards = short_run(tmp_path, rng, reward_module, 'ppo', 40, ppo_epochs=2,
+                         ppo_minibatches=2, grad_accum=2)
   assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.2, rewards
   loaded = run_lib.restore(str(tmp_path / 'ppo'))
   run_lib.workdir_to_hf(str(tmp_path / 'ppo'), str(tmp_path / 'hf'))
@@ -241,3 +242,15 @@ def test_a_resumed_grpo_run_repeats_the_uninterrupted_one(tmp_path, rng, reward_
   losses = lambda workdir: {m['step']: (m['loss'], m['reward']) for m in
                             metrics(str(tmp_path / workdir)) if 'reward' in m}
   assert losses('halves') == losses('whole')
+
+
+@pytest.mark.parametrize('fields, message', [
+    (dict(objective='ppo', ppo_minibatches=3, grad_accum=2),
+     '--ppo_minibatches=3 must be a positive divisor of --grad_accum=2'),
+    (dict(objective='ppo', ppo_minibatches=0), '--ppo_minibatches=0 must be a positive'),
+    (dict(objective='dpo', rpo_alpha=-0.5), '--rpo_alpha=-0.5 must be >= 0'),
+    (dict(objective='grpo', group_size=1), '--group_size=1 must be at least 2'),
+])
+def test_bad_settings_are_one_error_naming_the_flag(fields, message):
+  with pytest.raises(ConfigError, match=message):
+    TrainConfig(workdir='unused', data='unused.jsonl', **fields).validate()

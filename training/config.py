@@ -78,7 +78,10 @@ class TrainConfig:
   clip_epsilon: float = 0.2  # grpo, ppo: the ratio's clip range 1 +- epsilon.
   # rsft: the reward below which a prompt's best sample is not trained on; default: none.
   min_reward: float | None = None
-  ppo_epochs: int = 4  # ppo: optimizer updates on each rollout batch.
+  ppo_epochs: int = 4  # ppo: passes over each rollout batch.
+  # ppo: updates per pass, each on its share of the rollout's --grad_accum micro-batches (it
+  # must divide --grad_accum), in the same order every pass.
+  ppo_minibatches: int = 1
   gamma: float = 1.0  # ppo: the discount of later rewards.
   gae_lambda: float = 0.95  # ppo: lambda of generalised advantage estimation.
   value_coef: float = 0.1  # ppo: the weight of the value loss.
@@ -106,8 +109,13 @@ class TrainConfig:
 
   @property
   def updates_per_step(self) -> int:
-    """Optimizer updates a step takes: PPO's epochs over its rollout, else one."""
-    return self.ppo_epochs if self.objective == 'ppo' else 1
+    """Optimizer updates a step takes: PPO's epochs times minibatches, else one."""
+    return self.ppo_epochs * self.ppo_minibatches if self.objective == 'ppo' else 1
+
+  @property
+  def minibatches(self) -> int:
+    """The groups of micro-batches a step's updates take in turn (PPO's minibatches)."""
+    return self.ppo_minibatches if self.objective == 'ppo' else 1
 
   @property
   def micro_batch_size(self) -> int:
@@ -178,6 +186,10 @@ class TrainConfig:
       raise ConfigError(f'--clip_epsilon={self.clip_epsilon} must be in (0, 1)')
     if self.ppo_epochs < 1:
       raise ConfigError(f'--ppo_epochs={self.ppo_epochs} must be at least 1')
+    if self.ppo_minibatches < 1 or self.grad_accum % self.ppo_minibatches:
+      raise ConfigError(f'--ppo_minibatches={self.ppo_minibatches} must be a positive divisor '
+                        f'of --grad_accum={self.grad_accum}: each update takes a share of its '
+                        'micro-batches')
     for name in ('gamma', 'gae_lambda'):
       if not 0 <= getattr(self, name) <= 1:
         raise ConfigError(f'--{name}={getattr(self, name)} must be in [0, 1]')

@@ -213,7 +213,8 @@ def _run(train_config, opt_config, task, layout, *, print_fn, init_params, lead)
       graphdef, optimizer, schedule(opt_config), seed=train_config.seed,
       use_dropout=model_config.dropout_rate > 0 or model_config.lora_dropout > 0,
       z_loss=train_config.z_loss, max_z_loss=train_config.max_z_loss, loss_fn=task.loss,
-      trainable=task.trainable, prepare=task.prepare, epochs=train_config.updates_per_step,
+      trainable=task.trainable, prepare=task.prepare, updates=train_config.updates_per_step,
+      minibatches=train_config.minibatches,
       shardings=(params_at, opt_state_at, {k: v.sharding for k, v in first_batch.items()},
                  layout.replicated, jax.tree.map(lambda x: x.sharding, frozen)))
   compiled = step.lower(state.params, state.opt_state, first_batch,

@@ -21,8 +21,9 @@ most --completion_tokens each) and judges them, then takes one optimizer update:
         policy.
   ppo   one completion for each of --batch_size prompts; the per-token KL penalty, the score
         at the last token, GAE advantages from a value head on the policy's trunk
-        (value_head=true, zero at the start), then --ppo_epochs updates of the clipped
-        surrogate and value losses on the rollout (training/policy_losses.py).
+        (value_head=true, zero at the start), then --ppo_epochs passes of the clipped
+        surrogate and value losses over the rollout (training/policy_losses.py), each pass
+        --ppo_minibatches updates on its groups of micro-batches in turn.
 A step's batch is a pure function of (seed, step, parameters), so a resumed run repeats the
 uninterrupted one. Metrics: reward (mean of the step's samples), reward_std, kl (mean k3 per
 completion token; ppo: summed over the completion), entropy, completion_tokens,

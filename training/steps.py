@@ -55,7 +55,8 @@ def batch_loss(graphdef, params, batch):
 
 def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout: bool,
                     z_loss: float = 0.0, max_z_loss: float = 0.0, loss_fn=None,
-                    trainable=None, shardings=None, prepare=None, epochs: int = 1):
+                    trainable=None, shardings=None, prepare=None, updates: int = 1,
+                    minibatches: int = 1):
   """step(params, opt_state, batch, step, frozen=None) -> (params, opt_state, metrics).
 
   Every array of the batch dict arrives as A micro-batches [A, B, T]; their gradients are
@@ -70,8 +71,9 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
   shardings, which the step takes its inputs in and returns its outputs in.
   prepare(model, micro_batch, frozen) -> micro_batch, when given, adds to each micro-batch
   what the loss needs from the parameters the step starts with (PPO's old log-probabilities,
-  values and advantages); then `epochs` updates are taken over the batch, each from the
-  gradients of all its micro-batches (metrics: their mean over the updates).
+  values and advantages); then `updates` updates are taken, each from the gradients of one of
+  `minibatches` equal groups of the micro-batches, the groups in turn (metrics: their mean
+  over the updates). With one group every update sees the whole batch (PPO's epochs).
   """
   base_key = jax.random.key(seed)
 
@@ -111,16 +113,19 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
     if prepare is not None:
       model = nnx.merge(graphdef, params)
       batch = jax.lax.map(lambda micro: prepare(model, micro, frozen), batch)
-    if epochs == 1:
+    if updates == 1:
       return update(params, opt_state, batch, step, frozen, step_key)
+    groups = jax.tree.map(lambda x: x.reshape(minibatches, -1, *x.shape[1:]), batch)
 
-    def epoch(carry, index):
+    def one_update(carry, index):
       params, opt_state = carry
-      params, opt_state, metrics = update(params, opt_state, batch, step * epochs + index,
+      group = jax.tree.map(lambda x: x[index % minibatches], groups)
+      params, opt_state, metrics = update(params, opt_state, group, step * updates + index,
                                           frozen, jax.random.fold_in(step_key, index))
       return (params, opt_state), metrics
 
-    (params, opt_state), metrics = jax.lax.scan(epoch, (params, opt_state), jnp.arange(epochs))
+    (params, opt_state), metrics = jax.lax.scan(one_update, (params, opt_state),
+                                                jnp.arange(updates))
     return params, opt_state, jax.tree.map(jnp.mean, metrics)
 
   if shardings is None:
