@@ -53,6 +53,7 @@ from lmlab.data import arithmetic
 from lmlab.experiments import grid, report, stages
 from lmlab.models.registry import without_value_head
 from lmlab.training import run as run_lib
+from lmlab.training.config import ONLINE_OBJECTIVES
 from lmlab.training.online import GroupRelative
 
 METHODS = ('sft', 'sft_more', 'rsft', 'dpo', 'ipo', 'simpo', 'rpo', 'ppo', 'grpo')
@@ -121,15 +122,15 @@ def run():
   task = stages.reference_task(sft, arithmetic.SYNTHETIC, seq_len, COMPLETION_TOKENS)
   evaluate = judge(task)
   pairs = arithmetic.SYNTHETIC
-  if FLAGS.dpo_pairs == 'sampled' and {'dpo', 'ipo', 'simpo', 'rpo'} & set(axes['method']):
+  uses_pairs = any(METHOD_FIELDS.get(m, ('',))[0] == 'dpo' for m in axes['method'])
+  if FLAGS.dpo_pairs == 'sampled' and uses_pairs:
     pairs = sampled_pairs(task, os.path.join(settings.out, 'sampled_pairs.jsonl'))
   steps = settings.value('steps')
 
   def configure(cell, setup):
     objective, fields = METHOD_FIELDS[cell['method']]
     model, tokenizer, init_params = run_lib.init_from(sft, [])
-    online = objective in ('rsft', 'ppo', 'grpo')
-    if online:
+    if objective in ONLINE_OBJECTIVES:
       fields = dict(fields, completion_tokens=COMPLETION_TOKENS,
                     group_size=FLAGS.samples_per_prompt)
     if objective == 'rsft':  # batch_size prompts, samples_per_prompt samples of each.

@@ -17,10 +17,10 @@ such a model falls into loops ("self.x = x self.x = x ..."). Then, on the held-o
              (training/repetition.py), with the KL penalty to the SFT model (beta 0.04)
 Per decoder: distinct-1 and distinct-2 of its greedy replies (Li et al. 2016; words:
 training/repetition.py), their repeated bigrams and length in words, and, for trained
-models, the KL to the SFT
-model of one sampled reply per prompt (the price of the change; a penalty at decoding has no
-such number, as it changes no weights). The row 'data' measures the held-out replies
-themselves: what a model that continues code as the library does would score.
+models, the KL to the SFT model of one sampled reply per prompt (the price of the change; a
+penalty at decoding has no such number, as it changes no weights). The row 'data' measures
+the held-out replies themselves: what a model that continues code as the library does would
+score.
 
 What to expect: Holtzman et al. (2020) show greedy and beam decoding of language models
 degenerating into repetition; Keskar et al. (2019) propose the penalty, which also penalises
@@ -87,7 +87,7 @@ def measured(replies: list[str]) -> dict:
   """Means over the replies of distinct-1/2, repeated bigrams and length in words."""
   return {'distinct_1': float(np.mean([repetition.distinct_n(r, 1) for r in replies])),
           'distinct_2': float(np.mean([repetition.distinct_n(r, 2) for r in replies])),
-          'repeats': -float(np.mean([repetition.reward('', r) for r in replies])),
+          'repeats': float(np.mean([repetition.repeated_ngrams(r, 2) for r in replies])),
           'words': float(np.mean([len(repetition.words(r)) for r in replies]))}
 
 
@@ -140,8 +140,8 @@ def run():
   def measure(trained):
     if trained.params is None:
       return {}
-    kl = task.evaluate(grid.graphdef_of(trained.model), trained.params)['eval_kl']
-    return {'kl': kl, **measure_replies(task, trained.params, task.greedy)}
+    return {'kl': task.held_out_kl(grid.graphdef_of(trained.model), trained.params),
+            **measure_replies(task, trained.params, task.greedy)}
 
   records += grid.run(settings, settings.cells({'method': ['grpo']}), configure, measure)
   axes = ['method']

@@ -199,31 +199,33 @@ def test_gradient_accumulation_matches_one_big_batch(rng):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('updates, minibatches', [(4, 2), (3, 1)])
 def test_minibatch_updates_take_the_groups_in_turn_and_are_numbered_from_step_times_updates(
-    rng):
-  """updates=4 over minibatches=2 of 4 micro-batches (PPO: 2 epochs of 2 minibatches) equal
-  four single updates, on micro-batches (0, 1), (2, 3), (0, 1), (2, 3), in that order; the
-  schedule reads update numbers step * 4 to step * 4 + 3."""
+    updates, minibatches, rng):
+  """PPO's epochs times minibatches over 4 micro-batches equal single updates, in turn, on
+  each group of 4 / minibatches micro-batches: with 2, on (0, 1), (2, 3), (0, 1), (2, 3); with
+  1, on all 4 each time. The schedule reads update numbers step * updates onwards."""
   config = small_config()
   graphdef, params = nnx.split(build(config, rng))
   optimizer, rate = optax.sgd(0.5), lambda n: 1.0 / (1.0 + n)
   several = steps_lib.make_train_step(graphdef, optimizer, rate, seed=0, use_dropout=False,
-                                      updates=4, minibatches=2)
+                                      updates=updates, minibatches=minibatches)
   single = steps_lib.make_train_step(graphdef, optimizer, rate, seed=0, use_dropout=False)
   tokens = random_tokens(rng, config, (4, 2, 9))
   batch = {'inputs': tokens[..., :-1], 'targets': tokens[..., 1:]}
   step = int(rng.integers(0, 100))
   got, _, metrics = several(jax.tree.map(jnp.copy, params), optimizer.init(params), batch,
                             jnp.int32(step))
-  expected, losses = params, []
-  for index in range(4):
-    first = 2 * (index % 2)
-    group = jax.tree.map(lambda x: x[first:first + 2], batch)
+  expected, losses, size = params, [], 4 // minibatches
+  for index in range(updates):
+    first = size * (index % minibatches)
+    group = jax.tree.map(lambda x: x[first:first + size], batch)
     expected, _, m = single(expected, optimizer.init(expected), group, jnp.int32(0))
     losses.append(float(m['loss']))
   np.testing.assert_allclose(float(metrics['loss']), np.mean(losses), rtol=1e-5)
   np.testing.assert_allclose(float(metrics['lr']),
-                             np.mean([rate(step * 4 + i) for i in range(4)]), rtol=1e-6)
+                             np.mean([rate(step * updates + i) for i in range(updates)]),
+                             rtol=1e-6)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 

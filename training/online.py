@@ -149,9 +149,9 @@ class _Online(Objective):
       replies.update(zip(rows[:real], texts))
     return replies
 
-  def evaluate(self, graphdef, params):
-    """eval_reward of greedy completions and eval_kl of sampled ones over every held-out
-    prompt (see the module docstring), batched by prompt length."""
+  def held_out_kl(self, graphdef, params) -> float:
+    """The mean over the held-out prompts of the summed log-ratio to the reference of one
+    completion sampled from params: a one-sample estimate of KL(policy || reference)."""
     if graphdef not in self._kl:
 
       def kl(params, reference, sequences, mask):
@@ -160,21 +160,27 @@ class _Online(Objective):
         return jnp.sum((logps - ref_logps) * mask[:, 1:], axis=1)
 
       self._kl[graphdef] = jax.jit(kl)
-    rewards, kls, tokens = [], [], []
-    for n, (rows, real, prompt_ids) in enumerate(self._length_batches(self.val)):
+    kls = []
+    for n, (_, real, prompt_ids) in enumerate(self._length_batches(self.val)):
+      sampled, sampled_mask, _, _ = self.sampler.sample(
+          params, prompt_ids, jax.random.fold_in(jax.random.key(self.config.seed), n))
+      kls += list(np.asarray(self._kl[graphdef](params, self.reference, sampled,
+                                                sampled_mask))[:real])
+    return float(np.mean(kls))
+
+  def evaluate(self, graphdef, params):
+    """eval_reward of greedy completions and eval_kl of sampled ones over every held-out
+    prompt (see the module docstring), batched by prompt length."""
+    rewards, tokens = [], []
+    for rows, real, prompt_ids in self._length_batches(self.val):
       prompts = [self.prompts[i] for i in rows]
       sequences, mask, lengths, texts = self.greedy.sample(params, prompt_ids, jax.random.key(0))
       rewards += list(self.reward(prompts, texts, sequences, lengths)[:real])
       tokens += list(mask.sum(axis=1)[:real])
-      if self.reference is not None:
-        sampled, sampled_mask, _, _ = self.sampler.sample(
-            params, prompt_ids, jax.random.fold_in(jax.random.key(self.config.seed), n))
-        kls += list(np.asarray(self._kl[graphdef](params, self.reference, sampled,
-                                                  sampled_mask))[:real])
     metrics = {'eval_loss': -float(np.mean(rewards)), 'eval_reward': float(np.mean(rewards)),
                'eval_completion_tokens': float(np.mean(tokens))}
-    if kls:
-      metrics['eval_kl'] = float(np.mean(kls))
+    if self.reference is not None:
+      metrics['eval_kl'] = self.held_out_kl(graphdef, params)
     return metrics
 
 

@@ -30,7 +30,12 @@ def distinct_n(text: str, n: int) -> float:
   return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def repeated_ngrams(text: str, n: int) -> int:
+  """How many of the text's word n-grams repeat an earlier one."""
+  grams = ngrams(text, n)
+  return len(grams) - len(set(grams))
+
+
 def reward(prompt: str, completion: str) -> float:
   del prompt
-  grams = ngrams(completion, 2)
-  return float(len(set(grams)) - len(grams))
+  return -float(repeated_ngrams(completion, 2))

@@ -119,7 +119,8 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
 
     def one_update(carry, index):
       params, opt_state = carry
-      group = jax.tree.map(lambda x: x[index % minibatches], groups)
+      group = batch if minibatches == 1 else jax.tree.map(lambda x: x[index % minibatches],
+                                                          groups)
       params, opt_state, metrics = update(params, opt_state, group, step * updates + index,
                                           frozen, jax.random.fold_in(step_key, index))
       return (params, opt_state), metrics
