@@ -22,6 +22,7 @@ from lmlab.models.attention import SelfAttention, empty_kv_cache
 from lmlab.models.cross_attention import CrossAttention
 from lmlab.models.mla import LatentAttention, empty_latent_cache
 from lmlab.models.mlp import MLP
+from lmlab.models.moe import MoE
 from lmlab.models.normalization import make_norm
 from lmlab.models.stack import split_keys
 
@@ -64,7 +65,9 @@ def sublayer_key(branch_key):
 
 class Block(nnx.Module):
 
-  def __init__(self, config, *, dtype, param_dtype, rngs, cross_attention=False):
+  def __init__(self, config, *, dtype, param_dtype, rngs, cross_attention=False, layer=0):
+    """layer: the block's index in its stack, which decides whether its MLP is a mixture of
+    experts (ModelConfig.is_moe_layer)."""
     placement = PLACEMENTS[config.norm_placement]
     alpha, beta = (deepnorm_constants(config.n_layers) if config.norm_placement == 'deepnorm'
                    else (1.0, 1.0))
@@ -83,7 +86,8 @@ class Block(nnx.Module):
     self.cross_attention = (CrossAttention(config, out_init_scale=beta, dtype=dtype,
                                            param_dtype=param_dtype, rngs=rngs)
                             if cross_attention else None)
-    self.mlp = MLP(config, init_scale=beta, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    mlp_class = MoE if config.is_moe_layer(layer) else MLP
+    self.mlp = mlp_class(config, init_scale=beta, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attn_in_norm = norm_if(placement.in_norm)
     self.attn_out_norm = norm_if(placement.out_norm)
     self.attn_sum_norm = norm_if(placement.sum_norm)

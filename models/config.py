@@ -9,6 +9,7 @@ import math
 import typing
 
 from lmlab.kernels import attention as attention_lib
+from lmlab.kernels import grouped_matmul
 from lmlab.models.errors import ConfigError
 from lmlab.models.json_values import is_finite_number
 from lmlab.models.rope_scaling import rope_frequencies
@@ -54,6 +55,16 @@ UNPACKED_PEFTS = ('prompt', 'prefix')
 # them (q_proj, ..., gate_proj, up_proj, down_proj) are these with '_proj' and mean the same.
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 PROMPT_INITS = ('random', 'vocab')
+# Mixture-of-experts routers and ways to compute the experts (models/moe.py).
+MOE_ROUTERS = ('softmax_topk', 'topk_softmax')
+MOE_COMPUTES = ('dropless', 'capacity', 'dense')
+MOE_MATMULS = ('auto', *grouped_matmul.IMPLEMENTATIONS)
+# Fields that only a mixture-of-experts model (moe_experts > 0) reads.
+MOE_FIELDS = ('moe_top_k', 'moe_ffn_dim', 'moe_router', 'moe_norm_topk', 'moe_routed_scale',
+              'moe_groups', 'moe_topk_groups', 'moe_shared_ffn_dim', 'moe_shared_gate',
+              'moe_first_dense', 'moe_layer_freq', 'moe_compute', 'moe_matmul',
+              'moe_capacity_factor',
+              'moe_aux_loss_weight', 'moe_z_loss_weight')
 # How QLoRA stores each adapted layer's frozen kernel (models/quantize.py); '': as it is.
 LORA_QUANTIZE = ('', 'int8', 'nf4')
 
@@ -130,6 +141,26 @@ class ModelConfig:
   n_decoder_layers: int = 0     # encoder_decoder: decoder layers; 0: n_layers, as the encoder.
   embed_scale: bool = False     # encoder_decoder: embeddings times sqrt(d_model).
 
+  # Mixture of experts (models/moe.py): moe_experts > 0 makes the MLP of the chosen layers a
+  # router over that many expert MLPs of type `mlp`, moe_top_k of which run per token.
+  moe_experts: int = 0
+  moe_top_k: int = 2
+  moe_ffn_dim: int = 0          # each expert's hidden units; 0: ffn_dim.
+  moe_router: str = 'softmax_topk'  # one of MOE_ROUTERS.
+  moe_norm_topk: bool = False   # softmax_topk: the k weights divided by their sum.
+  moe_routed_scale: float = 1.0  # the routed experts' weights times this (DeepSeek-V2).
+  moe_groups: int = 0           # > 0: DeepSeek-V2's group-limited routing over this many groups
+  moe_topk_groups: int = 0      # ... of which each token picks its experts from this many.
+  moe_shared_ffn_dim: int = 0   # > 0: a shared expert MLP this wide that every token passes.
+  moe_shared_gate: bool = False  # the shared expert's output times sigmoid(x w) (Qwen2-MoE).
+  moe_first_dense: int = 0      # the first layers keep a dense MLP (DeepSeek's first_k_dense).
+  moe_layer_freq: int = 1       # then every moe_layer_freq-th layer (1-based) is MoE (Qwen).
+  moe_compute: str = 'dropless'  # one of MOE_COMPUTES.
+  moe_matmul: str = 'auto'      # dropless: kernels/grouped_matmul.py's implementation.
+  moe_capacity_factor: float = 1.25  # moe_compute=capacity: slots per expert over the mean.
+  moe_aux_loss_weight: float = 0.01  # the load-balancing loss's weight in training.
+  moe_z_loss_weight: float = 0.0     # the router z-loss's (ST-MoE uses 1e-3).
+
   dtype: str = 'float32'        # compute dtype.
   param_dtype: str = 'float32'
   remat: str = 'none'           # one of REMATS.
@@ -164,6 +195,19 @@ class ModelConfig:
   # Comma-separated token ids whose embedding (and output) rows train beside any method's
   # parameters, as deltas from the frozen table (models/trainable_tokens.py).
   trainable_tokens: str = ''
+
+  @property
+  def expert_ffn_dim(self) -> int:
+    return self.moe_ffn_dim or self.ffn_dim
+
+  def is_moe_layer(self, layer: int) -> bool:
+    """Whether block `layer` (from 0) has a mixture of experts in place of its MLP."""
+    return (self.moe_experts > 0 and layer >= self.moe_first_dense
+            and (layer + 1) % self.moe_layer_freq == 0)
+
+  @property
+  def moe_layers(self) -> int:
+    return sum(map(self.is_moe_layer, range(self.n_layers)))
 
   @property
   def resolved_head_dim(self) -> int:
@@ -305,6 +349,7 @@ class ModelConfig:
       if getattr(self, name) < 0:
         raise ConfigError(f'{name}={getattr(self, name)} must be >= 0 (0: off)')
     self._validate_dca()
+    self._validate_moe()
     self._validate_family()
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f'dropout_rate={self.dropout_rate} must be in [0, 1)')
@@ -327,6 +372,55 @@ class ModelConfig:
       raise ConfigError(f'dca_local_size={local} must be less than half of dca_chunk_size='
                         f'{chunk}: chunks hold chunk_size - local_size tokens, and the local '
                         'window must fit in one (Qwen2.5-1M: 262144 and 8192)')
+
+  def _validate_moe(self):
+    if not self.moe_experts:
+      for name in MOE_FIELDS:
+        if getattr(self, name) != getattr(ModelConfig, name):
+          raise ConfigError(f'{name}={getattr(self, name)!r} applies to a mixture of experts '
+                            'only; set moe_experts > 0')
+      return
+    if self.moe_experts < 0:
+      raise ConfigError(f'moe_experts={self.moe_experts} must be >= 0 (0: a dense MLP)')
+    if not 0 < self.moe_top_k <= self.moe_experts:
+      raise ConfigError(f'moe_top_k={self.moe_top_k} must be in [1, moe_experts='
+                        f'{self.moe_experts}]')
+    choices = {'moe_router': MOE_ROUTERS, 'moe_compute': MOE_COMPUTES,
+               'moe_matmul': MOE_MATMULS}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ConfigError(f'{name}={getattr(self, name)!r} is not one of {", ".join(allowed)}')
+    for name in ('moe_ffn_dim', 'moe_shared_ffn_dim', 'moe_first_dense', 'moe_groups',
+                 'moe_topk_groups'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'{name}={getattr(self, name)} must be >= 0')
+    if self.moe_layer_freq <= 0:
+      raise ConfigError(f'moe_layer_freq={self.moe_layer_freq} must be positive')
+    if self.moe_norm_topk and self.moe_router != 'softmax_topk':
+      raise ConfigError('moe_norm_topk=true renormalises softmax_topk\'s weights; '
+                        f'moe_router={self.moe_router} sums to 1 already')
+    if self.moe_shared_gate and not self.moe_shared_ffn_dim:
+      raise ConfigError('moe_shared_gate=true gates a shared expert; set moe_shared_ffn_dim')
+    if self.moe_groups or self.moe_topk_groups:
+      if not 0 < self.moe_topk_groups <= self.moe_groups or self.moe_experts % self.moe_groups:
+        raise ConfigError(f'moe_groups={self.moe_groups} must divide moe_experts='
+                          f'{self.moe_experts}, and moe_topk_groups={self.moe_topk_groups} be in '
+                          '[1, moe_groups]')
+      if self.moe_top_k > self.moe_topk_groups * (self.moe_experts // self.moe_groups):
+        raise ConfigError(f'moe_top_k={self.moe_top_k} is more experts than '
+                          f'moe_topk_groups={self.moe_topk_groups} groups hold')
+    for name in ('moe_routed_scale', 'moe_capacity_factor'):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f'{name}={getattr(self, name)} must be positive')
+    for name in ('moe_aux_loss_weight', 'moe_z_loss_weight'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'{name}={getattr(self, name)} must be >= 0')
+    if self.family != 'decoder':
+      raise ConfigError(f'moe_experts={self.moe_experts}: mixtures of experts are implemented '
+                        f'for family=decoder only, not {self.family}')
+    if self.use_bias:
+      raise ConfigError('use_bias=true: the experts have no biases; set use_bias=false with '
+                        'moe_experts > 0')
 
   def _validate_family(self):
     for family, unused in FAMILY_FIELDS.items():
@@ -396,7 +490,10 @@ class ModelConfig:
       raise ConfigError(f'lora_alpha={self.lora_alpha} must be positive')
     if not 0.0 <= self.lora_dropout < 1.0:
       raise ConfigError(f'lora_dropout={self.lora_dropout} must be in [0, 1)')
-    self.lora_target_names  # Raises on a name that is not a target.
+    mlp_targets = [name for name in self.lora_target_names if name in ('gate', 'up', 'down')]
+    if self.moe_experts and mlp_targets:
+      raise ConfigError(f'lora_targets={self.lora_targets!r}: LoRA of a mixture of experts\' '
+                        f'MLPs ({", ".join(mlp_targets)}) is not implemented; target q, k, v, o')
     if self.lora_quantize not in LORA_QUANTIZE:
       raise ConfigError(f'lora_quantize={self.lora_quantize!r} is not one of '
                         f'{", ".join(map(repr, LORA_QUANTIZE))}')
@@ -476,6 +573,12 @@ def _qwen2(**fields) -> ModelConfig:
   return _llama(qkv_bias=True, norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, **fields)
 
 
+def _deepseek_v2(**fields) -> ModelConfig:
+  """DeepSeek-V2: MLA attention, interleaved RoPE, and DeepSeekMoE layers after the first."""
+  return _llama(attention_type='mla', rope_interleaved=True, norm_eps=1e-6, moe_first_dense=1,
+                **fields)
+
+
 def _bert(**fields) -> ModelConfig:
   """BERT's encoder with its pre-training heads (BertForPreTraining)."""
   base = dict(family='encoder', causal=False, norm='layernorm', norm_eps=1e-12,
@@ -512,6 +615,22 @@ PRESETS = {
                          n_kv_heads=2, ffn_dim=8960, tie_embeddings=True),
     'qwen2-7b': _qwen2(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28,
                        n_kv_heads=4, ffn_dim=18944, tie_embeddings=False),
+    # Mixtures of experts; param_count and active_param_count (per token) in models/registry.py.
+    'mixtral-8x7b': _llama(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                           ffn_dim=14336, max_seq_len=32768, rope_theta=1e6, moe_experts=8,
+                           moe_top_k=2, moe_router='topk_softmax', moe_aux_loss_weight=0.02),
+    'qwen2-57b-a14b': _qwen2(vocab_size=151936, d_model=3584, n_layers=28, n_heads=28,
+                             n_kv_heads=4, ffn_dim=18944, moe_experts=64, moe_top_k=8,
+                             moe_ffn_dim=2560, moe_shared_ffn_dim=20480, moe_shared_gate=True,
+                             moe_aux_loss_weight=0.001),
+    'deepseek-v2-lite': _deepseek_v2(
+        vocab_size=102400, d_model=2048, n_layers=27, n_heads=16, n_kv_heads=16, ffn_dim=10944,
+        max_seq_len=163840, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
+        v_head_dim=128, rope_scaling=json.dumps(dict(
+            type='yarn', factor=40, original_max_position_embeddings=4096, beta_fast=32,
+            beta_slow=1, mscale=0.707, mscale_all_dim=0.707)),
+        moe_experts=64, moe_top_k=6, moe_ffn_dim=1408, moe_shared_ffn_dim=2816,
+        moe_aux_loss_weight=0.001),
     # Pre-trains with MLM + NSP on a laptop CPU in minutes (Turc et al. 2019's BERT-Tiny).
     'bert-tiny': _bert(vocab_size=0, d_model=128, n_layers=2, n_heads=2, n_kv_heads=2,
                        ffn_dim=512),

@@ -31,8 +31,8 @@ class DecoderLM(nnx.Module):
                                                       (VOCAB, EMBED)))
     self.positions = make_position_encoding(config, dtype=dtype, param_dtype=param_dtype,
                                             rngs=rngs)
-    self.blocks = nnx.List([Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                            for _ in range(config.n_layers)])
+    self.blocks = nnx.List([Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                  layer=i) for i in range(config.n_layers)])
     self.embed_norm = (make_norm(config.norm, config.d_model, eps=config.norm_eps, dtype=dtype,
                                  param_dtype=param_dtype) if config.embed_norm else identity)
     self.final_norm = (make_norm(config.norm, config.d_model, eps=config.norm_eps, dtype=dtype,

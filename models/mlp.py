@@ -19,7 +19,10 @@ GATED = ('swiglu', 'geglu')
 class MLP(nnx.Module):
   """down(act(up(x))), or down(act(gate(x)) * up(x)) for gated units (Shazeer 2020)."""
 
-  def __init__(self, config, *, init_scale: float, dtype, param_dtype, rngs):
+  def __init__(self, config, *, init_scale: float, dtype, param_dtype, rngs, ffn_dim=None):
+    """ffn_dim: the hidden units; default config.ffn_dim."""
+    ffn_dim = ffn_dim or config.ffn_dim
+
     def linear(d_in, d_out, axes):
       return Dense(d_in, d_out, axes=axes, use_bias=config.use_bias,
                    init_std=config.init_std * init_scale, dtype=dtype, param_dtype=param_dtype,
@@ -27,9 +30,9 @@ class MLP(nnx.Module):
 
     self.kind = config.mlp
     if self.kind in GATED:
-      self.gate = linear(config.d_model, config.ffn_dim, (EMBED, HIDDEN))
-    self.up = linear(config.d_model, config.ffn_dim, (EMBED, HIDDEN))
-    self.down = linear(config.ffn_dim, config.d_model, (HIDDEN, EMBED))
+      self.gate = linear(config.d_model, ffn_dim, (EMBED, HIDDEN))
+    self.up = linear(config.d_model, ffn_dim, (EMBED, HIDDEN))
+    self.down = linear(ffn_dim, config.d_model, (HIDDEN, EMBED))
 
   def __call__(self, x_btd, dropout_key=None):
     """dropout_key: dropout inside the layers (LoRA's adapters) is on when one is given."""

@@ -11,6 +11,7 @@ from lmlab.models.decoder import DecoderLM
 from lmlab.models.adapter import AdapterParam, add_adapters
 from lmlab.models.llama_adapter import AdaptionPromptParam, add_llama_adapter
 from lmlab.models.lora import add_lora, float_config
+from lmlab.models.moe import unchosen_expert_params
 from lmlab.models.prefix_tuning import PrefixParam, add_prefix
 from lmlab.models.prompt_tuning import PromptParam, add_prompt
 from lmlab.models.seq2seq import EncoderDecoder
@@ -63,6 +64,12 @@ def param_count(config: ModelConfig) -> int:
   stands for."""
   return sum(leaf.size for leaf in jax.tree.leaves(
       nnx.state(abstract_model(float_config(config)), nnx.Param)))
+
+
+def active_param_count(config: ModelConfig) -> int:
+  """Parameters each token is computed with: param_count less the experts a mixture of
+  experts does not choose for it (param_count itself for a dense model)."""
+  return param_count(config) - unchosen_expert_params(config)
 
 
 def without_value_head(model):

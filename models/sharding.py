@@ -7,7 +7,11 @@ axes each name is sharded over; the defaults give data parallelism over 'data', 
 style FSDP over 'fsdp' (parameters split along d_model) and Megatron tensor parallelism over
 'tensor' (heads, the MLP's hidden units and the vocabulary split):
 
-    batch -> (data, fsdp)   embed -> fsdp   heads, kv_heads, mlp, vocab -> tensor
+    batch -> (data, fsdp, expert)   embed -> fsdp   heads, kv_heads, mlp, vocab -> tensor
+    expert -> expert
+
+The 'expert' axis splits a mixture of experts' experts (expert parallelism, models/moe.py)
+and, everywhere else, the batch, as one more data-parallel axis.
 
 A dimension is split only as far as it divides evenly, in whole units (a head is never cut
 in two): with fewer KV heads than the tensor axis has devices, KV projections stay whole on
@@ -30,10 +34,12 @@ from lmlab.models.errors import ConfigError
 BATCH, LENGTH = 'batch', 'length'
 EMBED, MLP, HEADS, KV_HEADS, VOCAB = 'embed', 'mlp', 'heads', 'kv_heads', 'vocab'
 NORM = 'norm'  # norm scales and biases: small, kept whole by default.
-LOGICAL_AXES = (BATCH, LENGTH, EMBED, MLP, HEADS, KV_HEADS, VOCAB, NORM)
+EXPERT = 'expert'  # the experts of a mixture-of-experts layer.
+LOGICAL_AXES = (BATCH, LENGTH, EMBED, MLP, HEADS, KV_HEADS, VOCAB, NORM, EXPERT)
 
-DEFAULT_RULES = {BATCH: ('data', 'fsdp'), LENGTH: (), EMBED: ('fsdp',), MLP: ('tensor',),
-                 HEADS: ('tensor',), KV_HEADS: ('tensor',), VOCAB: ('tensor',), NORM: ()}
+DEFAULT_RULES = {BATCH: ('data', 'fsdp', 'expert'), LENGTH: (), EMBED: ('fsdp',),
+                 MLP: ('tensor',), HEADS: ('tensor',), KV_HEADS: ('tensor',), VOCAB: ('tensor',),
+                 NORM: (), EXPERT: ('expert',)}
 
 
 def param(value, axes, kind=nnx.Param):
@@ -143,6 +149,30 @@ def attention_partition(q_bthd, k_bskd) -> Partition | None:
     return None
   return Partition(rules.mesh, rules.spec((BATCH, None, HEADS, None), q_bthd.shape),
                    rules.spec((BATCH, None, KV_HEADS, None), k_bskd.shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertPartition:
+  """How the active rules split a mixture of experts: the experts over the mesh axis
+  `axis`, its tokens as `token_spec` says (a PartitionSpec of [tokens, features])."""
+  mesh: jax.sharding.Mesh
+  axis: str
+  token_spec: PartitionSpec
+
+
+def expert_partition(n_tokens: int) -> ExpertPartition | None:
+  """The split of n_tokens tokens' mixture of experts under the active rules, when they
+  split experts over devices; None otherwise (outside `activation_rules` too)."""
+  rules = _ACTIVE.get()
+  if rules is None:
+    return None
+  axes = [axis for axis in rules.rules.get(EXPERT, ()) if rules.mesh.shape[axis] > 1]
+  if not axes:
+    return None
+  if len(axes) > 1:
+    raise ConfigError(f'the experts are split over {"+".join(axes)}; expert parallelism '
+                      'takes one mesh axis')
+  return ExpertPartition(rules.mesh, axes[0], rules.spec((BATCH, None), (n_tokens, 1)))
 
 
 def attention(q_bthd, k_bskd, v_bskd, **kwargs):

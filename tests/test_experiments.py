@@ -11,7 +11,7 @@ from absl import flags
 
 from lmlab.data import arithmetic
 from lmlab.experiments import (activations, alignment, attention_scale, attention_types,
-                               finetuning, initialisation, norm_placement,
+                               finetuning, initialisation, moe, norm_placement,
                                position_extrapolation, repetition)
 from lmlab.models.config import ModelConfig
 from lmlab.models.registry import param_count
@@ -107,6 +107,21 @@ def test_activations_two_seeds(tmp_path, corpus):
   run_script(activations, tmp_path, corpus, '--mlps=relu', '--seeds=2')
   check_outputs(tmp_path, ['mlp'], 'validation loss', 'final_eval_loss', 2)
   assert '±' in table(tmp_path)[0]['validation loss']
+
+
+def test_moe(tmp_path, corpus):
+  """A dense run and a DeepSeekMoE-like one with the dense run's active parameters: top-1 of
+  16 experts of width F/2 plus a shared expert of F/2, and a router [D, 16] per layer."""
+  run_script(moe, tmp_path, corpus, '--variants=dense,top1_shared')
+  check_outputs(tmp_path, ['variant'], 'validation loss', 'final_eval_loss', 2, 'load.png')
+  rows = {row['variant']: row for row in csv_rows(tmp_path)}
+  d, f = 16, 43  # d_model and the gated width 8/3 d
+  assert int(rows['dense']['active_params']) == int(rows['dense']['params'])
+  assert int(rows['top1_shared']['active_params']) == (int(rows['dense']['params'])
+                                                       - 3 * d * f + 3 * d * 2 * (f // 2) + d * 16)
+  assert rows['dense']['load_entropy'] == ''
+  assert 0 < float(rows['top1_shared']['load_entropy']) <= 1
+  assert 1 / 16 <= float(rows['top1_shared']['busiest_share']) <= 1
 
 
 def test_attention_types(tmp_path, corpus):

@@ -28,7 +28,15 @@ BLOOM_TINY = dict(vocab_size=97, hidden_size=32, n_layer=2, n_head=4)
 DEEPSEEK_TINY = dict(TINY, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None,
                      qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10,
                      first_k_dense_replace=2, rms_norm_eps=1e-5)
-BASES = {'Bloom': BLOOM_TINY, 'DeepseekV2': DEEPSEEK_TINY}
+# Mixtures of experts, each with experts of another width than its dense layers.
+MIXTRAL_TINY = dict(TINY, num_local_experts=4, num_experts_per_tok=2)
+QWEN_MOE_TINY = dict(TINY, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=20,
+                     num_hidden_layers=3)
+BASES = {'Bloom': BLOOM_TINY, 'DeepseekV2': DEEPSEEK_TINY, 'Mixtral': MIXTRAL_TINY,
+         'Qwen2Moe': dict(QWEN_MOE_TINY, shared_expert_intermediate_size=24),
+         'Qwen3Moe': dict(QWEN_MOE_TINY, head_dim=16)}
+DEEPSEEK_MOE = dict(num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8,
+                    num_experts_per_tok=3, moe_intermediate_size=12, n_shared_experts=2)
 YARN = {'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 16,
         'beta_fast': 32.0, 'beta_slow': 1.0}
 LLAMA3 = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
@@ -56,8 +64,16 @@ CASES = {
         YARN, mscale=0.707, mscale_all_dim=0.707))),
     'deepseek-bias-tied': ('DeepseekV2', dict(attention_bias=True, mlp_bias=True,
                                               tie_word_embeddings=True)),
+    'mixtral': ('Mixtral', dict(sliding_window=5)),
+    'qwen2-moe': ('Qwen2Moe', dict(mlp_only_layers=[0], norm_topk_prob=True)),
+    'qwen2-moe-sparse-step': ('Qwen2Moe', dict(decoder_sparse_step=2, qkv_bias=False)),
+    'qwen3-moe': ('Qwen3Moe', dict(norm_topk_prob=True)),
+    'deepseek-moe': ('DeepseekV2', dict(DEEPSEEK_MOE, routed_scaling_factor=1.5)),
+    'deepseek-moe-grouped': ('DeepseekV2', dict(DEEPSEEK_MOE, topk_method='group_limited_greedy',
+                                                n_group=4, topk_group=2, q_lora_rank=12)),
 }
-GENERATION_CASES = ('llama', 'qwen2', 'qwen3', 'mistral', 'bloom', 'deepseek', 'deepseek-q-lora')
+GENERATION_CASES = ('llama', 'qwen2', 'qwen3', 'mistral', 'bloom', 'deepseek', 'deepseek-q-lora',
+                    'mixtral', 'qwen2-moe', 'qwen3-moe', 'deepseek-moe')
 
 
 def hf_model(family: str, fields: dict, seed: int, head: str = 'ForCausalLM'):
@@ -119,9 +135,10 @@ def checkpoint(request, rng, tmp_path):
 
 @pytest.mark.parametrize('checkpoint', list(CASES), indirect=True)
 def test_logits_match_transformers_with_left_padding(checkpoint, rng, tmp_path):
-  _, model, path = checkpoint
+  name, model, path = checkpoint
   ours = hf.load(path)
   assert ours.config.attention_type == ('mla' if 'Deepseek' in type(model).__name__ else 'mha')
+  assert (ours.config.moe_layers > 0) == ('moe' in name or name == 'mixtral')
   ids, mask = left_padded_batch(rng, model.config.vocab_size)
   expected = hf_logits(model, ids, mask)
   got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))

@@ -45,9 +45,10 @@ def test_on_eight_devices():
 
 
 @pytest.mark.parametrize('text, expected', [
-    ('data:-1', dict(data=8, fsdp=1, tensor=1)),
-    ('data:2,fsdp:2,tensor:2', dict(data=2, fsdp=2, tensor=2)),
-    ('tensor:2,fsdp:-1', dict(data=1, fsdp=4, tensor=2)),
+    ('data:-1', dict(data=8, fsdp=1, expert=1, tensor=1)),
+    ('data:2,fsdp:2,tensor:2', dict(data=2, fsdp=2, expert=1, tensor=2)),
+    ('tensor:2,fsdp:-1', dict(data=1, fsdp=4, expert=1, tensor=2)),
+    ('data:2,expert:4', dict(data=2, fsdp=1, expert=4, tensor=1)),
 ])
 def test_mesh_flag(text, expected):
   assert mesh_shape(text, 8) == expected

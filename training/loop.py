@@ -22,7 +22,7 @@ from lmlab.data.errors import DataError
 from lmlab.models import sharding
 from lmlab.models.config import ModelConfig
 from lmlab.models.errors import ConfigError
-from lmlab.models.registry import abstract_model, build, param_count
+from lmlab.models.registry import abstract_model, active_param_count, build, param_count
 from lmlab.training import mfu as mfu_lib
 from lmlab.training import objectives
 from lmlab.training import parallel
@@ -85,7 +85,8 @@ def _parameter_sizes(state: TrainState, trainable, model_config: ModelConfig) ->
   count = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree))
   total = param_count(model_config)
   trained = count(steps_lib.trainable_part(state.params, trainable))
-  return {'params': total, 'trainable_params': trained, 'trainable_share': trained / total,
+  return {'params': total, 'active_params': active_param_count(model_config),
+          'trainable_params': trained, 'trainable_share': trained / total,
           'opt_state_bytes_per_device': parallel.bytes_per_device(state.opt_state)}
 
 
@@ -199,7 +200,9 @@ def _run(train_config, opt_config, task, layout, *, print_fn, init_params, lead)
   print_fn(f'mesh {dict(layout.mesh.shape)} on {jax.device_count()} devices '
            f'({jax.process_count()} processes); parameters: {param_bytes / 2**20:.1f} MiB '
            f'on the fullest device; trains {sizes["trainable_params"]:,} of '
-           f'{sizes["params"]:,} ({sizes["trainable_share"]:.2%}), optimizer state '
+           f'{sizes["params"]:,} ({sizes["trainable_share"]:.2%}'
+           + (f'; {sizes["active_params"]:,} active per token'
+              if sizes['active_params'] != sizes['params'] else '') + '), optimizer state '
            f'{sizes["opt_state_bytes_per_device"] / 2**20:.1f} MiB')
 
   def batch_at(step, params):

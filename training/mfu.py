@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lmlab.models.moe import unchosen_expert_params
 from lmlab.models.lora import float_config
 from lmlab.models.registry import abstract_model
 
@@ -33,11 +34,12 @@ def peak_flops(device_kind: str):
 
 def matmul_params(config) -> int:
   """Weights each token is multiplied by once per forward pass: the blocks' matrices (a QLoRA
-  kernel as the values it stands for) and the output head (tied or not)."""
+  kernel as the values it stands for; of a mixture of experts, the top_k experts chosen and
+  the router) and the output head (tied or not)."""
   blocks = abstract_model(float_config(config)).blocks
   block_weights = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(blocks, nnx.Param))
                       if leaf.ndim >= 2)
-  return block_weights + config.d_model * config.vocab_size
+  return block_weights - unchosen_expert_params(config) + config.d_model * config.vocab_size
 
 
 def mean_visible_keys(config, seq_len: int) -> float:

@@ -1,9 +1,10 @@
 """The device mesh of a run and how its state and batches are laid out on it.
 
-`--mesh=data:2,fsdp:2,tensor:2` names the sizes of the three mesh axes (-1: the devices
-left over; an axis not named has size 1). Parameters and optimizer moments are placed by
-their logical axis names through the rules of models/sharding.py (`--logical_rules` changes
-them); each step's batch is split over the batch rule's axes, (data, fsdp) by default.
+`--mesh=data:2,fsdp:2,tensor:2` names the sizes of the four mesh axes (-1: the devices
+left over; an axis not named has size 1); `expert` splits a mixture of experts' experts
+(`--mesh=data:2,expert:4`). Parameters and optimizer moments are placed by their logical
+axis names through the rules of models/sharding.py (`--logical_rules` changes them); each
+step's batch is split over the batch rule's axes, (data, fsdp, expert) by default.
 
 Several processes (hosts, or one per GPU) form one run through JAX's own distributed runtime:
 `initialize_distributed` calls jax.distributed.initialize, and from then on jax.devices()
@@ -21,12 +22,12 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from lmlab.models.errors import ConfigError
 from lmlab.models import sharding
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 
 def mesh_shape(text: str, n_devices: int) -> dict:
-  """{'data': ..., 'fsdp': ..., 'tensor': ...} from 'data:2,fsdp:-1'; the sizes multiply to
-  n_devices."""
+  """{'data': ..., 'fsdp': ..., 'expert': ..., 'tensor': ...} from 'data:2,fsdp:-1'; the
+  sizes multiply to n_devices."""
   sizes, rest, named = dict.fromkeys(MESH_AXES, 1), None, set()
   for item in filter(None, (part.strip() for part in text.split(','))):
     name, sep, size = item.partition(':')
@@ -62,6 +63,18 @@ def make_mesh(text: str, devices=None) -> jax.sharding.Mesh:
                        axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def check_experts(model_config, devices: int):
+  """Raises unless a mixture of experts can split its experts over `devices` devices."""
+  if devices == 1 or not model_config.moe_experts:
+    return
+  if model_config.moe_experts % devices:
+    raise ConfigError(f'moe_experts={model_config.moe_experts} is not divisible by the '
+                      f'expert mesh axis ({devices} devices); pick a divisor for --mesh=expert:N')
+  if model_config.moe_compute != 'dropless':
+    raise ConfigError(f'moe_compute={model_config.moe_compute} is not implemented with the '
+                      'experts split over devices (an expert mesh axis); use dropless')
+
+
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
   """Joins this process to a multi-process run; arguments left None are read by JAX from
   the environment (TPU VMs, SLURM, Open MPI) where it knows how."""
@@ -81,6 +94,7 @@ class Layout:
   @classmethod
   def create(cls, mesh_text: str, rules_text: str, model_config, devices=None):
     mesh = make_mesh(mesh_text, devices)
+    check_experts(model_config, mesh.shape['expert'])
     # MLA expands its latents to n_heads key/value heads.
     kv_heads = (model_config.n_heads if model_config.attention_type == 'mla'
                 else model_config.n_kv_heads)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lmlab.models.moe import with_router_losses
+
 
 def cross_entropy(logits_btv, targets_bt):
   """Mean next-token cross-entropy, computed in float32."""
@@ -42,7 +44,11 @@ def objective(logits_btv, targets_bt, *, z_loss: float = 0.0, max_z_loss: float 
 def batch_logits(graphdef, params, batch, dropout_key=None):
   """Logits of a batch dict: 'inputs' [B, T], and for packed documents 'positions' and
   'segment_ids' [B, T]; for a prefix-LM, 'prefix_len' [B]."""
-  model = nnx.merge(graphdef, params)
+  return model_logits(nnx.merge(graphdef, params), batch, dropout_key)
+
+
+def model_logits(model, batch, dropout_key=None):
+  """batch_logits of a model."""
   return model(batch['inputs'], positions_bt=batch.get('positions'),
                segment_ids_bt=batch.get('segment_ids'), prefix_len_b=batch.get('prefix_len'),
                dropout_key=dropout_key)
@@ -62,6 +68,8 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
   Every array of the batch dict arrives as A micro-batches [A, B, T]; their gradients are
   averaged before one optimizer update (gradient accumulation). Dropout keys derive from
   (seed, step). z_loss and max_z_loss weigh the logit penalties of `objective`.
+  The router losses of a mixture of experts (models/moe.py) are added to the loss, and their
+  metrics to its metrics.
   loss_fn(model, micro_batch, dropout_key, frozen) -> (loss, metrics), when given, replaces
   the next-token objective (BERT's, sequence-to-sequence, classification); frozen is state it
   reads without training it (None when there is none).
@@ -77,11 +85,16 @@ def make_train_step(graphdef, optimizer, lr_schedule, *, seed: int, use_dropout:
   """
   base_key = jax.random.key(seed)
 
+  def next_token_loss(model, micro_batch, key, frozen):
+    del frozen
+    return objective(model_logits(model, micro_batch, key), micro_batch['targets'],
+                     z_loss=z_loss, max_z_loss=max_z_loss)
+
+  # A mixture of experts' router losses join whichever loss the step minimises.
+  loss_of_model = with_router_losses(loss_fn or next_token_loss)
+
   def micro_objective(params, micro_batch, key, frozen):
-    if loss_fn is not None:
-      return loss_fn(nnx.merge(graphdef, params), micro_batch, key, frozen)
-    logits = batch_logits(graphdef, params, micro_batch, key)
-    return objective(logits, micro_batch['targets'], z_loss=z_loss, max_z_loss=max_z_loss)
+    return loss_of_model(nnx.merge(graphdef, params), micro_batch, key, frozen)
 
   def update(params, opt_state, batch, number, frozen, update_key):
     """The `number`th optimizer update (counting from 0)."""

@@ -28,7 +28,9 @@ from lmlab.models.registry import abstract_model
 
 # In the order save() tries them: the first that can express a config is chosen.
 ARCHITECTURES = {arch.name: arch for arch in (bloom.BLOOM, llama.QWEN3, llama.QWEN2,
-                                              llama.LLAMA, llama.MISTRAL, llama.QWEN3_SCORE,
+                                              llama.LLAMA, llama.MISTRAL, llama.MIXTRAL,
+                                              llama.QWEN3_MOE, llama.QWEN2_MOE,
+                                              llama.QWEN3_SCORE,
                                               llama.QWEN2_SCORE, llama.LLAMA_SCORE,
                                               llama.MISTRAL_SCORE,
                                               deepseek_v2.DEEPSEEK_V2, bert.BERT_MODEL,

@@ -15,7 +15,8 @@ from lmlab.models.json_values import is_finite_number
 
 REQUIRED = object()
 TYPE_NAMES = {int: f'an integer of at most {LARGEST_SIZE}', float: 'a finite number',
-              bool: 'true or false', str: 'a string', dict: 'an object'}
+              bool: 'true or false', str: 'a string', dict: 'an object',
+              list: 'a list'}
 
 
 def _has_type(value, expected: type) -> bool:
@@ -110,10 +111,12 @@ class Architecture:
     return hf_config
 
 
-# Settings of a run rather than of the checkpoint: precision, kernels, training-only
-# settings, and Dual Chunk Attention, which is applied at inference to any RoPE model.
+# Settings of a run rather than of the checkpoint: precision, kernels (how experts are
+# computed among them), training-only settings, and Dual Chunk Attention, which is applied
+# at inference to any RoPE model.
 RUN_FIELDS = ('dtype', 'param_dtype', 'attention_impl', 'remat', 'dropout_rate', 'init_std',
-              'dca_chunk_size', 'dca_local_size')
+              'dca_chunk_size', 'dca_local_size', 'moe_compute', 'moe_matmul',
+              'moe_capacity_factor', 'moe_z_loss_weight')
 
 
 def rope_from_hf(hf_config: dict) -> dict:

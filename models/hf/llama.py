@@ -1,12 +1,19 @@
-"""The LLaMA family in transformers: Llama, Qwen2, Qwen3 and Mistral.
+"""The LLaMA family in transformers: Llama, Qwen2, Qwen3 and Mistral, and the mixtures of
+experts built on them: Mixtral (Mistral's), Qwen2-MoE and Qwen3-MoE.
 
-All four are pre-RMSNorm decoders with SwiGLU MLPs and rotate-half RoPE; they differ in
-biases (Qwen2: q/k/v only), QK-norm (Qwen3), and a sliding window (Mistral). Each comes as
-a causal LM (*ForCausalLM) and as a sequence classifier (*ForSequenceClassification: a score
-head [num_labels, hidden] in place of the LM head; a reward model has one label).
+All are pre-RMSNorm decoders with SwiGLU MLPs and rotate-half RoPE; they differ in biases
+(Qwen2: q/k/v only), QK-norm (Qwen3), and a sliding window (Mistral). The four dense ones
+come as a causal LM (*ForCausalLM) and as a sequence classifier (*ForSequenceClassification:
+a score head [num_labels, hidden] in place of the LM head; a reward model has one label).
+Mixtral routes with a softmax over the top-k logits; Qwen's MoE take the top-k softmax
+probabilities (renormalised when norm_topk_prob), and Qwen2-MoE adds a shared expert behind a
+sigmoid gate (models/moe.py).
 """
+import functools
+
 import dataclasses
 
+from lmlab.models.hf import experts
 from lmlab.models.errors import CheckpointError
 from lmlab.models.hf.architecture import (Architecture, copy, field, linear, refuse, rope_from_hf,
                                           rope_to_hf, typed)
@@ -102,15 +109,15 @@ def ends_links(config) -> list:
   return links
 
 
-def llama_links(config) -> list:
+def llama_links(config, layout: experts.ExpertLayout | None = None) -> list:
+  """layout: where a mixture of experts keeps its tensors (None: every MLP is dense)."""
   links = ends_links(config)
   for i in range(config.n_layers):
     hf, ours = f'model.layers.{i}.', ('blocks', i)
     for name in ('q_proj', 'k_proj', 'v_proj'):
       links += linear(hf + 'self_attn.' + name, ours + ('attention', name), bias=config.qkv_bias)
     links += linear(hf + 'self_attn.o_proj', ours + ('attention', 'o_proj'), bias=config.use_bias)
-    for hf_name, name in (('gate_proj', 'gate'), ('up_proj', 'up'), ('down_proj', 'down')):
-      links += linear(hf + 'mlp.' + hf_name, ours + ('mlp', name), bias=config.use_bias)
+    links += experts.mlp_links(config, i, layout)
     links += [copy(hf + 'input_layernorm.weight', ours + ('attn_in_norm', 'scale')),
               copy(hf + 'post_attention_layernorm.weight', ours + ('mlp_in_norm', 'scale'))]
     if config.qk_norm:
@@ -133,6 +140,59 @@ MISTRAL = Architecture('MistralForCausalLM', 'mistral',
                        dict(_without(LLAMA_FIXED, 'sliding_window'), qkv_bias=False,
                             use_bias=False),
                        mistral_from_hf, mistral_to_hf, llama_links)
+
+
+def mixtral_from_hf(hf_config: dict) -> dict:
+  refuse(hf_config, 'router_jitter_noise', (0, 0.0), 'the router\'s input is not jittered')
+  return dict(mistral_from_hf(hf_config), moe_experts=field(hf_config, 'num_local_experts'),
+              moe_top_k=field(hf_config, 'num_experts_per_tok'),
+              moe_aux_loss_weight=field(hf_config, 'router_aux_loss_coef', 0.001,
+                                        expected=float))
+
+
+def mixtral_to_hf(config) -> dict:
+  return dict(mistral_to_hf(config), num_local_experts=config.moe_experts,
+              num_experts_per_tok=config.moe_top_k, router_jitter_noise=0.0,
+              router_aux_loss_coef=config.moe_aux_loss_weight)
+
+
+def qwen2_moe_from_hf(hf_config: dict) -> dict:
+  return dict(qwen_from_hf(hf_config), qkv_bias=field(hf_config, 'qkv_bias', True, expected=bool),
+              **experts.qwen_moe_from_hf(hf_config, shared=True))
+
+
+def qwen2_moe_to_hf(config) -> dict:
+  return dict(qwen2_to_hf(config), qkv_bias=config.qkv_bias,
+              **experts.qwen_moe_to_hf(config, shared=True))
+
+
+def qwen3_moe_from_hf(hf_config: dict) -> dict:
+  return dict(qwen3_from_hf(hf_config), **experts.qwen_moe_from_hf(hf_config, shared=False))
+
+
+def qwen3_moe_to_hf(config) -> dict:
+  return dict(qwen3_to_hf(config), **experts.qwen_moe_to_hf(config, shared=False))
+
+
+# Fields every mixture of experts here has; the rest come from config.json.
+MOE_FIXED = dict(moe_router='softmax_topk', moe_routed_scale=1.0, moe_groups=0,
+                 moe_topk_groups=0)
+MIXTRAL = Architecture('MixtralForCausalLM', 'mixtral',
+                       dict(MISTRAL.fixed, **dict(MOE_FIXED, moe_router='topk_softmax'),
+                            moe_norm_topk=False, moe_ffn_dim=0, moe_shared_ffn_dim=0,
+                            moe_shared_gate=False, moe_first_dense=0, moe_layer_freq=1),
+                       mixtral_from_hf, mixtral_to_hf,
+                       functools.partial(llama_links, layout=experts.MIXTRAL))
+QWEN2_MOE = Architecture('Qwen2MoeForCausalLM', 'qwen2_moe',
+                         dict(_without(QWEN2.fixed, 'qkv_bias'), **MOE_FIXED,
+                              moe_shared_gate=True),
+                         qwen2_moe_from_hf, qwen2_moe_to_hf,
+                         functools.partial(llama_links, layout=experts.QWEN2_MOE))
+QWEN3_MOE = Architecture('Qwen3MoeForCausalLM', 'qwen3_moe',
+                         dict(QWEN3.fixed, **MOE_FIXED, moe_shared_ffn_dim=0,
+                              moe_shared_gate=False),
+                         qwen3_moe_from_hf, qwen3_moe_to_hf,
+                         functools.partial(llama_links, layout=experts.QWEN3_MOE))
 
 
 def sequence_classification(causal_lm: Architecture) -> Architecture:

@@ -17,6 +17,7 @@ from flax import nnx
 
 from conftest import jit_call, small_config
 from lmlab.models import sharding
+from lmlab.models.errors import ConfigError
 from lmlab.models.registry import build
 from lmlab.training import parallel
 from lmlab.training import steps as steps_lib
@@ -26,6 +27,10 @@ from lmlab.training.loop import train
 from lmlab.training.optimizer import OptimizerConfig, make_optimizer
 
 MESHES = ['data:8', 'fsdp:8', 'data:2,fsdp:2,tensor:2', 'fsdp:2,tensor:4']
+# A mixture of experts with a shared expert and both router losses, its experts split over
+# the expert axis (all-to-all in models/moe.py).
+MOE = dict(moe_experts=8, moe_top_k=2, moe_ffn_dim=16, moe_shared_ffn_dim=16,
+           moe_z_loss_weight=1e-3)
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -69,7 +74,8 @@ def assert_trees_close(actual, expected, **tolerance):
     (dict(), MESHES),  # 4 heads, 2 KV heads: fewer than the tensor axis of fsdp:2,tensor:4.
     (dict(attention_type='mla', kv_lora_rank=16, q_lora_rank=8, qk_rope_head_dim=4,
           qk_nope_head_dim=4, v_head_dim=8, n_kv_heads=4), ['data:2,fsdp:2,tensor:2']),
-], ids=['gqa', 'mla'])
+    (MOE, ['data:2,expert:4', 'fsdp:2,expert:2,tensor:2']),
+], ids=['gqa', 'mla', 'moe'])
 def test_step_on_every_mesh_equals_one_device(rng, config_fields, meshes):
   # One layer has every kind of parameter; a second would add compiling, not cases.
   config = small_config(n_layers=1, **config_fields)
@@ -80,13 +86,18 @@ def test_step_on_every_mesh_equals_one_device(rng, config_fields, meshes):
   for mesh in meshes:
     layout = parallel.Layout.create(mesh, '', config)
     metrics, grads, new_params = one_step(config, params, batch, layout)
-    for name in ('loss', 'grad_norm'):
+    assert set(metrics) == set(expected_metrics)
+    for name in ('loss', 'grad_norm', *(m for m in metrics if m.startswith('moe_'))):
       np.testing.assert_allclose(float(metrics[name]), float(expected_metrics[name]),
                                  rtol=1e-5, err_msg=f'{mesh} {name}')
     assert_trees_close(grads, expected_grads, rtol=1e-4, atol=1e-7, err_msg=mesh)
     embedding = new_params['embed']['embedding'][...]
     assert embedding.sharding == layout.rules.sharding((sharding.VOCAB, sharding.EMBED),
                                                        embedding.shape), mesh
+    if config.moe_experts:
+      down = new_params['blocks'][0]['mlp']['expert_down'][...]
+      experts_per_device = config.moe_experts // layout.mesh.shape['expert']
+      assert down.addressable_shards[0].data.shape[0] == experts_per_device, mesh
 
 
 def expected_spec(axes, shape, mesh_shape):
@@ -142,25 +153,30 @@ def test_logical_rules_from_the_command_line():
   assert tuple(shardings['embed']['embedding'].get_value().spec) == ('tensor', None)
 
 
-def test_checkpoint_restores_onto_other_topologies(tmp_path, rng):
-  """Train on a 2x2x2 mesh, restore onto 1 device; save from 1 device, restore onto 4."""
+def trained_two_steps(tmp_path, rng, config, mesh: str):
+  """(the parameters as numpy arrays, config with the run's vocab_size) of 2 steps on `mesh`
+  in tmp_path/run, on a random corpus of words, saved at the end."""
   text = ' '.join(rng.choice(['alpha', 'beta', 'gamma', 'delta', '(', ')', '\n'], 3000))
   (tmp_path / 'corpus.txt').write_text(text)
-  config = small_config(vocab_size=0, n_layers=1)
   run = TrainConfig(workdir=str(tmp_path / 'run'), steps=2, batch_size=8, seq_len=16,
                     data=str(tmp_path / 'corpus.txt'), eval_batches=1, save_every=2,
-                    mesh='data:2,fsdp:2,tensor:2', log_every=1)
-  params, graphdef, _, _ = train(run, config, OptimizerConfig(warmup_steps=0, total_steps=2),
-                                 print_fn=lambda *a: None)
-  saved = jax.tree.map(np.asarray, params)
+                    mesh=mesh, log_every=1)
+  params = train(run, config, OptimizerConfig(warmup_steps=0, total_steps=2),
+                 print_fn=lambda *a: None)[0]
+  vocab_size = json.loads((tmp_path / 'run' / 'config.json').read_text())['model']['vocab_size']
+  return jax.tree.map(np.asarray, params), dataclasses.replace(config, vocab_size=vocab_size)
+
+
+def test_checkpoint_restores_onto_other_topologies(tmp_path, rng):
+  """Train on a 2x2x2 mesh, restore onto 1 device; save from 1 device, restore onto 4."""
+  saved, config = trained_two_steps(tmp_path, rng, small_config(vocab_size=0, n_layers=1),
+                                    'data:2,fsdp:2,tensor:2')
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
     first = json.loads(f.readline())
   assert first['devices'] == 8 and first['step_temp_bytes'] > 0
   assert first['param_bytes_per_device'] < sum(x.nbytes for x in jax.tree.leaves(saved)) / 3
 
   optimizer = make_optimizer(OptimizerConfig().resolved(steps=10, family='decoder'))
-  model_config = json.loads((tmp_path / 'run' / 'config.json').read_text())['model']
-  config = dataclasses.replace(config, vocab_size=model_config['vocab_size'])
   abstract = jax.eval_shape(lambda: nnx.split(build(config, rngs=nnx.Rngs(0)))[1])
   checkpoints = Checkpoints(str(tmp_path / 'run'))
   on_one, opt_state, _ = checkpoints.restore(2, abstract, optimizer.init)
@@ -177,6 +193,45 @@ def test_checkpoint_restores_onto_other_topologies(tmp_path, rng):
   expected = four.state_shardings(abstract)
   for restored, wanted in zip(jax.tree.leaves(on_four), jax.tree.leaves(expected)):
     assert restored.sharding == wanted
+
+
+def test_experts_exchange_tokens_by_all_to_all(rng):
+  """Under an expert axis the MoE layer's tokens travel by all-to-all, and its logits are
+  one device's."""
+  config = small_config(n_layers=1, **MOE)
+  layout = parallel.Layout.create('data:2,expert:4', '', config)
+  graphdef, params = nnx.split(build(config, rngs=nnx.Rngs(int(rng.integers(1 << 30)))))
+  tokens = rng.integers(0, config.vocab_size, (8, 12)).astype(np.int32)
+  forward = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens))
+  expected = forward(params, tokens)
+  placed = jax.device_put(params, layout.state_shardings(params))
+  with sharding.activation_rules(layout.rules):
+    compiled = forward.lower(placed, layout.put_batch({'t': tokens})['t']).compile()
+  assert 'all-to-all' in compiled.as_text()
+  np.testing.assert_allclose(np.asarray(compiled(placed, layout.put_batch({'t': tokens})['t'])),
+                             np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_mixture_of_experts_restores_across_expert_meshes(tmp_path, rng):
+  """Trained with its experts split 4 ways, restored onto one device and onto 2 experts ways
+  of 2 devices, bit for bit; a bad split is one error naming the field."""
+  saved, config = trained_two_steps(tmp_path, rng, small_config(vocab_size=0, n_layers=1, **MOE),
+                                    'data:2,expert:4')
+  optimizer = make_optimizer(OptimizerConfig().resolved(steps=10, family='decoder'))
+  abstract = jax.eval_shape(lambda: nnx.split(build(config, rngs=nnx.Rngs(0)))[1])
+  checkpoints = Checkpoints(str(tmp_path / 'run'))
+  on_one, _, _ = checkpoints.restore(2, abstract, optimizer.init)
+  two = parallel.Layout.create('expert:2', '', config, devices=jax.devices()[:2])
+  on_two, _, _ = checkpoints.restore(2, abstract, optimizer.init, place=two.abstract)
+  checkpoints.close()
+  assert_trees_close(on_one, saved, rtol=0, atol=0)
+  assert_trees_close(on_two, saved, rtol=0, atol=0)
+  assert on_two['blocks'][0]['mlp']['expert_up'][...].addressable_shards[0].data.shape[0] == 4
+  with pytest.raises(ConfigError, match='moe_experts=8 is not divisible'):
+    parallel.Layout.create('expert:-1', '', config, devices=jax.devices()[:3])
+  with pytest.raises(ConfigError, match='moe_compute=capacity is not implemented'):
+    parallel.Layout.create('expert:2', '', dataclasses.replace(config, moe_compute='capacity'),
+                           devices=jax.devices()[:2])
 
 
 @pytest.mark.parametrize('fields, mesh, rules', [

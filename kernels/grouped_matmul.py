@@ -1,0 +1,100 @@
+"""Grouped matrix products: rows sorted by group, each group times its own matrix.
+
+A mixture of experts' dropless compute (models/moe.py) sorts its token-expert assignments by
+expert and multiplies each expert's rows by that expert's weights. Two ways:
+  ragged_dot  jax.lax.ragged_dot on the sorted rows, which XLA lowers natively on TPU
+              (and GPU); on a CPU it runs slower than multiplying every row by every matrix.
+  blocks      each group's rows padded to whole blocks of `block` rows, so that every block
+              belongs to one group, and all blocks multiplied at once by their group's
+              matrix, gathered per block ([blocks, block, D] x [blocks, D, F]). The layout
+              has G blocks more than the rows fill, so the padding adds G * block rows and
+              the gathered matrices take (rows / block + G) times D * F. This is
+              MegaBlocks' layout (Gale et al. 2022) without its kernels; on a CPU it is
+              several times as fast as ragged_dot (benchmarks/moe.py).
+'auto' takes blocks on a CPU and ragged_dot elsewhere.
+
+A `Grouping` is made once for a set of rows and serves several products (an expert's gate,
+up and down projections): pack the rows into its layout, multiply, unpack.
+Axes (docs/AXES.md): A rows (sorted by group), G groups, R rows of the layout, M its blocks,
+d and f features.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ('ragged_dot', 'blocks')
+# Rows per block: a group's mean size (padding at most doubles the rows; smaller blocks
+# gather more matrices), a power of two within these bounds.
+SMALLEST_BLOCK, LARGEST_BLOCK = 8, 128
+
+
+def resolve(implementation: str) -> str:
+  if implementation == 'auto':
+    return 'blocks' if jax.default_backend() == 'cpu' else 'ragged_dot'
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'grouped matmul implementation {implementation!r} is not one of auto, '
+                     f'{", ".join(IMPLEMENTATIONS)}')
+  return implementation
+
+
+def block_rows(n_rows: int, n_groups: int) -> int:
+  mean = max(1, n_rows // n_groups)
+  return min(LARGEST_BLOCK, max(SMALLEST_BLOCK, 1 << (mean.bit_length() - 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Grouping:
+  """The layout of rows whose groups are group_A (ascending), for `implementation`."""
+  group_A: jax.Array
+  n_groups: int
+  implementation: str = 'auto'
+
+  def __post_init__(self):
+    object.__setattr__(self, 'implementation', resolve(self.implementation))
+
+  @property
+  def sizes_G(self):
+    return jnp.bincount(self.group_A, length=self.n_groups).astype(jnp.int32)
+
+  @property
+  def block(self) -> int:
+    return block_rows(self.group_A.shape[0], self.n_groups)
+
+  @property
+  def n_blocks(self) -> int:
+    """Blocks enough for any grouping: each group leaves fewer than one block part empty."""
+    return -(-self.group_A.shape[0] // self.block) + self.n_groups
+
+  def _padded_ends_G(self):
+    return jnp.cumsum(-(-self.sizes_G // self.block) * self.block)
+
+  def _row_A(self):
+    """Each row's place in the blocks layout."""
+    sizes_G = self.sizes_G
+    padded_starts_G = self._padded_ends_G() - (-(-sizes_G // self.block) * self.block)
+    starts_G = jnp.cumsum(sizes_G) - sizes_G
+    return (padded_starts_G[self.group_A] + jnp.arange(self.group_A.shape[0])
+            - starts_G[self.group_A])
+
+  def pack(self, x_Ad):
+    if self.implementation == 'ragged_dot':
+      return x_Ad
+    layout = jnp.zeros((self.n_blocks * self.block, x_Ad.shape[1]), x_Ad.dtype)
+    return layout.at[self._row_A()].set(x_Ad, unique_indices=True)
+
+  def unpack(self, y_Rf):
+    if self.implementation == 'ragged_dot':
+      return y_Rf
+    return y_Rf[self._row_A()]
+
+  def matmul(self, x_Rd, w_Gdf):
+    """Rows of the layout times their group's matrix of w_Gdf [G, D, F]."""
+    if self.implementation == 'ragged_dot':
+      return jax.lax.ragged_dot(x_Rd, w_Gdf, self.sizes_G)
+    starts_M = jnp.arange(self.n_blocks) * self.block
+    group_M = jnp.minimum(jnp.searchsorted(self._padded_ends_G(), starts_M, side='right'),
+                          self.n_groups - 1)
+    # [blocks, rows of a block, D] x [blocks, D, F]
+    return jnp.einsum('mwd,mdf->mwf', x_Rd.reshape(self.n_blocks, self.block, -1),
+                      w_Gdf[group_M]).reshape(-1, w_Gdf.shape[-1])
