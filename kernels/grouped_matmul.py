@@ -5,10 +5,11 @@ expert and multiplies each expert's rows by that expert's weights. Two ways:
   ragged_dot  jax.lax.ragged_dot on the sorted rows, which XLA lowers natively on TPU
               (and GPU); on a CPU it runs slower than multiplying every row by every matrix.
   blocks      each group's rows padded to whole blocks of `block` rows, so that every block
-              belongs to one group, and all blocks multiplied at once by their group's
-              matrix, gathered per block ([blocks, block, D] x [blocks, D, F]). The layout
-              has G blocks more than the rows fill, so the padding adds G * block rows and
-              the gathered matrices take (rows / block + G) times D * F. This is
+              belongs to one group, and each block in use multiplied by its group's matrix
+              in a loop (the layout has room for G blocks more than the rows fill; the
+              empty ones at its end are skipped). The backward pass is written by hand:
+              the same loop for the rows' gradients, and each block's product added into
+              its group's gradient in place, so no matrix is copied per block. This is
               MegaBlocks' layout (Gale et al. 2022) without its kernels; on a CPU it is
               several times as fast as ragged_dot (benchmarks/moe.py).
 'auto' takes blocks on a CPU and ragged_dot elsewhere.
@@ -16,7 +17,7 @@ expert and multiplies each expert's rows by that expert's weights. Two ways:
 A `Grouping` is made once for a set of rows and serves several products (an expert's gate,
 up and down projections): pack the rows into its layout, multiply, unpack.
 Axes (docs/AXES.md): A rows (sorted by group), G groups, R rows of the layout, M its blocks,
-d and f features.
+W the rows of a block, d and f features.
 """
 import dataclasses
 
@@ -92,9 +93,48 @@ class Grouping:
     """Rows of the layout times their group's matrix of w_Gdf [G, D, F]."""
     if self.implementation == 'ragged_dot':
       return jax.lax.ragged_dot(x_Rd, w_Gdf, self.sizes_G)
+    padded_ends_G = self._padded_ends_G()
     starts_M = jnp.arange(self.n_blocks) * self.block
-    group_M = jnp.minimum(jnp.searchsorted(self._padded_ends_G(), starts_M, side='right'),
+    group_M = jnp.minimum(jnp.searchsorted(padded_ends_G, starts_M, side='right'),
                           self.n_groups - 1)
-    # [blocks, rows of a block, D] x [blocks, D, F]
-    return jnp.einsum('mwd,mdf->mwf', x_Rd.reshape(self.n_blocks, self.block, -1),
-                      w_Gdf[group_M]).reshape(-1, w_Gdf.shape[-1])
+    x_MWd = x_Rd.reshape(self.n_blocks, self.block, -1)
+    used = padded_ends_G[-1] // self.block
+    return _block_products(x_MWd, w_Gdf, group_M, used).reshape(-1, w_Gdf.shape[-1])
+
+
+def _each_used_block(blocks_MWx, group_M, used, product, width: int):
+  """product(block, its group) [W, width] of each of the first `used` blocks; zeros after."""
+  def one(args):
+    block_Wx, group, index = args
+    return jax.lax.cond(index < used, lambda: product(block_Wx, group),
+                        lambda: jnp.zeros((block_Wx.shape[0], width), block_Wx.dtype))
+  return jax.lax.map(one, (blocks_MWx, group_M, jnp.arange(blocks_MWx.shape[0])))
+
+
+@jax.custom_vjp
+def _block_products(x_MWd, w_Gdf, group_M, used):
+  """Each used block of rows times its group's matrix: [M, W, F]."""
+  return _each_used_block(x_MWd, group_M, used, lambda x_Wd, g: x_Wd @ w_Gdf[g],
+                          w_Gdf.shape[2])
+
+
+def _block_products_forward(x_MWd, w_Gdf, group_M, used):
+  return _block_products(x_MWd, w_Gdf, group_M, used), (x_MWd, w_Gdf, group_M, used)
+
+
+def _block_products_backward(saved, dy_MWf):
+  x_MWd, w_Gdf, group_M, used = saved
+  dx_MWd = _each_used_block(dy_MWf, group_M, used, lambda dy_Wf, g: dy_Wf @ w_Gdf[g].T,
+                            w_Gdf.shape[1])
+
+  def add_block(dw_Gdf, args):
+    x_Wd, dy_Wf, group, index = args
+    return jax.lax.cond(index < used, lambda: dw_Gdf.at[group].add(x_Wd.T @ dy_Wf),
+                        lambda: dw_Gdf), None
+
+  dw_Gdf, _ = jax.lax.scan(add_block, jnp.zeros_like(w_Gdf),
+                           (x_MWd, dy_MWf, group_M, jnp.arange(x_MWd.shape[0])))
+  return dx_MWd, dw_Gdf, None, None
+
+
+_block_products.defvjp(_block_products_forward, _block_products_backward)
