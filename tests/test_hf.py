@@ -146,9 +146,12 @@ def test_logits_match_transformers_with_left_padding(checkpoint, rng, tmp_path):
   np.testing.assert_allclose(got[real], expected[real], atol=1e-4, rtol=0)
 
   hf.save(ours, str(tmp_path / 'ours'))
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'ours')).eval()
+  # Both read from files (see test_sequence_classifier_scores_match_transformers_both_ways).
+  theirs, reloaded = (transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+                      for folder in (path, str(tmp_path / 'ours')))
   assert type(reloaded) is type(model)
-  np.testing.assert_array_equal(hf_logits(reloaded, ids, mask)[real], expected[real])
+  np.testing.assert_array_equal(hf_logits(reloaded, ids, mask)[real],
+                                hf_logits(theirs, ids, mask)[real])
 
 
 @pytest.mark.parametrize('family, labels', [('Llama', 1), ('Qwen2', 1), ('Mistral', 3)])
@@ -170,11 +173,14 @@ def test_sequence_classifier_scores_match_transformers_both_ways(family, labels,
   np.testing.assert_allclose(scores[np.arange(3), lengths - 1], expected, atol=1e-4, rtol=0)
 
   hf.save(ours, str(tmp_path / 'ours'), pad_token_id=0)
-  reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(
-      str(tmp_path / 'ours')).eval()
+  # Both read from files by transformers: the model built in memory can round its score head
+  # differently in the last bit (seen once in 1 of 3 scores), its tensors lying elsewhere.
+  theirs, reloaded = (transformers.AutoModelForSequenceClassification.from_pretrained(
+      str(tmp_path / folder)).eval() for folder in ('hf', 'ours'))
   assert type(reloaded) is type(model)
   with torch.no_grad():
-    np.testing.assert_array_equal(reloaded(torch.tensor(ids)).logits.numpy(), expected)
+    np.testing.assert_array_equal(reloaded(torch.tensor(ids)).logits.numpy(),
+                                  theirs(torch.tensor(ids)).logits.numpy())
 
 
 @pytest.mark.parametrize('checkpoint', GENERATION_CASES, indirect=True)
