@@ -30,14 +30,13 @@ layer's assignments spread evenly over its experts, 0 when all go to one) and th
 busiest expert's share of a layer's assignments (1/E when even), means over MoE layers.
 Writes to --out: results.csv, results.md, loss_curves.png, final_loss.png, load.png.
 """
-import math
-
 import jax
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
 from lmlab.experiments import grid, report
+from lmlab.models import moe
 from lmlab.models.registry import active_param_count
 
 EXPERTS = 8
@@ -61,19 +60,20 @@ def variant_fields(variant: str, ffn_dim: int) -> dict:
 
 
 def routing(trained: grid.Trained) -> dict:
-  """Active parameters, and how the final model spreads a validation batch over experts."""
+  """Active parameters, and how the final model spreads a validation batch over experts
+  (the metrics training logs, models/moe.py:router_losses)."""
   record = {'active_params': active_param_count(trained.model)}
   if not trained.model.moe_experts or trained.params is None:
     return record
-  batch = trained.val_batch()
   forward = nnx.capture(lambda model, tokens: model(tokens), nnx.Intermediate)
   _, stats = jax.jit(lambda params, tokens: forward(nnx.merge(trained.graphdef, params),
-                                                    tokens))(trained.params, batch['inputs'])
-  shares = np.stack([np.asarray(record_['load']) / trained.model.moe_top_k
-                     for _, calls in nnx.to_flat_state(stats) for record_ in calls.get_value()])
-  entropy = -np.sum(shares * np.log(np.maximum(shares, 1e-12)), axis=1)
-  return {**record, 'load_entropy': float(np.mean(entropy) / math.log(shares.shape[1])),
-          'busiest_share': float(np.mean(shares.max(axis=1)))}
+                                                    tokens))(trained.params,
+                                                             trained.val_batch()['inputs'])
+  _, metrics = moe.router_losses(stats, trained.model)
+  busiest = [float(value) for name, value in metrics.items()
+             if name.startswith('moe_max_load_')]
+  return {**record, 'load_entropy': float(metrics['moe_load_entropy']),
+          'busiest_share': float(np.mean(busiest))}
 
 
 def run():

@@ -20,13 +20,14 @@ Axes (docs/AXES.md): A rows (sorted by group), G groups, R rows of the layout, M
 W the rows of a block, d and f features.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ('ragged_dot', 'blocks')
 # Rows per block: a group's mean size (padding at most doubles the rows; smaller blocks
-# gather more matrices), a power of two within these bounds.
+# make more, smaller products in the loop), a power of two within these bounds.
 SMALLEST_BLOCK, LARGEST_BLOCK = 8, 128
 
 
@@ -54,7 +55,7 @@ class Grouping:
   def __post_init__(self):
     object.__setattr__(self, 'implementation', resolve(self.implementation))
 
-  @property
+  @functools.cached_property
   def sizes_G(self):
     return jnp.bincount(self.group_A, length=self.n_groups).astype(jnp.int32)
 
@@ -67,39 +68,44 @@ class Grouping:
     """Blocks enough for any grouping: each group leaves fewer than one block part empty."""
     return -(-self.group_A.shape[0] // self.block) + self.n_groups
 
+  @functools.cached_property
   def _padded_ends_G(self):
+    """Where each group's rows end in the blocks layout, padded to whole blocks."""
     return jnp.cumsum(-(-self.sizes_G // self.block) * self.block)
 
+  @functools.cached_property
   def _row_A(self):
-    """Each row's place in the blocks layout."""
-    sizes_G = self.sizes_G
-    padded_starts_G = self._padded_ends_G() - (-(-sizes_G // self.block) * self.block)
-    starts_G = jnp.cumsum(sizes_G) - sizes_G
+    """Each row's place in the blocks layout: its group's padded start plus its rank."""
+    padded_starts_G = jnp.concatenate([jnp.zeros((1,), jnp.int32), self._padded_ends_G[:-1]])
+    starts_G = jnp.cumsum(self.sizes_G) - self.sizes_G
     return (padded_starts_G[self.group_A] + jnp.arange(self.group_A.shape[0])
             - starts_G[self.group_A])
+
+  @functools.cached_property
+  def _group_M(self):
+    """The group of each block of the layout (the last group's for blocks past the rows)."""
+    starts_M = jnp.arange(self.n_blocks) * self.block
+    return jnp.minimum(jnp.searchsorted(self._padded_ends_G, starts_M, side='right'),
+                       self.n_groups - 1)
 
   def pack(self, x_Ad):
     if self.implementation == 'ragged_dot':
       return x_Ad
     layout = jnp.zeros((self.n_blocks * self.block, x_Ad.shape[1]), x_Ad.dtype)
-    return layout.at[self._row_A()].set(x_Ad, unique_indices=True)
+    return layout.at[self._row_A].set(x_Ad, unique_indices=True)
 
   def unpack(self, y_Rf):
     if self.implementation == 'ragged_dot':
       return y_Rf
-    return y_Rf[self._row_A()]
+    return y_Rf[self._row_A]
 
   def matmul(self, x_Rd, w_Gdf):
     """Rows of the layout times their group's matrix of w_Gdf [G, D, F]."""
     if self.implementation == 'ragged_dot':
       return jax.lax.ragged_dot(x_Rd, w_Gdf, self.sizes_G)
-    padded_ends_G = self._padded_ends_G()
-    starts_M = jnp.arange(self.n_blocks) * self.block
-    group_M = jnp.minimum(jnp.searchsorted(padded_ends_G, starts_M, side='right'),
-                          self.n_groups - 1)
     x_MWd = x_Rd.reshape(self.n_blocks, self.block, -1)
-    used = padded_ends_G[-1] // self.block
-    return _block_products(x_MWd, w_Gdf, group_M, used).reshape(-1, w_Gdf.shape[-1])
+    used = self._padded_ends_G[-1] // self.block
+    return _block_products(x_MWd, w_Gdf, self._group_M, used).reshape(-1, w_Gdf.shape[-1])
 
 
 def _each_used_block(blocks_MWx, group_M, used, product, width: int):

@@ -138,8 +138,7 @@ class MoE(nnx.Module):
     def per_device(x_Nd, experts_NK, weights_NK, matrices):
       n, k = experts_NK.shape
       device_A = (experts_NK // local).reshape(n * k)
-      slot_A = jnp.cumsum(jax.nn.one_hot(device_A, devices, dtype=jnp.int32), axis=0)[
-          jnp.arange(n * k), device_A] - 1
+      slot_A = rank_among_equals(device_A, devices)
       send_pad = jnp.zeros((devices, n * k, x_Nd.shape[1]), x_Nd.dtype).at[
           device_A, slot_A].set(x_Nd[jnp.arange(n * k) // k])
       # The local expert of each row; `local` (one past the last) marks an empty row.
@@ -171,9 +170,7 @@ class MoE(nnx.Module):
     e = self.config.moe_experts
     capacity = max(1, math.ceil(self.config.moe_capacity_factor * n * k / e))
     # Priority: every token's first choice, then every second one, each in token order.
-    one_hot_KNE = jax.nn.one_hot(experts_NK.T, e, dtype=jnp.int32)
-    slot_KNE = jnp.cumsum(one_hot_KNE.reshape(k * n, e), axis=0).reshape(k, n, e) - 1
-    slot_NK = jnp.sum(slot_KNE * one_hot_KNE, axis=-1).T
+    slot_NK = rank_among_equals(experts_NK.T.reshape(k * n), e).reshape(k, n).T
     kept_NK = slot_NK < capacity
     buffer_ECd = jnp.zeros((e, capacity, x_Nd.shape[1]), x_Nd.dtype).at[
         experts_NK, slot_NK].set(jnp.broadcast_to(x_Nd[:, None], (n, k, x_Nd.shape[1])),
@@ -194,6 +191,13 @@ class MoE(nnx.Module):
     weights_NE = jnp.zeros((n, e), weights_NK.dtype).at[
         jnp.arange(n)[:, None], experts_NK].add(weights_NK)
     return jnp.einsum('end,ne->nd', out_ENd, weights_NE), jnp.zeros((), jnp.float32)
+
+
+def rank_among_equals(ids_A, n_ids: int):
+  """For each entry of ids_A (each in [0, n_ids)), how many entries before it hold the same
+  id: its slot in that id's buffer."""
+  seen_Ax = jnp.cumsum(jax.nn.one_hot(ids_A, n_ids, dtype=jnp.int32), axis=0)
+  return seen_Ax[jnp.arange(ids_A.shape[0]), ids_A] - 1
 
 
 def unchosen_expert_params(config) -> int:

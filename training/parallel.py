@@ -64,12 +64,14 @@ def make_mesh(text: str, devices=None) -> jax.sharding.Mesh:
 
 
 def check_experts(model_config, devices: int):
-  """Raises unless a mixture of experts can split its experts over `devices` devices."""
+  """Raises unless a mixture of experts can split its experts over `devices` devices (the
+  devices of the mesh axes that the rules split experts over)."""
   if devices == 1 or not model_config.moe_experts:
     return
   if model_config.moe_experts % devices:
     raise ConfigError(f'moe_experts={model_config.moe_experts} is not divisible by the '
-                      f'expert mesh axis ({devices} devices); pick a divisor for --mesh=expert:N')
+                      f'{devices} devices the experts are split over; pick a divisor for '
+                      '--mesh=expert:N')
   if model_config.moe_compute != 'dropless':
     raise ConfigError(f'moe_compute={model_config.moe_compute} is not implemented with the '
                       'experts split over devices (an expert mesh axis); use dropless')
@@ -94,12 +96,15 @@ class Layout:
   @classmethod
   def create(cls, mesh_text: str, rules_text: str, model_config, devices=None):
     mesh = make_mesh(mesh_text, devices)
-    check_experts(model_config, mesh.shape['expert'])
+    rules = sharding.parse_rules(rules_text)
+    # The experts are split over the mesh axes their rule names (`expert` by default).
+    check_experts(model_config, math.prod(mesh.shape[a] for a in rules[sharding.EXPERT]
+                                          if a in mesh.shape))
     # MLA expands its latents to n_heads key/value heads.
     kv_heads = (model_config.n_heads if model_config.attention_type == 'mla'
                 else model_config.n_kv_heads)
     units = {sharding.HEADS: model_config.n_heads, sharding.KV_HEADS: kv_heads}
-    return cls(sharding.Rules(mesh, sharding.parse_rules(rules_text), units))
+    return cls(sharding.Rules(mesh, rules, units))
 
   @property
   def mesh(self):

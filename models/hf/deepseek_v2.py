@@ -41,7 +41,7 @@ def experts_from_hf(hf_config: dict) -> dict:
   expert_width = field(hf_config, 'moe_intermediate_size')
   return dict(moe_experts=field(hf_config, 'n_routed_experts'),
               moe_top_k=field(hf_config, 'num_experts_per_tok'),
-              moe_ffn_dim=experts.expert_ffn_dim(hf_config, 'moe_intermediate_size'),
+              moe_ffn_dim=experts.moe_ffn_dim_from_hf(hf_config, 'moe_intermediate_size'),
               moe_shared_ffn_dim=field(hf_config, 'n_shared_experts', 0) * expert_width,
               moe_routed_scale=field(hf_config, 'routed_scaling_factor', 1.0, expected=float),
               moe_groups=field(hf_config, 'n_group') if grouped else 0,

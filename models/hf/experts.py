@@ -63,7 +63,7 @@ def mlp_links(config, layer: int, layout: ExpertLayout | None) -> list:
   return links
 
 
-def expert_ffn_dim(hf_config: dict, name: str) -> int:
+def moe_ffn_dim_from_hf(hf_config: dict, name: str) -> int:
   """ModelConfig.moe_ffn_dim of an expert width: 0 when it is the dense MLP's."""
   width = field(hf_config, name)
   return 0 if width == field(hf_config, 'intermediate_size') else width
@@ -83,7 +83,7 @@ def qwen_moe_from_hf(hf_config: dict, *, shared: bool) -> dict:
   experts_name = 'num_experts' if 'num_local_experts' not in hf_config else 'num_local_experts'
   fields = dict(moe_experts=field(hf_config, experts_name),
                 moe_top_k=field(hf_config, 'num_experts_per_tok'),
-                moe_ffn_dim=expert_ffn_dim(hf_config, 'moe_intermediate_size'),
+                moe_ffn_dim=moe_ffn_dim_from_hf(hf_config, 'moe_intermediate_size'),
                 moe_norm_topk=field(hf_config, 'norm_topk_prob', False, expected=bool),
                 moe_first_dense=first_dense,
                 moe_layer_freq=field(hf_config, 'decoder_sparse_step', 1),
