@@ -16,6 +16,17 @@
       --workdir=runs/tiny-chat              # supervised fine-tuning of LoRA adapters
   python main.py --mode=chat --workdir=runs/tiny-chat   # talk to it (or --prompt=...)
   python main.py --mode=merge --workdir=runs/tiny-chat --hf_out=exported/merged
+  python main.py --mode=eval --workdir=runs/tiny --quantize=int4:g128   # weight-only PTQ
+  python main.py --mode=convert --workdir=runs/tiny --quantize=int8 --quantized_workdir=runs/q8
+  python main.py --init_from=runs/tiny --qat=int4:g128 --workdir=runs/tiny-qat  # QAT
+  python main.py --mode=generate --workdir=runs/tiny --draft=runs/tiny-draft --draft_tokens=4
+  python main.py --mode=generate --workdir=runs/tiny --num_samples=8   # one shared prompt cache
+  python main.py --mode=prune --workdir=runs/tiny --prune=2:4 --prune_score=wanda \
+      --pruned_workdir=runs/tiny-2of4      # then --init_from=runs/tiny-2of4 to recover
+  python main.py --objective=distill --teacher=runs/tiny --set d_model=64 \
+      --workdir=runs/tiny-student          # knowledge distillation
+  python main.py --mode=memory --model=llama2-7b --mesh=fsdp:8 --batch_size=8 --seq_len=4096 \
+      --set dtype=bfloat16 --set param_dtype=bfloat16 --set remat=full   # GiB per device
   python main.py --mode=convert --workdir=runs/tiny-chat --hf_out=exported/base \
       --peft_out=exported/adapter          # a Hugging Face model and its peft adapter
   python main.py --objective=dpo --data=pairs.jsonl --init_from=runs/tiny-chat \
@@ -31,6 +42,7 @@ resumes from its latest checkpoint.
 """
 import dataclasses
 import sys
+import time
 
 import jax
 from absl import app, flags, logging
@@ -41,6 +53,7 @@ from lmlab.models.config import ANY_PEFT_FIELDS, PEFT_FIELDS, ModelConfig
 from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.generation import SamplingConfig
 from lmlab.training import loop, parallel
+from lmlab.training import memory as memory_lib
 from lmlab.training import run as run_lib
 from lmlab.training.config import TrainConfig
 from lmlab.training.dataclass_flags import define, field_comments, from_flags
@@ -48,9 +61,10 @@ from lmlab.training.optimizer import OptimizerConfig
 from lmlab.training.trainer import Interrupted, TrainingError
 from lmlab.training.workdir import WorkdirError
 
-MODES = ('train', 'eval', 'generate', 'chat', 'tokenizer', 'convert', 'merge')
+MODES = ('train', 'eval', 'generate', 'chat', 'tokenizer', 'convert', 'merge', 'prune',
+         'memory')
 # ModelConfig fields with flags of their own, each the same as --set name=value.
-MODEL_FLAGS = ('peft', *ANY_PEFT_FIELDS,
+MODEL_FLAGS = ('peft', 'qat', *ANY_PEFT_FIELDS,
                *(name for names in PEFT_FIELDS.values() for name in names))
 OPTIMIZER_FLAGS = {'total_steps': 'schedule_steps'}
 
@@ -77,6 +91,30 @@ flags.DEFINE_string('peft_checkpoint', None, 'A Hugging Face peft LoRA, prompt- 
                     '(--hf_checkpoint or --workdir).')
 flags.DEFINE_string('merged_workdir', None, '--mode=merge: write the merged model to this new '
                     'workdir (beside or instead of --hf_out).')
+flags.DEFINE_string('quantize', None, 'Weight-only quantisation of the dense kernels at '
+                    '--mode=eval/generate/chat/convert: int8, int4:g128, int4:g64:asym, ... '
+                    '(models/weight_quant.py).')
+flags.DEFINE_string('quantized_workdir', None, '--mode=convert --quantize: write the quantised '
+                    'model (of --hf_checkpoint or --workdir) to this new workdir.')
+flags.DEFINE_string('prune', 'unstructured:0.5', '--mode=prune: unstructured:<sparsity> or n:m '
+                    '(2:4) (models/pruning.py).')
+flags.DEFINE_enum('prune_score', 'magnitude', ['magnitude', 'wanda'], '--mode=prune: what '
+                  'ranks the weights: |W|, or Wanda\'s |W| times the input feature\'s norm.')
+flags.DEFINE_integer('calibration_batches', 4, '--mode=prune --prune_score=wanda: training '
+                     'batches the input norms are measured on.')
+flags.DEFINE_string('pruned_workdir', None, '--mode=prune: the new workdir of the pruned model '
+                    '(fine-tune it with --init_from to recover).')
+flags.DEFINE_enum('memory_use', 'train', ['train', 'inference'], '--mode=memory: estimate a '
+                  'train step (full fine-tuning, or LoRA with --peft=lora) or decoding.')
+flags.DEFINE_integer('devices', None, '--mode=memory: devices of the --mesh (default: the '
+                     'product of its sizes, or this machine\'s count where one is -1).')
+flags.DEFINE_string('draft', None, '--mode=generate: a smaller run (workdir) with the same '
+                    'tokenizer that drafts tokens for the model to verify (speculative '
+                    'decoding; the samples are distributed as without it).')
+flags.DEFINE_integer('draft_tokens', 4, 'Tokens the --draft proposes per verification '
+                     '(gamma).')
+flags.DEFINE_integer('num_samples', 1, '--mode=generate: continuations of --prompt, drawn '
+                     'together over one copy of its KV cache (models/shared_prefix.py).')
 flags.DEFINE_string('prompt', '', 'Prompt for generation (empty: start of a document); '
                     '--mode=chat: one user message to answer, instead of a conversation on stdin.')
 for _name in MODEL_FLAGS:
@@ -99,9 +137,9 @@ def _train_config() -> TrainConfig:
       FLAGS.model, FLAGS.hf_checkpoint))
 
 
-def _sample(graphdef, params, tokenizer, eot=None) -> str:
+def _samples(graphdef, params, tokenizer, eot=None, num_samples=1) -> list[str]:
   return run_lib.sample(graphdef, params, tokenizer, FLAGS.prompt, from_flags(SamplingConfig),
-                        seed=FLAGS.seed, eot=eot)
+                        seed=FLAGS.seed, eot=eot, num_samples=num_samples)
 
 
 def _overrides() -> list[str]:
@@ -114,6 +152,8 @@ def _loaded():
   loaded = run_lib.load(_train_config(), FLAGS.hf_checkpoint, _overrides(), FLAGS.tokenizer)
   if FLAGS.peft_checkpoint:
     loaded = run_lib.with_peft_checkpoint(loaded, FLAGS.peft_checkpoint)
+  if FLAGS.quantize:
+    loaded = run_lib.with_quantized_weights(loaded, FLAGS.quantize)
   return loaded
 
 
@@ -140,7 +180,7 @@ def train():
   if others:
     report(', '.join(others))
   if train_config.resolved(model_config).objective == 'lm':
-    report('sample:\n' + _sample(graphdef, params, tokenizer))
+    report('sample:\n' + _samples(graphdef, params, tokenizer)[0])
 
 
 def evaluate():
@@ -156,7 +196,24 @@ def evaluate():
 
 def generate():
   loaded = _loaded()
-  print(_sample(loaded.graphdef, loaded.params, loaded.tokenizer, loaded.end_token))
+  if not FLAGS.draft:
+    texts = _samples(loaded.graphdef, loaded.params, loaded.tokenizer, loaded.end_token,
+                     FLAGS.num_samples)
+    for i, text in enumerate(texts):
+      if len(texts) > 1:
+        print(f'--- sample {i + 1} of {len(texts)} ---')
+      print(text)
+    return
+  if FLAGS.num_samples != 1:
+    raise ConfigError('--draft decodes one sample at a time; leave out --num_samples')
+  start = time.perf_counter()
+  text, stats = run_lib.speculative_sample(loaded, FLAGS.draft, FLAGS.prompt,
+                                           from_flags(SamplingConfig),
+                                           gamma=FLAGS.draft_tokens, seed=FLAGS.seed)
+  print(text)
+  print(f'speculative decoding: {stats["accepted"]} of {stats["drafted"]} drafted tokens '
+        f'accepted ({stats["accepted"] / stats["drafted"]:.0%}) in {stats["rounds"]} target '
+        f'passes; {time.perf_counter() - start:.1f}s with compilation', file=sys.stderr)
 
 
 def chat():
@@ -180,9 +237,14 @@ def chat():
 
 def convert():
   """--hf_checkpoint -> a new --workdir checkpoint, or a --workdir's latest -> --hf_out
-  (and a LoRA run's adapters -> --peft_out)."""
+  (and a LoRA run's adapters -> --peft_out); with --quantize, either one quantised ->
+  --quantized_workdir."""
   workdir = _train_config().workdir
-  if FLAGS.hf_checkpoint:
+  if FLAGS.quantize:
+    loaded = _loaded()
+    run_lib.write_quantized(loaded, FLAGS.quantized_workdir)
+    print(f'wrote {FLAGS.quantized_workdir}: {loaded.source}')
+  elif FLAGS.hf_checkpoint:
     run_lib.hf_to_workdir(FLAGS.hf_checkpoint, _train_config(), _overrides(), FLAGS.tokenizer)
     print(f'wrote {workdir}: step-0 checkpoint of {FLAGS.hf_checkpoint}')
   elif FLAGS.hf_out or FLAGS.peft_out:
@@ -202,6 +264,31 @@ def merge():
   print(f'wrote {written}: checkpoint {step} of {workdir} with its LoRA adapters merged')
 
 
+def prune():
+  """--workdir's latest, pruned -> --pruned_workdir."""
+  pruned, sparsity = run_lib.prune(_train_config().workdir, FLAGS.pruned_workdir, FLAGS.prune,
+                                   FLAGS.prune_score, FLAGS.calibration_batches)
+  print(f'wrote {FLAGS.pruned_workdir}: {pruned.source}; {sparsity:.1%} of the blocks\' dense '
+        'weights are zero')
+
+
+def memory():
+  """Bytes per device of --model/--set at --batch_size/--grad_accum x --seq_len on --mesh
+  (training/memory.py)."""
+  train_config = _train_config()
+  config = run_lib.preset_config(FLAGS.model, _overrides())
+  if not config.vocab_size:  # The tokenizer's size, as training would make it.
+    config = run_lib.resolved_vocab(config, train_config)
+  sizes = memory_lib.estimate(
+      config, batch_size=train_config.micro_batch_size, seq_len=train_config.seq_len,
+      mesh=train_config.mesh, n_devices=FLAGS.devices or memory_lib.mesh_devices(
+          train_config.mesh, jax.device_count()), use=FLAGS.memory_use)
+  label = (f'{FLAGS.model} {FLAGS.memory_use}, micro-batch {train_config.micro_batch_size}x'
+           f'{train_config.seq_len}, --mesh={train_config.mesh}, {config.param_dtype} params, '
+           f'{config.dtype} compute, remat={config.remat}')
+  print(memory_lib.table({label: sizes}))
+
+
 def train_tokenizer():
   """Trains --tokenizer (bpe:... or wordpiece:...) on the training split of --data."""
   print(run_lib.train_tokenizer(FLAGS.tokenizer, FLAGS.data, FLAGS.val_fraction,
@@ -218,7 +305,8 @@ def main(argv):
       parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                       FLAGS.process_id)
     {'train': train, 'eval': evaluate, 'generate': generate, 'chat': chat,
-     'tokenizer': train_tokenizer, 'convert': convert, 'merge': merge}[FLAGS.mode]()
+     'tokenizer': train_tokenizer, 'convert': convert, 'merge': merge,
+     'prune': prune, 'memory': memory}[FLAGS.mode]()
   except (ConfigError, DataError, CheckpointError, TrainingError, WorkdirError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -238,7 +238,8 @@ def _run_hash(cell: dict, setup: Setup) -> str:
   return hashlib.sha1(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def _workdir(out: str, cell: dict, setup: Setup) -> str:
+def workdir_of(out: str, cell: dict, setup: Setup) -> str:
+  """Where grid.run trains (cell, setup) under --out."""
   name = '-'.join(re.sub(r'[^A-Za-z0-9.+_=]', '_', str(v)) for v in cell.values())
   return os.path.join(out, 'runs', f'{name}-seed{setup.train.seed}-{_run_hash(cell, setup)}')
 
@@ -290,6 +291,10 @@ class Trained:
   @property
   def val_tokens(self):
     return self._data[0]['val']
+
+  @property
+  def train_tokens(self):
+    return self._data[0]['train']
 
   @property
   def end_token(self):
@@ -427,7 +432,7 @@ def run(settings: Settings, cells: list[dict], configure: Callable[[dict, Setup]
     for seed in range(settings.seeds):
       setup = configure(cell, settings.base_setup(cell, seed))
       setup.model.validate()
-      planned.append((cell, setup, _workdir(settings.out, cell, setup)))
+      planned.append((cell, setup, workdir_of(settings.out, cell, setup)))
   varying = [k for k in cells[0] if len({str(c[k]) for c in cells}) > 1] or list(cells[0])
   records, durations = [], []
   for index, (cell, setup, workdir) in enumerate(planned, 1):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmlab.models import sharding
+from lmlab.models import shared_prefix, sharding
 from lmlab.models.errors import ConfigError
 from lmlab.models.dca import dual_chunk_attention
 from lmlab.models.dense import Dense
@@ -69,7 +69,8 @@ class SelfAttention(nnx.Module):
 
     Without a cache, attends within x. With a cache (from `empty_kv_cache`), writes this
     call's keys/values at cache_index and attends over the whole cache; the causal mask
-    with q_offset=cache_index hides the slots not yet written.
+    with q_offset=cache_index hides the slots not yet written. A shared-prefix cache
+    (models/shared_prefix.py) holds the prompt once for every row of the batch.
 
     With config.dca_chunk_size, the attention is Dual Chunk Attention (models/dca.py) of the
     tokens at positions_bt (default cache_index or 0 onwards), the cache at slots 0..S-1;
@@ -89,6 +90,26 @@ class SelfAttention(nnx.Module):
     if self.dca_rope is None:
       q_bthd, k_btkd = rotate(q_bthd), rotate(k_btkd)
 
+    if shared_prefix.is_shared(cache):
+      y_bthd, cache = shared_prefix.attention(q_bthd, k_btkd, v_btkd, cache, cache_index,
+                                              scale=self.scale,
+                                              sliding_window=self.sliding_window,
+                                              alibi_slopes=alibi_slopes)
+    else:
+      y_bthd, cache = self._attend(q_bthd, k_btkd, v_btkd, alibi_slopes=alibi_slopes,
+                                   segment_ids_bt=segment_ids_bt, prefix_len_b=prefix_len_b,
+                                   cache=cache, cache_index=cache_index,
+                                   positions_bt=positions_bt)
+    if self.adaption is not None:
+      y_bthd = y_bthd + self.adaption(q_bthd, self.keys_values)
+    y_bthd = constrain(y_bthd, (BATCH, LENGTH, HEADS, None))
+    return self.o_proj(y_bthd.reshape(b, t, self.n_heads * self.head_dim),
+                       dropout_key=o_key), cache
+
+  def _attend(self, q_bthd, k_btkd, v_btkd, *, alibi_slopes, segment_ids_bt, prefix_len_b,
+              cache, cache_index, positions_bt):
+    """Attention over this call's keys, or over the cache after writing them to it;
+    returns (y_bthd, the updated cache or None)."""
     k_bskd, v_bskd, q_offset = k_btkd, v_btkd, 0
     if cache is not None:
       start = (0, cache_index, 0, 0)
@@ -111,11 +132,7 @@ class SelfAttention(nnx.Module):
                                  sliding_window=self.sliding_window, segment_ids=segment_ids,
                                  prefix_len=prefix_len_b, alibi_slopes=alibi_slopes,
                                  q_offset=q_offset, impl=self.impl)
-    if self.adaption is not None:
-      y_bthd = y_bthd + self.adaption(q_bthd, self.keys_values)
-    y_bthd = constrain(y_bthd, (BATCH, LENGTH, HEADS, None))
-    return self.o_proj(y_bthd.reshape(b, t, self.n_heads * self.head_dim),
-                       dropout_key=o_key), cache
+    return y_bthd, cache
 
   def keys_values(self, x_btd, k_key=None, v_key=None):
     """The keys (k_norm'd with qk_norm, before positions) and values of x_btd, each

@@ -10,6 +10,7 @@ import typing
 
 from lmlab.kernels import attention as attention_lib
 from lmlab.kernels import grouped_matmul
+from lmlab.models import weight_quant
 from lmlab.models.errors import ConfigError
 from lmlab.models.json_values import is_finite_number
 from lmlab.models.rope_scaling import rope_frequencies
@@ -196,6 +197,13 @@ class ModelConfig:
   # parameters, as deltas from the frozen table (models/trainable_tokens.py).
   trainable_tokens: str = ''
 
+  # Weight-only quantisation of the dense kernels (models/weight_quant.py), each a spec such
+  # as int8 or int4:g128. quantize: held as integer codes and scales (--quantize at eval,
+  # generate and convert); qat: fake-quantised as they multiply (quantisation-aware training).
+  quantize: str = ''
+  qat: str = ''
+  pruned: bool = False  # each dense kernel of the blocks has a 0/1 mask (models/pruning.py).
+
   @property
   def expert_ffn_dim(self) -> int:
     return self.moe_ffn_dim or self.ffn_dim
@@ -354,7 +362,22 @@ class ModelConfig:
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f'dropout_rate={self.dropout_rate} must be in [0, 1)')
     self._validate_peft()
+    self._validate_compression()
     return self
+
+  def _validate_compression(self):
+    for name in ('quantize', 'qat', 'pruned'):
+      if not getattr(self, name):
+        continue
+      if name != 'pruned':
+        weight_quant.parse_spec(getattr(self, name), name)
+      if self.family != 'decoder' or self.peft:
+        raise ConfigError(f'{name}={getattr(self, name)!r} applies to the kernels of a decoder '
+                          f'without PEFT (here family={self.family}, peft={self.peft!r}); merge '
+                          'LoRA first (--mode=merge)')
+    if self.quantize and self.qat:
+      raise ConfigError(f'quantize={self.quantize!r} holds the kernels quantised already; '
+                        f'qat={self.qat!r} applies to float kernels')
 
   def _validate_dca(self):
     chunk, local = self.dca_chunk_size, self.dca_local_size

@@ -157,7 +157,7 @@ class DecoderLM(nnx.Module):
     if self.lm_head is None:
       w_dv = self.embed.embedding[...].T
     else:
-      w_dv = self.lm_head.kernel[...]
+      w_dv = self.lm_head.weight()
     w_dv = w_dv.astype(x_btd.dtype)
     if self.token_rows is not None:
       w_dv = self.token_rows.head(w_dv)

@@ -17,6 +17,14 @@ def matmul_last_axis(x, w):
 
 
 class Dense(nnx.Module):
+  # A weight_quant.QuantSpec under quantisation-aware training: the kernel is fake-quantised
+  # as it multiplies.
+  fake_quant = None
+  # A pruned model's pruning.PruneMask [D_in, D_out]: the kernel's pruned weights are zeroed as
+  # it multiplies, which also keeps their gradients zero.
+  mask = None
+  # True while pruning calibrates: the sum of squares of each input feature is sown.
+  record_inputs = False
 
   def __init__(self, d_in: int, d_out: int, *, axes, use_bias: bool, init_std: float, dtype,
                param_dtype, rngs: nnx.Rngs, kind=nnx.Param):
@@ -29,10 +37,21 @@ class Dense(nnx.Module):
     self.bias = (sharding.param(jnp.zeros((d_out,), param_dtype), axes[1:], kind=kind)
                  if use_bias else None)
 
+  def weight(self):
+    """The kernel as it multiplies: fake-quantised under quantisation-aware training, pruned
+    weights zeroed."""
+    kernel = self.kernel[...]
+    if self.fake_quant is not None:
+      kernel = self.fake_quant.fake_quantize(kernel)
+    return kernel if self.mask is None else jnp.where(self.mask[...], kernel, 0)
+
   def __call__(self, x, dropout_key=None):
     """dropout_key is for the adapter of a LoRADense (models/lora.py); a Dense has no
     dropout."""
-    y = matmul_last_axis(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.record_inputs:
+      self.sow(nnx.Intermediate, 'input_squares',
+               jnp.sum(jnp.square(x.reshape(-1, x.shape[-1]).astype(jnp.float32)), axis=0))
+    y = matmul_last_axis(x.astype(self.dtype), self.weight().astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

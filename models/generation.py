@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmlab.models import shared_prefix
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -56,23 +58,38 @@ def choose(logits_bv, seen_bv, key, config: SamplingConfig, n_valid: int):
   return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
 
 
-def make_generate(graphdef, config: SamplingConfig, *, end_token: int, n_valid: int):
+def make_generate(graphdef, config: SamplingConfig, *, end_token: int, n_valid: int,
+                  num_samples: int = 1):
   """generate(params, prompt_bt, key) -> new tokens [B, max_new_tokens].
 
   Tokens are drawn from ids below n_valid, the tokenizer's vocabulary size.
   After a row's end-of-text token its remaining slots hold end_token too.
+  With num_samples > 1, prompt_bt is one prompt [1, T] and the result holds num_samples
+  continuations of it [num_samples, max_new_tokens], which read one copy of the prompt's
+  KV cache (models/shared_prefix.py).
   """
 
   @jax.jit
   def generate(params, prompt_bt, key):
     model = nnx.merge(graphdef, params)
-    b, t = prompt_bt.shape
+    t = prompt_bt.shape[1]
     n_new = config.max_new_tokens
-    caches = model.init_cache(b, t + n_new)
+    if num_samples == 1:
+      caches = model.init_cache(prompt_bt.shape[0], t + n_new)
+      logits_btv, caches = model.decode(prompt_bt, caches, 0)
+    else:
+      shared_prefix.check_supported(model.config)
+      if prompt_bt.shape[0] != 1:
+        raise ValueError(f'num_samples={num_samples} continues one prompt, not '
+                         f'{prompt_bt.shape[0]}')
+      logits_btv, caches = model.decode(prompt_bt, model.init_cache(1, t), 0)
+      caches = shared_prefix.share(caches, num_samples, n_new)
+      logits_btv = jnp.repeat(logits_btv[:, -1:], num_samples, axis=0)
+      prompt_bt = jnp.repeat(prompt_bt, num_samples, axis=0)
+    b = prompt_bt.shape[0]
     vocab = model.config.vocab_size
     seen_bv = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], prompt_bt].set(True)
 
-    logits_btv, caches = model.decode(prompt_bt, caches, 0)
     key, sub = jax.random.split(key)
     token_b = choose(logits_btv[:, -1], seen_bv, sub, config, n_valid)
     out_bl = jnp.full((b, n_new), end_token, jnp.int32).at[:, 0].set(token_b)

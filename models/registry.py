@@ -5,6 +5,7 @@ import dataclasses
 import jax
 from flax import nnx
 
+from lmlab.models import pruning, weight_quant
 from lmlab.models.bert import Bert
 from lmlab.models.config import ModelConfig
 from lmlab.models.decoder import DecoderLM
@@ -30,6 +31,12 @@ def model_class(config: ModelConfig):
 
 def build(config: ModelConfig, *, rngs: nnx.Rngs):
   model = model_class(config)(config, rngs=rngs)
+  if config.pruned:
+    pruning.add_masks(model)
+  if config.qat:
+    weight_quant.add_fake_quant(model, weight_quant.parse_spec(config.qat, 'qat'))
+  if config.quantize:
+    weight_quant.quantize_kernels(model, weight_quant.parse_spec(config.quantize, 'quantize'))
   if not config.peft:
     return model
   add, _ = PEFT_METHODS[config.peft]
@@ -40,10 +47,10 @@ def build(config: ModelConfig, *, rngs: nnx.Rngs):
 def trainable(config: ModelConfig):
   """The nnx filter of the parameters a run of `config` trains: its PEFT method's (a LoRA
   run's adapters, a prompt-tuning run's virtual tokens) with its trainable token rows and a
-  decoder's score or value head (new to the model, as peft's modules_to_save), or None for
-  all of them."""
+  decoder's score or value head (new to the model, as peft's modules_to_save); else None for
+  all of them, or nnx.Param for a pruned model, whose masks do not train."""
   if not config.peft:
-    return None
+    return nnx.Param if config.pruned else None
   filters = [PEFT_METHODS[config.peft][1]]
   if config.trainable_tokens:
     filters.append(TokenRowsParam)
@@ -63,7 +70,8 @@ def param_count(config: ModelConfig) -> int:
   """Number of parameters, from shapes alone; a quantised kernel counts as the values it
   stands for."""
   return sum(leaf.size for leaf in jax.tree.leaves(
-      nnx.state(abstract_model(float_config(config)), nnx.Param)))
+      nnx.state(abstract_model(dataclasses.replace(float_config(config), quantize='')),
+                nnx.Param)))
 
 
 def active_param_count(config: ModelConfig) -> int:

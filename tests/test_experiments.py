@@ -11,8 +11,8 @@ from absl import flags
 
 from lmlab.data import arithmetic
 from lmlab.experiments import (activations, alignment, attention_scale, attention_types,
-                               finetuning, initialisation, moe, norm_placement,
-                               position_extrapolation, repetition)
+                               finetuning, initialisation, model_compression, moe,
+                               norm_placement, position_extrapolation, repetition)
 from lmlab.models.config import ModelConfig
 from lmlab.models.registry import param_count
 
@@ -122,6 +122,28 @@ def test_moe(tmp_path, corpus):
   assert rows['dense']['load_entropy'] == ''
   assert 0 < float(rows['top1_shared']['load_entropy']) <= 1
   assert 1 / 16 <= float(rows['top1_shared']['busiest_share']) <= 1
+
+
+def test_model_compression(tmp_path, corpus):
+  """A float run with its PTQ and one-shot pruning rows, a recovered 2:4 run that starts from
+  the float run pruned, and a distilled student that drafts for it."""
+  run_script(model_compression, tmp_path, corpus, '--compressions=float,pruned2of4,student',
+             '--steps=3', '--draft_tokens=2')
+  rows = {row['setting']: row for row in table(tmp_path)}
+  assert {'float', 'ptq int8', 'ptq int4', 'ptq int4:asym', 'prune 2:4 wanda, one-shot',
+          'prune 2:4 magnitude + recovery', 'student d/2, distilled',
+          'speculative: student drafts'} <= set(rows)
+  assert float(rows['float']['change from float']) == 0
+  assert int(rows['ptq int4']['state bytes']) < int(rows['ptq int8']['state bytes']) < int(
+      rows['float']['state bytes'])
+  assert 0 <= float(rows['speculative: student drafts']['drafts accepted']) <= 1
+  records = [json.load(open(os.path.join(tmp_path, 'runs', name, 'result.json')))
+             for name in os.listdir(os.path.join(tmp_path, 'runs'))]
+  (recovered,) = [r for r in records if r['method'] == 'pruned2of4']
+  (float_run,) = [r for r in records if r['method'] == 'float']
+  # The recovery run starts from the float run pruned 2:4 by magnitude.
+  assert recovered['initial_eval_loss'] == pytest.approx(
+      float_run['prune 2:4 magnitude'], abs=1e-4)
 
 
 def test_attention_types(tmp_path, corpus):

@@ -93,7 +93,9 @@ def test_grpo_loss_and_metrics_match_trl(kind, rng):
                                 ref_logps_bt=jnp.asarray(ref), advantages_b=jnp.asarray(advantages),
                                 mask_bt=jnp.asarray(mask), beta=beta, epsilon=epsilon,
                                 max_tokens=max_tokens)
-  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  # The loss is a float32 sum of about 100 terms of either sign: where it cancels to near zero
+  # it keeps the terms' absolute rounding error, not a small relative one (seed 3482250416).
+  np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
   masked_mean = lambda x: float(np.sum(np.asarray(x) * mask) / mask.sum())
   np.testing.assert_allclose(masked_mean(k3), metrics['kl'][0], rtol=1e-5)
   np.testing.assert_allclose(masked_mean(clipped), metrics['clip_ratio/region_mean'][0],

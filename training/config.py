@@ -42,7 +42,7 @@ class TrainConfig:
   z_loss: float = 0.0  # Weight of the log^2 Z logit penalty (PaLM: 1e-4); 0: off.
   max_z_loss: float = 0.0  # Weight of the max-logit^2 penalty (Baichuan 2: 2e-4); 0: off.
   # What to learn (training/objectives.py: lm, sft, reward, dpo, grpo, rsft, ppo, bert,
-  # roberta, classify, seq2seq); default: lm for decoders, bert or roberta for encoders (by
+  # roberta, classify, seq2seq, distill); default: lm for decoders, bert or roberta for encoders (by
   # their NSP head), seq2seq for encoder-decoders.
   objective: str | None = None
   # sft, reward, dpo, grpo, rsft, ppo and --mode=chat: how conversations are rendered: chatml,
@@ -87,6 +87,13 @@ class TrainConfig:
   value_coef: float = 0.1  # ppo: the weight of the value loss.
   value_clip: float = 0.2  # ppo: how far a value may move from the rollout's (clipped loss).
   whiten_rewards: bool = False  # ppo: scale the batch's rewards to unit variance first.
+  # distill: the teacher, a training run's workdir or a Hugging Face folder, whose tokenizer
+  # is the student's.
+  teacher: str | None = None
+  distill_temperature: float = 2.0  # distill: T, the softening of both distributions.
+  # distill: the weight of the soft loss T^2 KL(teacher || student), the hard next-token
+  # loss taking the rest (Hinton et al. 2015).
+  distill_weight: float = 0.5
   beam_size: int = 4  # seq2seq eval: beam search width beside greedy decoding; 1: greedy only.
   length_penalty: float = 0.6  # seq2seq beam search: alpha of ((5+len)/6)^alpha.
   eval_every: int = 100  # Evaluate every N steps.
@@ -157,6 +164,7 @@ class TrainConfig:
         raise ConfigError(f'--{name}={getattr(self, name)} must be in [0, 1) (0: off)')
     self._validate_dpo()
     self._validate_sampling()
+    self._validate_distillation()
     if self.peak_flops < 0:
       raise ConfigError(f'--peak_flops={self.peak_flops} must be >= 0 (0: the known devices)')
     if not 0.0 < self.val_fraction < 1.0:
@@ -196,6 +204,15 @@ class TrainConfig:
     if self.value_coef < 0 or self.value_clip <= 0:
       raise ConfigError(f'--value_coef={self.value_coef} must be >= 0 and --value_clip='
                         f'{self.value_clip} positive')
+
+  def _validate_distillation(self):
+    if (self.objective == 'distill') != bool(self.teacher):
+      raise ConfigError('--objective=distill needs --teacher=<workdir or Hugging Face folder>, '
+                        'and --teacher applies to it only')
+    if not self.distill_temperature > 0:
+      raise ConfigError(f'--distill_temperature={self.distill_temperature} must be positive')
+    if not 0 <= self.distill_weight <= 1:
+      raise ConfigError(f'--distill_weight={self.distill_weight} must be in [0, 1]')
 
   def _validate_dpo(self):
     if self.dpo_loss not in DPO_LOSSES:

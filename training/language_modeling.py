@@ -72,6 +72,30 @@ def resolve_vocab(model_config: ModelConfig, tokenizer) -> ModelConfig:
   return dataclasses.replace(model_config, vocab_size=-(-tokenizer.n_vocab // 64) * 64)
 
 
+def _token_bytes(tokenizer, token: int) -> bytes | None:
+  try:
+    return tokenizer.decode_single_token_bytes(token)
+  except KeyError:  # An id no token has (tiktoken leaves gaps below special tokens).
+    return None
+
+
+def check_same_vocabulary(config: ModelConfig, other_config: ModelConfig, tokenizer,
+                          other_tokenizer, other: str):
+  """Refuses a second model (a draft, a teacher) whose token ids do not mean this one's:
+  another vocabulary size, or another token at any id."""
+  if other_config.family != 'decoder' or other_config.n_labels:
+    raise ConfigError(f'{other} is not a language-model decoder')
+  same = (config.vocab_size == other_config.vocab_size
+          and tokenizer.n_vocab == other_tokenizer.n_vocab
+          and all(_token_bytes(tokenizer, i) == _token_bytes(other_tokenizer, i)
+                  for i in range(tokenizer.n_vocab)))
+  if not same:
+    raise ConfigError(f'{other} has another tokenizer or vocabulary (vocab_size '
+                      f'{other_config.vocab_size}, {other_tokenizer.n_vocab} tokens) than this '
+                      f'model ({config.vocab_size}, {tokenizer.n_vocab}); it must share the '
+                      'tokenizer')
+
+
 def check_fits(model_config: ModelConfig, tokenizer, seq_len: int):
   if model_config.vocab_size < tokenizer.n_vocab:
     raise ConfigError(f'vocab_size={model_config.vocab_size} is smaller than the tokenizer\'s '

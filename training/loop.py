@@ -105,6 +105,10 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
   config, metrics and progress, and every process takes part in each checkpoint.
   """
   model_config.validate()
+  if model_config.quantize:
+    raise ConfigError(f'quantize={model_config.quantize!r} holds frozen integer kernels, which do '
+                      'not train; train float kernels (with qat=<spec> to train for '
+                      'quantisation) and quantise with --mode=convert --quantize')
   train_config = train_config.resolved(model_config).validate()
   opt_config = opt_config.resolved(train_config.steps * train_config.updates_per_step,
                                    model_config.family)

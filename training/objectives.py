@@ -23,6 +23,9 @@
                           pre-trained run fine-tunes it
   Seq2Seq                 `--model=transformer-tiny --data=synthetic:reverse` (or a
                           source<TAB>target file): training/seq2seq.py
+  Distillation            `--objective=distill --teacher=runs/tiny --set d_model=64`: a
+                          student learns a frozen teacher's softened distribution
+                          (training/distillation.py)
 
 Each objective prepares its data, draws batches as pure functions of (seed, step), and
 reports eval metrics under eval_* names beside eval_loss.
@@ -42,6 +45,7 @@ from lmlab.data.corpus import Document
 from lmlab.data.files import read_lines
 from lmlab.data.mlm import NOT_SELECTED, BertBatches, BertSpecials
 from lmlab.models.config import ConfigError
+from lmlab.training.distillation import Distillation
 from lmlab.training.language_modeling import (LanguageModeling, check_fits, load_run_tokenizer,
                                               resolve_vocab)
 from lmlab.training.objective import Objective
@@ -264,7 +268,7 @@ OBJECTIVES = {'lm': LanguageModeling, 'sft': SupervisedFineTuning, 'reward': Rew
               'dpo': DirectPreference, 'grpo': GroupRelative, 'rsft': RejectionSampling,
               'ppo': ProximalPolicy,
               'bert': BertPretraining, 'roberta': BertPretraining,
-              'classify': SequenceClassification, 'seq2seq': Seq2Seq}
+              'classify': SequenceClassification, 'seq2seq': Seq2Seq, 'distill': Distillation}
 
 
 def by_name(name: str):

@@ -18,20 +18,22 @@ from lmlab.data import corpus as corpus_lib
 from lmlab.data import tokenizer as tokenizer_lib
 from lmlab.data.chat_template import ChatTemplate, render
 from lmlab.data.errors import DataError
-from lmlab.models import hf, lora, quantize
+from lmlab.models import hf, lora, pruning, quantize, weight_quant
 from lmlab.models.hf import adapters
 from lmlab.models.config import ModelConfig, preset, with_overrides
 from lmlab.models.errors import ConfigError
 from lmlab.models.generation import SamplingConfig, make_generate
 from lmlab.models.hf.architecture import RUN_FIELDS
 from lmlab.models.registry import without_value_head
+from lmlab.models.speculative import make_speculative_generate
 from lmlab.models.sharding import VOCAB, logical_axes
 from lmlab.training import objectives
 from lmlab.training import steps as steps_lib
 from lmlab.training.checkpoint import Checkpoints
 from lmlab.training.config import TrainConfig, default_objective
-from lmlab.training.language_modeling import (end_token, evaluate_tokens, load_run_tokenizer,
-                                              tokenize, tokenizer_dir)
+from lmlab.training.language_modeling import (check_same_vocabulary, end_token, evaluate_tokens,
+                                              load_run_tokenizer, resolve_vocab, tokenize,
+                                              tokenizer_dir)
 from lmlab.training.optimizer import OptimizerConfig
 from lmlab.training.restored import Loaded, restore
 from lmlab.training.workdir import (WorkdirError, config_path, locked, read_config,
@@ -157,30 +159,68 @@ def evaluate(loaded: Loaded, data: str | None = None, eval_batches: int | None =
 _generator = functools.lru_cache(maxsize=4)(make_generate)
 
 
-def _continuation(graphdef, params, tokenizer, prompt_tokens: list[int], sampling, *,
-                  seed: int, eot: int) -> str:
-  """The text sampled after prompt_tokens, up to (without) eot."""
-  config = nnx.merge(graphdef, params).config
+def _check_samples(config):
   if config.family != 'decoder':
     raise ConfigError(f'--mode=generate samples from decoders, not family={config.family}')
   if config.n_labels:
     raise ConfigError(f'this model scores sequences (n_labels={config.n_labels}, a reward '
                       'model): it has no LM head to sample from')
-  generate = _generator(graphdef, sampling, end_token=eot, n_valid=tokenizer.n_vocab)
-  new_tokens = jax.device_get(generate(params, jnp.asarray([prompt_tokens], jnp.int32),
-                                       jax.random.key(seed)))[0].tolist()
+
+
+def _text(tokenizer, new_tokens: list[int], eot: int) -> str:
+  """The text of new_tokens up to (without) eot."""
   if eot in new_tokens:
     new_tokens = new_tokens[:new_tokens.index(eot)]
   return tokenizer.decode(new_tokens, errors='replace')
 
 
+def _continuations(graphdef, params, tokenizer, prompt_tokens: list[int], sampling, *,
+                   seed: int, eot: int, num_samples: int = 1) -> list[str]:
+  """num_samples texts sampled after prompt_tokens, each up to (without) eot; several share
+  the prompt's KV cache (models/shared_prefix.py)."""
+  _check_samples(nnx.merge(graphdef, params).config)
+  if num_samples < 1:
+    raise ConfigError(f'--num_samples must be at least 1, got {num_samples}')
+  generate = _generator(graphdef, sampling, end_token=eot, n_valid=tokenizer.n_vocab,
+                        num_samples=num_samples)
+  new_tokens = jax.device_get(generate(params, jnp.asarray([prompt_tokens], jnp.int32),
+                                       jax.random.key(seed)))
+  return [_text(tokenizer, row.tolist(), eot) for row in new_tokens]
+
+
 def sample(graphdef, params, tokenizer, prompt: str, sampling: SamplingConfig, *, seed: int,
-           eot: int | None = None) -> str:
-  """The prompt and its continuation; eot (default: the tokenizer's end-of-text) ends it."""
+           eot: int | None = None, num_samples: int = 1) -> list[str]:
+  """num_samples times the prompt and a continuation of it; eot (default: the tokenizer's
+  end-of-text) ends each."""
   eot = tokenizer_lib.separator_id(tokenizer) if eot is None else eot
   prompt_tokens = tokenizer.encode_ordinary(prompt) or [eot]
-  return prompt + _continuation(graphdef, params, tokenizer, prompt_tokens, sampling, seed=seed,
-                                eot=eot)
+  return [prompt + text for text in _continuations(graphdef, params, tokenizer, prompt_tokens,
+                                                   sampling, seed=seed, eot=eot,
+                                                   num_samples=num_samples)]
+
+
+_speculative_generator = functools.lru_cache(maxsize=4)(make_speculative_generate)
+
+
+def speculative_sample(loaded: Loaded, draft_workdir: str, prompt: str,
+                       sampling: SamplingConfig, *, gamma: int, seed: int) -> tuple[str, dict]:
+  """(the prompt and its continuation as sample() draws it, with the latest checkpoint of
+  draft_workdir proposing tokens; {'rounds', 'accepted', 'drafted'}: target passes, and
+  drafted tokens kept of those made)."""
+  draft = restore(draft_workdir)
+  target_config = nnx.merge(loaded.graphdef, loaded.params).config
+  _check_samples(target_config)
+  check_same_vocabulary(target_config, nnx.merge(draft.graphdef, draft.params).config,
+                        loaded.tokenizer, draft.tokenizer, f'--draft={draft_workdir}')
+  eot = tokenizer_lib.separator_id(loaded.tokenizer) if loaded.end_token is None \
+      else loaded.end_token
+  prompt_tokens = loaded.tokenizer.encode_ordinary(prompt) or [eot]
+  generate = _speculative_generator(loaded.graphdef, draft.graphdef, sampling, gamma=gamma,
+                                    end_token=eot, n_valid=loaded.tokenizer.n_vocab)
+  new_bt, rounds, accepted = jax.device_get(generate(
+      loaded.params, draft.params, jnp.asarray([prompt_tokens], jnp.int32), jax.random.key(seed)))
+  stats = {'rounds': int(rounds), 'accepted': int(accepted), 'drafted': int(rounds) * gamma}
+  return prompt + _text(loaded.tokenizer, new_bt[0].tolist(), eot), stats
 
 
 def chat_reply(graphdef, params, tokenizer, template: ChatTemplate, messages: list[dict],
@@ -190,8 +230,8 @@ def chat_reply(graphdef, params, tokenizer, template: ChatTemplate, messages: li
   prompt = render(template, messages, add_generation_prompt=True)
   prompt_tokens = tokenizer.encode(prompt, allowed_special=set(template.special_tokens),
                                    disallowed_special=())
-  return _continuation(graphdef, params, tokenizer, prompt_tokens, sampling, seed=seed,
-                       eot=tokenizer.encode_single_token(template.end_token))
+  return _continuations(graphdef, params, tokenizer, prompt_tokens, sampling, seed=seed,
+                        eot=tokenizer.encode_single_token(template.end_token))[0]
 
 
 def hf_to_workdir(hf_checkpoint: str, run: TrainConfig, overrides: list[str],
@@ -210,10 +250,74 @@ def _write_workdir(model, run: TrainConfig, source: str):
     record_config(run.workdir, {'model': model.config, **dataclasses.asdict(run),
                                 'optimizer': dataclasses.asdict(optimizer)})
     checkpoints = Checkpoints(run.workdir)
-    checkpoints.save(0, {'params': nnx.state(model, nnx.Param)},
+    checkpoints.save(0, {'params': nnx.state(model)},
                      {'step': 0, 'params_only': True, 'source': source,
                       'tokenizer': run.tokenizer})
     checkpoints.close()
+
+
+def with_quantized_weights(loaded: Loaded, spec: str) -> Loaded:
+  """`loaded` (a float decoder, or one trained with qat) with its dense kernels quantised as
+  `spec` says (models/weight_quant.py)."""
+  model = nnx.merge(loaded.graphdef, loaded.params)
+  if model.config.quantize:
+    raise ConfigError(f'{loaded.source} is quantised already (quantize='
+                      f'{model.config.quantize!r}); --quantize takes a float model')
+  parsed = weight_quant.parse_spec(spec, '--quantize')
+  config = dataclasses.replace(model.config, quantize=spec, qat='').validate()
+  model = weight_quant.quantize_kernels(model, parsed)
+  model.config = config
+  graphdef, params = nnx.split(model)
+  return dataclasses.replace(loaded, graphdef=graphdef, params=params,
+                             source=f'{loaded.source} quantised {spec}')
+
+
+def write_quantized(loaded: Loaded, workdir: str | None):
+  """A new workdir whose step-0 checkpoint holds a quantised model's codes and scales."""
+  if not workdir:
+    raise ConfigError('--mode=convert --quantize needs --quantized_workdir=<new workdir> to '
+                      'write the quantised model to')
+  _write_workdir(nnx.merge(loaded.graphdef, loaded.params),
+                 dataclasses.replace(loaded.run, workdir=workdir), loaded.source)
+
+
+def prune(workdir: str, out_workdir: str | None, spec: str, score: str,
+          calibration_batches: int) -> tuple[Loaded, float]:
+  """Writes the workdir's latest parameters pruned (models/pruning.py) to a new workdir, the
+  Wanda scores calibrated on `calibration_batches` batches of its training split; returns
+  (the pruned model, the share of the covered weights that are zero)."""
+  parsed = pruning.parse_spec(spec)
+  if score not in pruning.SCORES:
+    raise ConfigError(f'--prune_score={score!r} is not one of {", ".join(pruning.SCORES)}')
+  if not out_workdir:
+    raise ConfigError('--mode=prune needs --pruned_workdir=<new workdir> to write to')
+  loaded = restore(workdir)
+  model = nnx.merge(loaded.graphdef, loaded.params)
+  config = dataclasses.replace(model.config, pruned=True).validate()
+  if config.quantize:
+    raise ConfigError(f'{workdir} holds quantised kernels; prune the float run')
+  norms = None
+  if score == 'wanda':
+    norms = pruning.input_norms(model, steps_lib.model_logits,
+                                _calibration_batches(loaded, calibration_batches))
+  sparsity = pruning.prune(model, parsed, norms)
+  model.config = config
+  graphdef, params = nnx.split(model)
+  pruned = dataclasses.replace(loaded, graphdef=graphdef, params=params,
+                               source=f'{workdir} {loaded.source} pruned {spec} by {score}')
+  _write_workdir(model, dataclasses.replace(loaded.run, workdir=out_workdir), pruned.source)
+  return pruned, sparsity
+
+
+def _calibration_batches(loaded: Loaded, n: int) -> list[dict]:
+  """The first n training batches of the run's data, as its training drew them."""
+  run = loaded.run
+  splits = corpus_lib.split_corpus(run.data, run.val_fraction)
+  with tempfile.TemporaryDirectory() as scratch:
+    tokens = tokenize(run, loaded.tokenizer, splits, scratch=scratch, log=lambda *a: None)['train']
+    return [jax.tree.map(jnp.asarray, batches_lib.train_batch(
+        tokens, seed=run.seed, step=step, batch_size=run.micro_batch_size, seq_len=run.seq_len,
+        end_token=end_token(run, loaded.tokenizer))) for step in range(n)]
 
 
 def _pad_token(loaded: Loaded, config: ModelConfig) -> int | None:
@@ -230,6 +334,9 @@ def workdir_to_hf(workdir: str, hf_out: str | None, peft_out: str | None = None)
   run's model); returns the step."""
   loaded = restore(workdir)
   model = without_value_head(nnx.merge(loaded.graphdef, loaded.params))
+  if model.config.quantize:
+    raise ConfigError(f'{workdir} holds quantised kernels (quantize={model.config.quantize!r}); '
+                      'Hugging Face export writes float weights: convert the float run')
   if peft_out:
     if not model.config.peft:
       raise ConfigError(f'{workdir} is not a PEFT run (peft=\'\'); --peft_out writes the '
@@ -286,6 +393,14 @@ def train_tokenizer(spec: str | None, data: str | None, val_fraction: float, out
   tokenizer = tokenizer_lib.load_tokenizer(out)
   return (f'wrote {out}: {tokenizer.n_vocab} tokens, trained on {len(splits["train"])} files '
           f'in {time.perf_counter() - start:.1f}s')
+
+
+def resolved_vocab(config: ModelConfig, run: TrainConfig) -> ModelConfig:
+  """config with vocab_size 0 resolved against the run's tokenizer (trained on its data where
+  the spec says so), as training resolves it."""
+  run = run.resolved(config)
+  return resolve_vocab(config, load_run_tokenizer(run, corpus_lib.split_corpus(
+      run.data, run.val_fraction)))
 
 
 def preset_config(name: str, overrides: list[str]) -> ModelConfig:
