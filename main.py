@@ -21,6 +21,7 @@
   python main.py --init_from=runs/tiny --qat=int4:g128 --workdir=runs/tiny-qat  # QAT
   python main.py --mode=generate --workdir=runs/tiny --draft=runs/tiny-draft --draft_tokens=4
   python main.py --mode=generate --workdir=runs/tiny --num_samples=8   # one shared prompt cache
+  python main.py --mode=generate --workdir=runs/tiny --kv_cache_dtype=int8
   python main.py --mode=prune --workdir=runs/tiny --prune=2:4 --prune_score=wanda \
       --pruned_workdir=runs/tiny-2of4      # then --init_from=runs/tiny-2of4 to recover
   python main.py --objective=distill --teacher=runs/tiny --set d_model=64 \
@@ -94,6 +95,9 @@ flags.DEFINE_string('merged_workdir', None, '--mode=merge: write the merged mode
 flags.DEFINE_string('quantize', None, 'Weight-only quantisation of the dense kernels at '
                     '--mode=eval/generate/chat/convert: int8, int4:g128, int4:g64:asym, ... '
                     '(models/weight_quant.py).')
+flags.DEFINE_string('kv_cache_dtype', None, '--mode=generate|chat: int8 holds the decoding '
+                    'KV cache as int8 codes and scales (models/kv_cache.py); \'\': as computed. '
+                    'Default: the model\'s config.')
 flags.DEFINE_string('quantized_workdir', None, '--mode=convert --quantize: write the quantised '
                     'model (of --hf_checkpoint or --workdir) to this new workdir.')
 flags.DEFINE_string('prune', 'unstructured:0.5', '--mode=prune: unstructured:<sparsity> or n:m '
@@ -154,6 +158,8 @@ def _loaded():
     loaded = run_lib.with_peft_checkpoint(loaded, FLAGS.peft_checkpoint)
   if FLAGS.quantize:
     loaded = run_lib.with_quantized_weights(loaded, FLAGS.quantize)
+  if FLAGS.kv_cache_dtype is not None:
+    loaded = run_lib.with_kv_cache_dtype(loaded, FLAGS.kv_cache_dtype)
   return loaded
 
 

@@ -3,11 +3,10 @@
 projections -> optional q/k norm -> positions (RoPE) -> kernels.attention -> output projection.
 K and V keep their n_kv_heads heads everywhere, the cache included.
 """
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmlab.models import shared_prefix, sharding
+from lmlab.models import kv_cache, shared_prefix, sharding
 from lmlab.models.errors import ConfigError
 from lmlab.models.dca import dual_chunk_attention
 from lmlab.models.dense import Dense
@@ -15,12 +14,6 @@ from lmlab.models.normalization import RMSNorm
 from lmlab.models.positions import RotaryPositions
 from lmlab.models.sharding import BATCH, EMBED, HEADS, KV_HEADS, LENGTH, constrain
 from lmlab.models.stack import split_keys
-
-
-def empty_kv_cache(config, batch: int, length: int, dtype):
-  """One layer's cache: keys and values for `length` positions, zero-filled."""
-  shape = (batch, length, config.n_kv_heads, config.resolved_head_dim)
-  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
 
 
 class SelfAttention(nnx.Module):
@@ -67,7 +60,7 @@ class SelfAttention(nnx.Module):
     its segment; with prefix_len_b [B] (prefix-LM), the first prefix_len tokens see each
     other both ways. config.sliding_window limits each token to the last w positions.
 
-    Without a cache, attends within x. With a cache (from `empty_kv_cache`), writes this
+    Without a cache, attends within x. With a cache (from `kv_cache.empty`), writes this
     call's keys/values at cache_index and attends over the whole cache; the causal mask
     with q_offset=cache_index hides the slots not yet written. A shared-prefix cache
     (models/shared_prefix.py) holds the prompt once for every row of the batch.
@@ -112,12 +105,8 @@ class SelfAttention(nnx.Module):
     returns (y_bthd, the updated cache or None)."""
     k_bskd, v_bskd, q_offset = k_btkd, v_btkd, 0
     if cache is not None:
-      start = (0, cache_index, 0, 0)
-      cache = {'k': jax.lax.dynamic_update_slice(cache['k'], k_btkd.astype(cache['k'].dtype),
-                                                 start),
-               'v': jax.lax.dynamic_update_slice(cache['v'], v_btkd.astype(cache['v'].dtype),
-                                                 start)}
-      k_bskd, v_bskd, q_offset = cache['k'], cache['v'], cache_index
+      cache = kv_cache.write(cache, k_btkd, v_btkd, cache_index)
+      (k_bskd, v_bskd), q_offset = kv_cache.read(cache, k_btkd.dtype), cache_index
 
     segment_ids = None if segment_ids_bt is None else (segment_ids_bt, segment_ids_bt)
     if self.prefix is not None:

@@ -18,7 +18,8 @@ import dataclasses
 import jax
 from flax import nnx
 
-from lmlab.models.attention import SelfAttention, empty_kv_cache
+from lmlab.models import kv_cache
+from lmlab.models.attention import SelfAttention
 from lmlab.models.cross_attention import CrossAttention
 from lmlab.models.mla import LatentAttention, empty_latent_cache
 from lmlab.models.mlp import MLP
@@ -44,7 +45,7 @@ PLACEMENTS = {
 
 
 # Each attention_type: its module and the function that builds one layer's empty cache.
-ATTENTIONS = {'mha': (SelfAttention, empty_kv_cache),
+ATTENTIONS = {'mha': (SelfAttention, kv_cache.empty),
               'mla': (LatentAttention, empty_latent_cache)}
 
 

@@ -10,7 +10,7 @@ import typing
 
 from lmlab.kernels import attention as attention_lib
 from lmlab.kernels import grouped_matmul
-from lmlab.models import weight_quant
+from lmlab.models import kv_cache, weight_quant
 from lmlab.models.errors import ConfigError
 from lmlab.models.json_values import is_finite_number
 from lmlab.models.rope_scaling import rope_frequencies
@@ -203,6 +203,9 @@ class ModelConfig:
   quantize: str = ''
   qat: str = ''
   pruned: bool = False  # each dense kernel of the blocks has a 0/1 mask (models/pruning.py).
+  # How the decoding KV cache holds keys and values (models/kv_cache.py): '' as computed,
+  # 'int8' as codes with a float32 scale per position and head.
+  kv_cache_dtype: str = ''
 
   @property
   def expert_ffn_dim(self) -> int:
@@ -307,10 +310,11 @@ class ModelConfig:
                'position': POSITIONS, 'attention_scale': ATTENTION_SCALES,
                'dtype': DTYPES, 'param_dtype': DTYPES, 'attention_impl': ATTENTION_IMPLS,
                'attention_type': ATTENTION_TYPES, 'head': HEADS, 'family': FAMILIES,
-               'remat': REMATS}
+               'remat': REMATS, 'kv_cache_dtype': kv_cache.KV_CACHE_DTYPES}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
-        raise ConfigError(f'{name}={getattr(self, name)!r} is not one of {", ".join(allowed)}')
+        raise ConfigError(f'{name}={getattr(self, name)!r} is not one of '
+                          f'{", ".join(str(a) or repr(a) for a in allowed)}')
     for f in dataclasses.fields(self):
       if f.type is int and abs(getattr(self, f.name)) > LARGEST_SIZE:
         raise ConfigError(f'{f.name}={getattr(self, f.name)} is beyond {LARGEST_SIZE}, larger '
@@ -378,6 +382,9 @@ class ModelConfig:
     if self.quantize and self.qat:
       raise ConfigError(f'quantize={self.quantize!r} holds the kernels quantised already; '
                         f'qat={self.qat!r} applies to float kernels')
+    if self.kv_cache_dtype and self.attention_type == 'mla':
+      raise ConfigError(f'kv_cache_dtype={self.kv_cache_dtype!r} quantises cached keys and '
+                        'values; attention_type=mla caches a latent instead')
 
   def _validate_dca(self):
     chunk, local = self.dca_chunk_size, self.dca_local_size

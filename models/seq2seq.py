@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmlab.models.attention import empty_kv_cache
+from lmlab.models import kv_cache
 from lmlab.models.block import PLACEMENTS, Block, identity
 from lmlab.models.config import ModelConfig
 from lmlab.models.dense import Dense, matmul_last_axis
@@ -91,7 +91,7 @@ class EncoderDecoder(nnx.Module):
   def init_cache(self, batch: int, length: int):
     """An empty self-attention KV cache per decoder layer for `length` target positions."""
     self.config.check_positions(length, 'target length')
-    return [empty_kv_cache(self.config, batch, length, jnp.dtype(self.config.dtype))
+    return [kv_cache.empty(self.config, batch, length, jnp.dtype(self.config.dtype))
             for _ in range(self.config.decoder_layers)]
 
   def decode(self, target_bt, memories, *, caches=None, cache_index=0, dropout_key=None):

@@ -2,7 +2,8 @@
 sharing of PagedAttention (Kwon et al. 2023), with the sharing made explicit instead of paged.
 
 The prompt runs once, with batch 1, and its keys and values stay one [P, Hkv, D] array per
-layer. Each of the n samples writes the keys and values of its own tokens to [n, S, Hkv, D].
+layer (or int8 codes and scales: models/kv_cache.py). Each of the n samples writes the keys and
+values of its own tokens to [n, S, Hkv, D].
 A query scores both parts (the prefix without a batch axis, so that no copy is made), and
 the two score blocks go through one softmax: the result is attention over the sample's whole
 sequence, exactly as with a cache copied n times. Cache memory per layer falls from
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lmlab.kernels import masks
+from lmlab.models import kv_cache
 from lmlab.models.errors import ConfigError
 
 
@@ -32,19 +34,16 @@ def check_supported(config):
 
 def share(caches, n_samples: int, n_new: int):
   """The per-layer caches of a batch-1 prefill, as shared-prefix caches with room for n_new
-  tokens of each of n_samples samples."""
-  shared = []
-  for cache in caches:
-    _, prefix_len, n_kv, head_dim = cache['k'].shape
-    own_shape = (n_samples, n_new, n_kv, head_dim)
-    shared.append({'prefix_k': cache['k'][0], 'prefix_v': cache['v'][0],
-                   'k': jnp.zeros(own_shape, cache['k'].dtype),
-                   'v': jnp.zeros(own_shape, cache['v'].dtype)})
-  return shared
+  tokens of each of n_samples samples: {'prefix': the prompt's, without the batch axis,
+  'own': the samples'}."""
+  return [{'prefix': {name: array[0] for name, array in cache.items()},
+           'own': {name: jnp.zeros((n_samples, n_new) + array.shape[2:], array.dtype)
+                   for name, array in cache.items()}}
+          for cache in caches]
 
 
 def is_shared(cache) -> bool:
-  return cache is not None and 'prefix_k' in cache
+  return cache is not None and 'prefix' in cache
 
 
 def attention(q_bthd, k_btkd, v_btkd, cache, cache_index, *, scale, sliding_window,
@@ -53,15 +52,14 @@ def attention(q_bthd, k_btkd, v_btkd, cache, cache_index, *, scale, sliding_wind
   sample's own earlier tokens, after writing k_btkd/v_btkd to the sample's part of the cache.
   Returns (y_bthd, the updated cache)."""
   b, t, hq, d = q_bthd.shape
-  prefix_len, n_kv = cache['prefix_k'].shape[:2]
-  start = (0, cache_index - prefix_len, 0, 0)
-  cache = dict(cache,
-               k=jax.lax.dynamic_update_slice(cache['k'], k_btkd.astype(cache['k'].dtype), start),
-               v=jax.lax.dynamic_update_slice(cache['v'], v_btkd.astype(cache['v'].dtype), start))
+  prefix_len, n_kv = cache['prefix']['k'].shape[:2]
+  cache = dict(cache, own=kv_cache.write(cache['own'], k_btkd, v_btkd, cache_index - prefix_len))
+  prefix_k_pkd, prefix_v_pkd = kv_cache.read(cache['prefix'], k_btkd.dtype)
+  own_k_bskd, own_v_bskd = kv_cache.read(cache['own'], k_btkd.dtype)
   q_btkgd = q_bthd.reshape(b, t, n_kv, hq // n_kv, d)
-  prefix_scores = jnp.einsum('btkgd,pkd->bkgtp', q_btkgd, cache['prefix_k'],
+  prefix_scores = jnp.einsum('btkgd,pkd->bkgtp', q_btkgd, prefix_k_pkd,
                              preferred_element_type=jnp.float32)
-  own_scores = jnp.einsum('btkgd,bskd->bkgts', q_btkgd, cache['k'],
+  own_scores = jnp.einsum('btkgd,bskd->bkgts', q_btkgd, own_k_bskd,
                           preferred_element_type=jnp.float32)
   scores_bkgtx = jnp.concatenate([prefix_scores, own_scores], axis=-1) * scale
 
@@ -72,10 +70,10 @@ def attention(q_bthd, k_btkd, v_btkd, cache, cache_index, *, scale, sliding_wind
     bias_1htx = masks.alibi_bias(alibi_slopes, q_pos, k_pos, causal=True)
     scores_bkgtx = scores_bkgtx + bias_1htx.reshape(1, n_kv, hq // n_kv, t, -1)
   scores_bkgtx = jnp.where(visible_1tx[:, None, None], scores_bkgtx, -jnp.inf)
-  probs_bkgtx = jax.nn.softmax(scores_bkgtx, axis=-1).astype(cache['v'].dtype)
+  probs_bkgtx = jax.nn.softmax(scores_bkgtx, axis=-1).astype(own_v_bskd.dtype)
   out_btkgd = (
-      jnp.einsum('bkgtp,pkd->btkgd', probs_bkgtx[..., :prefix_len], cache['prefix_v'],
+      jnp.einsum('bkgtp,pkd->btkgd', probs_bkgtx[..., :prefix_len], prefix_v_pkd,
                  preferred_element_type=jnp.float32)
-      + jnp.einsum('bkgts,bskd->btkgd', probs_bkgtx[..., prefix_len:], cache['v'],
+      + jnp.einsum('bkgts,bskd->btkgd', probs_bkgtx[..., prefix_len:], own_v_bskd,
                    preferred_element_type=jnp.float32))
   return out_btkgd.reshape(b, t, hq, d).astype(q_bthd.dtype), cache

@@ -44,6 +44,20 @@ def test_logits_equal_a_forward_pass_of_each_sequence(variant, rng):
                              rtol=1e-5)
 
 
+def test_an_int8_cache_shares_as_a_float_one_does(rng):
+  """The int8 cache against itself copied (tests/test_kv_cache.py checks it against float)."""
+  model = registry.build(small_config(init_std=0.3, kv_cache_dtype='int8'),
+                         rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  n, p, s = int(rng.integers(2, 5)), int(rng.integers(1, 9)), int(rng.integers(1, 5))
+  prompt_1p = jnp.asarray(rng.integers(0, 61, (1, p)), jnp.int32)
+  own_ns = jnp.asarray(rng.integers(0, 61, (n, s)), jnp.int32)
+  _, caches = model.decode(prompt_1p, model.init_cache(1, p), 0)
+  shared, _ = model.decode(own_ns, shared_prefix.share(caches, n, s), p)
+  _, caches = model.decode(jnp.repeat(prompt_1p, n, 0), model.init_cache(n, p + s), 0)
+  copied, _ = model.decode(own_ns, caches, p)
+  np.testing.assert_allclose(shared, copied, atol=2e-5, rtol=1e-5)
+
+
 def test_samples_equal_those_of_a_copied_prompt(rng):
   model = registry.build(small_config(init_std=0.3), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   n = int(rng.integers(2, 6))

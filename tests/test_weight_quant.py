@@ -2,7 +2,7 @@
 against a numpy implementation of the formulas, the straight-through estimator's gradient,
 a quantised or QAT model against a float model holding the numpy-rounded kernels, and main.py's
 --quantize / --qat end to end with its bad input, and --draft (speculative decoding) with the
-quantised model drafting for the float one, and --num_samples."""
+quantised model drafting for the float one, --num_samples and --kv_cache_dtype."""
 import dataclasses
 import os
 
@@ -184,16 +184,24 @@ def test_main_quantize_convert_and_qat(tmp_path, corpus_dir):
   # The quantised run drafts for the float one: greedy decoding is the float run's own.
   greedy = ['--mode=generate', f'--workdir={float_run}', '--prompt=alpha', '--temperature=0',
             '--max_new_tokens=24']
-  plain, speculative, other_vocabulary, shared, no_samples, drafted_samples = run_mains(
+  (plain, speculative, other_vocabulary, shared, no_samples, drafted_samples, int8_cache,
+   int4_cache) = run_mains(
       greedy, [*greedy, f'--draft={q8}', '--draft_tokens=3'],
       [*greedy, f'--draft={bpe_run}'], [*greedy, '--num_samples=3'],
-      [*greedy, '--num_samples=0'], [*greedy, f'--draft={q8}', '--num_samples=2'], check=False)
+      [*greedy, '--num_samples=0'], [*greedy, f'--draft={q8}', '--num_samples=2'],
+      [*greedy, '--num_samples=2', '--kv_cache_dtype=int8'], [*greedy, '--kv_cache_dtype=int4'],
+      check=False)
   assert plain.returncode == 0 and speculative.stdout == plain.stdout, speculative.stderr[-2000:]
   # Greedy samples over one shared prompt cache are each the plain greedy text.
   assert shared.returncode == 0, shared.stderr[-2000:]
   assert shared.stdout == ''.join(f'--- sample {i} of 3 ---\n{plain.stdout}' for i in (1, 2, 3))
   assert no_samples.returncode == 1 and '--num_samples must be at least 1' in no_samples.stderr
   assert drafted_samples.returncode == 1 and 'leave out --num_samples' in drafted_samples.stderr
+  # An int8 KV cache decodes (its values are tested in test_kv_cache.py); int4 is refused.
+  assert int8_cache.returncode == 0, int8_cache.stderr[-2000:]
+  assert int8_cache.stdout.startswith('--- sample 1 of 2 ---\nalpha')
+  assert int4_cache.returncode == 1
+  assert "kv_cache_dtype='int4' is not one of" in int4_cache.stderr.strip().splitlines()[-1]
   assert 'drafted tokens accepted' in speculative.stderr
   assert other_vocabulary.returncode == 1
   assert 'another tokenizer or vocabulary' in other_vocabulary.stderr

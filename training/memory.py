@@ -33,6 +33,7 @@ f = ffn_dim, d_q = n_heads x head_dim, d_kv = n_kv_heads x head_dim, V = vocab_s
                   of the two ends of that exchange
   inference     = parameters + KV cache + one layer's and the logits' activations of the
                   prefill, where the KV cache is 2 L d_kv (batch x seq_len) b_c / (T W)
+                  (with kv_cache_dtype=int8, d_kv + 4 n_kv bytes in place of d_kv b_c)
 
 Checked against XLA's memory_analysis() of the compiled train step in tests/test_memory.py.
 On XLA:CPU remat saves about a tenth (121 -> 108 MB at 8 layers of d_model 128), not what
@@ -45,6 +46,7 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
+from lmlab.models.cache_size import kv_cache_bytes_per_token
 from lmlab.models.config import ModelConfig
 from lmlab.models.errors import ConfigError
 from lmlab.models.mlp import GATED
@@ -110,9 +112,7 @@ def estimate(config: ModelConfig, *, batch_size: int, seq_len: int, mesh: str,
                                                     else config.remat), axes['tensor'])
   head = config.vocab_size * (b_c + 4) + 4 * config.d_model * b_c
   if use == 'inference':
-    head_dim = config.head_dim or config.d_model // config.n_heads
-    kv_cache = (2 * config.n_layers * config.n_kv_heads * head_dim * tokens * b_c
-                / axes['tensor'])
+    kv_cache = kv_cache_bytes_per_token(config) * tokens / axes['tensor']
     activations = tokens * (layer['kept'] + config.vocab_size * b_c)
     sizes = dict(parameters=parameters, optimizer=0.0, gradients=0.0, activations=activations,
                  kv_cache=kv_cache)

@@ -122,9 +122,11 @@ def init_from(workdir: str, overrides: list[str]):
   return model_config, path or loaded.run.tokenizer, init_params
 
 
-def evaluate(loaded: Loaded, data: str | None = None, eval_batches: int | None = None) -> dict:
+def evaluate(loaded: Loaded, data: str | None = None, eval_batches: int | None = None,
+             make_eval_step=steps_lib.make_eval_step) -> dict:
   """The run's own eval metrics; for a next-token run, the loss and perplexity on the files of
-  `data` (default: the run's validation split) over eval_batches (default: the run's)."""
+  `data` (default: the run's validation split) over eval_batches (default: the run's), each
+  batch's loss from make_eval_step(graphdef)(params, batch)."""
   model_config = nnx.merge(loaded.graphdef, loaded.params).config
   run = loaded.run
   if run.objective != 'lm':
@@ -148,7 +150,7 @@ def evaluate(loaded: Loaded, data: str | None = None, eval_batches: int | None =
   with tempfile.TemporaryDirectory() as scratch:  # A token cache made here is not kept.
     tokens = tokenize(run, loaded.tokenizer, splits, scratch=scratch)[name]
     batches_lib.check_length(tokens, run.seq_len, 'evaluation')
-    loss = evaluate_tokens(steps_lib.make_eval_step(loaded.graphdef), loaded.params, tokens,
+    loss = evaluate_tokens(make_eval_step(loaded.graphdef), loaded.params, tokens,
                            batch_size=run.micro_batch_size, seq_len=run.seq_len,
                            max_batches=eval_batches or run.eval_batches,
                            end_token=end_token(run, loaded.tokenizer))
@@ -270,6 +272,14 @@ def with_quantized_weights(loaded: Loaded, spec: str) -> Loaded:
   graphdef, params = nnx.split(model)
   return dataclasses.replace(loaded, graphdef=graphdef, params=params,
                              source=f'{loaded.source} quantised {spec}')
+
+
+def with_kv_cache_dtype(loaded: Loaded, kv_cache_dtype: str) -> Loaded:
+  """`loaded`, decoding with its KV cache held as kv_cache_dtype (models/kv_cache.py)."""
+  model = nnx.merge(loaded.graphdef, loaded.params)
+  model.config = dataclasses.replace(model.config, kv_cache_dtype=kv_cache_dtype).validate()
+  graphdef, params = nnx.split(model)
+  return dataclasses.replace(loaded, graphdef=graphdef, params=params)
 
 
 def write_quantized(loaded: Loaded, workdir: str | None):
