@@ -13,7 +13,11 @@ loss on the run's own validation split and its change from float (nats/token), t
 the model's state, and tokens per second of greedy decoding of --new_tokens tokens after
 --prompt, batch 1, one jitted loop (the median of --repeats runs, the rows alternating so
 that drift hits all alike), with the speed-up over float. Speculative rows also give the
-share of drafted tokens the target accepted and tokens per target forward pass.
+share of drafted tokens the target accepted, tokens per target forward pass, and the
+speed-up Leviathan et al. (2023) predict from them: tokens per pass / (gamma c + 1), with c
+the draft's decoding time over the target's (the 'draft alone' row); and the same with the
+target's pass over gamma + 1 tokens charged at its measured cost r (a jitted loop of 40
+passes) in place of one step's: tokens per pass / (gamma c + r).
 
 The KV cache table (--kv_cache_dtypes, models/kv_cache.py): the loss of the second half of
 each validation window with the first half read from the cache (a plain forward pass never
@@ -47,10 +51,39 @@ flags.DEFINE_integer('repeats', 6, 'Timed runs per row (the median is reported).
 FLAGS = flags.FLAGS
 # A token id no vocabulary has: every run decodes all new_tokens.
 NEVER = -1
+# Target passes per timed loop.
+PASSES = 40
 
 
 def state_bytes(params) -> int:
   return sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+
+
+def greedy_decoding(model, prompt_1t, sampling, key):
+  """A function that decodes from `model` (a Loaded) and waits for the tokens."""
+  generate = make_generate(model.graphdef, sampling, end_token=NEVER,
+                           n_valid=model.tokenizer.n_vocab)
+  return lambda: generate(model.params, prompt_1t, key).block_until_ready()
+
+
+def target_passes(model, tokens: int):
+  """A function that runs PASSES forward passes of `model` over `tokens` tokens each
+  against its KV cache, in one jitted loop (each pass's input is the last one's argmax, so
+  that nothing can be hoisted out of the loop), and waits for them."""
+
+  @jax.jit
+  def run(params):
+    decoder = nnx.merge(model.graphdef, params)
+
+    def one_pass(carry, _):
+      tokens_1t, caches = carry
+      logits_1tv, caches = decoder.decode(tokens_1t, caches, 0)
+      return (jnp.argmax(logits_1tv, axis=-1).astype(jnp.int32), caches), None
+
+    start = (jnp.zeros((1, tokens), jnp.int32), decoder.init_cache(1, tokens))
+    return jax.lax.scan(one_pass, start, None, length=PASSES)[0]
+
+  return lambda: jax.block_until_ready(run(model.params))
 
 
 def make_cached_eval_step(graphdef):
@@ -72,11 +105,8 @@ def kv_cache_table(loaded, prompt_1t, sampling, key):
   rows, runs = {}, {}
   for dtype in ['', *FLAGS.kv_cache_dtypes]:
     model = run_lib.with_kv_cache_dtype(loaded, dtype)
-    generate = make_generate(model.graphdef, sampling, end_token=NEVER,
-                             n_valid=loaded.tokenizer.n_vocab)
     name = dtype or 'float'
-    runs[name] = (lambda generate: lambda: generate(loaded.params, prompt_1t, key)
-                  .block_until_ready())(generate)
+    runs[name] = greedy_decoding(model, prompt_1t, sampling, key)
     config = nnx.merge(model.graphdef, model.params).config
     rows[name] = (run_lib.evaluate(model, make_eval_step=make_cached_eval_step)['loss'],
                   kv_cache_bytes_per_token(config))
@@ -99,21 +129,24 @@ def main(argv):
   rows, runs = {}, {}
   for spec in ['float', *FLAGS.quantize]:
     model = loaded if spec == 'float' else run_lib.with_quantized_weights(loaded, spec)
-    generate = make_generate(model.graphdef, sampling, end_token=NEVER,
-                             n_valid=loaded.tokenizer.n_vocab)
-    runs[spec] = (lambda generate, params: lambda: generate(params, prompt_1t, key)
-                  .block_until_ready())(generate, model.params)
+    runs[spec] = greedy_decoding(model, prompt_1t, sampling, key)
     rows[spec] = {'loss': run_lib.evaluate(model)['loss'], 'bytes': state_bytes(model.params)}
   stats = {}
   if FLAGS.draft:
     draft = restore(FLAGS.draft)
+    runs['draft alone'] = greedy_decoding(draft, prompt_1t, sampling, key)
+    rows['draft alone'] = {'loss': run_lib.evaluate(draft)['loss'],
+                           'bytes': state_bytes(draft.params)}
+    for tokens in sorted({1, *(int(gamma) + 1 for gamma in FLAGS.gamma)}):
+      runs[f'target pass of {tokens}'] = target_passes(loaded, tokens)
     for gamma in map(int, FLAGS.gamma):
       generate = make_speculative_generate(loaded.graphdef, draft.graphdef, sampling,
                                            gamma=gamma, end_token=NEVER,
                                            n_valid=loaded.tokenizer.n_vocab)
       name = f'speculative gamma={gamma}'
       _, rounds, accepted = generate(loaded.params, draft.params, prompt_1t, key)
-      stats[name] = (int(accepted) / (int(rounds) * gamma), FLAGS.new_tokens / int(rounds))
+      stats[name] = (gamma, int(accepted) / (int(rounds) * gamma),
+                     FLAGS.new_tokens / int(rounds))
       runs[name] = (lambda generate: lambda: generate(loaded.params, draft.params, prompt_1t,
                                                       key)[0].block_until_ready())(generate)
       rows[name] = {'loss': rows['float']['loss'],
@@ -123,15 +156,27 @@ def main(argv):
   print(f'{FLAGS.workdir} ({loaded.source}), {FLAGS.new_tokens} greedy tokens after '
         f'{FLAGS.prompt!r}, batch 1, {jax.devices()[0].platform}')
   print('| setting | val loss | change | state bytes | decode tokens/s | vs float | accepted '
-        '| tokens per target pass |')
-  print('|---|---|---|---|---|---|---|---|')
+        '| tokens per target pass | predicted | predicted, pass cost measured |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
   for name, row in rows.items():
     speed = FLAGS.new_tokens / seconds[name]
-    accepted, per_pass = (f'{stats[name][0]:.0%}', f'{stats[name][1]:.2f}') if name in stats \
-        else ('', '')
+    speculative = ['', '', '', '']
+    if name in stats:
+      gamma, accepted, per_pass = stats[name]
+      # Leviathan et al.'s cost model: a round costs gamma draft steps and one target step;
+      # the second prediction charges the target's pass over gamma + 1 tokens as timed.
+      draft_cost = gamma * seconds['draft alone'] / seconds['float']
+      pass_cost = seconds[f'target pass of {gamma + 1}'] / seconds['target pass of 1']
+      speculative = [f'{accepted:.0%}', f'{per_pass:.2f}',
+                     f'{per_pass / (draft_cost + 1):.2f}x',
+                     f'{per_pass / (draft_cost + pass_cost):.2f}x']
     print(f'| {name} | {row["loss"]:.4f} | {row["loss"] - rows["float"]["loss"]:+.4f} | '
-          f'{row["bytes"] / 1e6:.2f} MB | {speed:,.0f} | {speed / anchor:.2f}x | {accepted} | '
-          f'{per_pass} |')
+          f'{row["bytes"] / 1e6:.2f} MB | {speed:,.0f} | {speed / anchor:.2f}x | '
+          f'{" | ".join(speculative)} |')
+  if FLAGS.draft:
+    print('\nThe target\'s forward pass against its cache, in a jitted loop:')
+    print(', '.join(f'{name[len("target pass of "):]} tokens {seconds[name] / PASSES * 1e3:.3f} ms'
+                    for name in seconds if name.startswith('target pass of ')))
   print()
   kv_cache_table(loaded, prompt_1t, sampling, key)
 

@@ -90,6 +90,17 @@ def add_masks(model):
   return model
 
 
+def remove_masks(model):
+  """`model` as a plain one: each masked kernel with its zeros written into it, the masks
+  gone and config.pruned false; changed in place and returned."""
+  for _, layer in pruned_layers(model):
+    if layer.mask is not None:
+      layer.kernel[...] = jnp.where(layer.mask[...], layer.kernel[...], 0)
+      del layer.mask
+  model.config = dataclasses.replace(model.config, pruned=False)
+  return model
+
+
 def input_norms(model, forward, batches) -> dict:
   """{(*layer path, INPUT_SQUARES): ||X_i||_2 [D_in]} of each covered layer's inputs over
   forward(model, batch) of each batch."""

@@ -1,6 +1,7 @@
 """Pruning (models/pruning.py): masks against the definitions of unstructured and n:m sparsity,
 Wanda's input norms against the layer inputs computed by hand, and main.py end to end: a
-pruned workdir evaluates with its zeros, and a recovery fine-tune keeps them zero."""
+pruned workdir evaluates with its zeros, a recovery fine-tune keeps them zero, and its
+Hugging Face export gives transformers' model our logits."""
 import os
 
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from conftest import small_config
 from lmlab.models import pruning, registry
 from lmlab.models.errors import ConfigError
 from lmlab.training.restored import restore
+from test_hf import hf_logits
 from test_main import SMALL, run_main, run_mains
 
 
@@ -59,7 +61,7 @@ def test_bad_specs():
     pruning.prune(model, pruning.parse_spec('2:8'))
 
 
-def test_main_prune_and_recover(tmp_path, corpus_dir):
+def test_main_prune_recover_and_export(tmp_path, corpus_dir, rng):
   run, pruned, recovered = (str(tmp_path / name) for name in ('run', 'pruned', 'recovered'))
   common = [*SMALL, f'--data={corpus_dir}', '--learning_rate=1e-2']
   run_main(*common, f'--workdir={run}', '--steps=20')
@@ -88,3 +90,14 @@ def test_main_prune_and_recover(tmp_path, corpus_dir):
     assert not np.array_equal(after[kernel_path][mask], before[kernel_path][mask])
     # 2:4 along the input axis of every output channel.
     assert np.all(mask.reshape(-1, 4, mask.shape[1]).sum(axis=1) == 2)
+
+  # Exported to Hugging Face as a plain model with the zeros: transformers computes its logits.
+  transformers = pytest.importorskip('transformers')
+  exported = str(tmp_path / 'exported')
+  run_main('--mode=convert', f'--workdir={recovered}', f'--hf_out={exported}')
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+  loaded = restore(recovered)
+  ids = rng.integers(0, loaded.tokenizer.n_vocab, (2, 12))
+  np.testing.assert_allclose(hf_logits(reloaded, ids),
+                             nnx.merge(loaded.graphdef, loaded.params)(jnp.asarray(ids)),
+                             atol=2e-5, rtol=1e-5)

@@ -347,6 +347,8 @@ def workdir_to_hf(workdir: str, hf_out: str | None, peft_out: str | None = None)
   if model.config.quantize:
     raise ConfigError(f'{workdir} holds quantised kernels (quantize={model.config.quantize!r}); '
                       'Hugging Face export writes float weights: convert the float run')
+  if model.config.pruned:  # Hugging Face models hold the zeros, not the masks.
+    model = pruning.remove_masks(model)
   if peft_out:
     if not model.config.peft:
       raise ConfigError(f'{workdir} is not a PEFT run (peft=\'\'); --peft_out writes the '
