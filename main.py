@@ -53,7 +53,7 @@ from lmlab.data.errors import DataError
 from lmlab.models.config import ANY_PEFT_FIELDS, PEFT_FIELDS, ModelConfig
 from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.generation import SamplingConfig
-from lmlab.training import loop, parallel
+from lmlab.training import eval_results, loop, parallel
 from lmlab.training import memory as memory_lib
 from lmlab.training import run as run_lib
 from lmlab.training.config import TrainConfig
@@ -190,9 +190,17 @@ def train():
 
 
 def evaluate():
+  """Prints the run's metrics and, for a workdir, records them in its eval_results.json."""
   loaded = _loaded()
-  metrics = run_lib.evaluate(loaded, FLAGS.data,
-                             FLAGS.eval_batches if FLAGS['eval_batches'].present else None)
+  eval_batches = FLAGS.eval_batches if FLAGS['eval_batches'].present else None
+  metrics = run_lib.evaluate(loaded, FLAGS.data, eval_batches)
+  if not FLAGS.hf_checkpoint:
+    settings = {'data': FLAGS.data or 'the validation split',
+                'eval_batches': eval_batches or loaded.run.eval_batches,
+                'seq_len': loaded.run.seq_len, 'batch_size': loaded.run.micro_batch_size,
+                'quantize': FLAGS.quantize, 'peft_checkpoint': FLAGS.peft_checkpoint}
+    eval_results.append(_train_config().workdir, loaded.run.objective, metrics,
+                        step=loaded.step, settings=settings)
   if loaded.run.objective != 'lm':
     print(f'{loaded.source}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
     return

@@ -1,9 +1,11 @@
 """main.py end to end, in subprocesses: train, resume exactly, evaluate, generate, bad input,
 one run per workdir, failed saves and corrupted checkpoints."""
 import concurrent.futures
+import datetime
 import hashlib
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import time
 
 from pathlib import Path
 
+import pytest
 
 from conftest import ROOT
 
@@ -62,7 +65,9 @@ def test_train_eval_generate(tmp_path, corpus_dir):
   assert eval_lines[0]['step'] == 0 and eval_lines[-1]['step'] == 30
   assert eval_lines[-1]['eval_loss'] < eval_lines[0]['eval_loss'] - 1.0
   with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f)['model']['d_model'] == 32
+    recorded = json.load(f)
+  assert recorded['model']['d_model'] == 32
+  check_environment(recorded['environment'], [*SMALL, f'--data={corpus_dir}'])
 
   written = files_of(workdir)
   evaluated, on_file, sample, _ = (result.stdout for result in run_mains(
@@ -75,7 +80,44 @@ def test_train_eval_generate(tmp_path, corpus_dir):
   assert abs(reported - eval_lines[-1]['eval_loss']) < 1e-3
   assert 'on --data' in on_file
   assert sample.startswith('alpha')
-  assert files_of(workdir) == written  # They read the workdir and write nothing there.
+  # They read the workdir; evaluations add their results, and nothing else is written there.
+  results_file = os.path.join(workdir, 'eval_results.json')
+  untouched = lambda files: {path: stat for path, stat in files.items()
+                             if path not in (workdir, results_file)}
+  assert untouched(files_of(workdir)) == untouched(written)
+  assert results_file in files_of(workdir) and results_file not in written
+  with open(results_file) as f:
+    results = sorted(json.load(f), key=lambda entry: entry['settings']['data'])
+  assert [entry['settings']['data'] for entry in results] == [
+      str(corpus_dir / 'doc0.txt'), 'the validation split']
+  for entry, printed in zip(results, (on_file, evaluated)):
+    assert entry['task'] == 'lm' and entry['step'] == 30
+    assert f'loss {entry["metrics"]["loss"]:.4f}' in printed
+    assert entry['settings']['eval_batches'] == 2 and entry['settings']['seq_len'] == 16
+    check_environment(entry['environment'], ['--mode=eval', f'--workdir={workdir}'])
+  # A results file that is not a list is kept as it is, and the evaluation fails saying so.
+  with open(results_file, 'w') as f:
+    f.write('{"mine": 1}')
+  refused = run_main('--mode=eval', f'--workdir={workdir}', check=False)
+  assert refused.returncode == 1 and 'is not a list of results' in refused.stderr
+  with open(results_file) as f:
+    assert f.read() == '{"mine": 1}'
+
+
+def check_environment(environment, flags):
+  """config.json's record of the run against this process's own view of the same machine."""
+  jax = pytest.importorskip('jax')
+  assert environment['packages']['jax'] == jax.__version__
+  assert environment['python'] == platform.python_version()
+  assert environment['devices']['count'] == jax.device_count()
+  assert environment['devices']['platform'] == jax.devices()[0].platform
+  assert environment['command'][0] == 'main.py' and set(flags) <= set(environment['command'])
+  head = subprocess.run(['git', '-C', ROOT, 'rev-parse', 'HEAD'], capture_output=True,
+                        text=True, check=False)
+  if head.returncode == 0:  # A git checkout: its commit, marked when files differ.
+    assert environment['commit'].split('+')[0] == head.stdout.strip()
+  recorded = datetime.datetime.fromisoformat(environment['time'])
+  assert abs((datetime.datetime.now(datetime.timezone.utc) - recorded).total_seconds()) < 600
 
 
 def files_of(folder):

@@ -2,7 +2,8 @@
 and `lock` while a training run uses it.
 
 config.json is written when a run starts and never rewritten; a later run in the same
-workdir must describe the same model, tokenizer and data, or it is refused.
+workdir must describe the same model, tokenizer and data, or it is refused. Its "environment"
+records what the run started with (training/provenance.py).
 """
 import contextlib
 import json
@@ -16,6 +17,7 @@ except ImportError:  # Windows: the lock file alone.
   fcntl = None
 
 from lmlab.models import config as model_config_lib
+from lmlab.training import provenance
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock'
@@ -86,7 +88,7 @@ def record_config(workdir: str, resolved: dict):
     return
   os.makedirs(workdir, exist_ok=True)
   with open(path + '.partial', 'w') as f:
-    json.dump(resolved, f, indent=2)
+    json.dump({**resolved, 'environment': provenance.describe()}, f, indent=2)
   os.replace(path + '.partial', path)
 
 
