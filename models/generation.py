@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmlab.models import shared_prefix
+from lmlab.models.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,8 @@ def make_generate(graphdef, config: SamplingConfig, *, end_token: int, n_valid: 
   continuations of it [num_samples, max_new_tokens], which read one copy of the prompt's
   KV cache (models/shared_prefix.py).
   """
+  if num_samples < 1:
+    raise ConfigError(f'--num_samples must be at least 1, got {num_samples}')
 
   @jax.jit
   def generate(params, prompt_bt, key):

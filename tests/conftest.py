@@ -89,6 +89,14 @@ def jit_call(model, **static):
   return lambda *args, **kwargs: run(state, *args, **kwargs)
 
 
+def jit_decode(model):
+  """model.decode(tokens_bt, caches, index) as one jitted function of its arguments."""
+  graphdef, state = nnx.split(model)
+  run = jax.jit(lambda state, tokens_bt, caches, index: nnx.merge(graphdef, state).decode(
+      tokens_bt, caches, index))
+  return lambda tokens_bt, caches, index: run(state, tokens_bt, caches, index)
+
+
 @pytest.fixture(scope='session', autouse=True)
 def subprocess_compilation_cache(tmp_path_factory):
   """Processes the tests start (main.py runs, mostly of the same tiny models) share one

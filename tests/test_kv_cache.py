@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import small_config
+from conftest import jit_decode, small_config
 from lmlab.kernels import reference
 from lmlab.models import kv_cache, registry
 from lmlab.models.cache_size import kv_cache_bytes_per_token
@@ -43,11 +43,11 @@ def test_a_models_int8_cache_holds_its_float_keys_rounded(rng):
   int8_model = registry.build(small_config(n_layers=n_layers, kv_cache_dtype='int8'),
                               rngs=nnx.Rngs(seed))
   tokens_bt = jnp.asarray(rng.integers(0, 61, (b, t)), jnp.int32)
-  _, float_caches = float_model.decode(tokens_bt, float_model.init_cache(b, t + 3), 0)
+  _, float_caches = jit_decode(float_model)(tokens_bt, float_model.init_cache(b, t + 3), 0)
   empty = int8_model.init_cache(b, t + 3)
   cache_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(empty))
   assert cache_bytes == b * (t + 3) * kv_cache_bytes_per_token(int8_model.config)
-  _, int8_caches = int8_model.decode(tokens_bt, empty, 0)
+  _, int8_caches = jit_decode(int8_model)(tokens_bt, empty, 0)
   # The first layer's keys and values are the float model's; later layers read rounded ones.
   for name in ('k', 'v'):
     codes, scale = numpy_int8(float_caches[0][name])

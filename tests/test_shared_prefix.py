@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import small_config
+from conftest import jit_call, jit_decode, small_config
 from lmlab.models import registry, shared_prefix
 from lmlab.models.cache_size import kv_cache_bytes_per_token
 from lmlab.models.errors import ConfigError
@@ -30,15 +30,16 @@ def test_logits_equal_a_forward_pass_of_each_sequence(variant, rng):
   n, p, s = int(rng.integers(2, 5)), int(rng.integers(1, 9)), int(rng.integers(2, 7))
   prompt_1p = jnp.asarray(rng.integers(0, 61, (1, p)), jnp.int32)
   own_ns = jnp.asarray(rng.integers(0, 61, (n, s)), jnp.int32)
-  whole_nv = model(jnp.concatenate([jnp.repeat(prompt_1p, n, 0), own_ns], axis=1))
+  whole_nv = jit_call(model)(jnp.concatenate([jnp.repeat(prompt_1p, n, 0), own_ns], axis=1))
 
-  _, caches = model.decode(prompt_1p, model.init_cache(1, p), 0)
+  decode = jit_decode(model)
+  _, caches = decode(prompt_1p, model.init_cache(1, p), 0)
   caches = shared_prefix.share(caches, n, s)
   first = int(rng.integers(1, s))  # Some tokens at once, then one at a time.
-  logits, caches = model.decode(own_ns[:, :first], caches, p)
+  logits, caches = decode(own_ns[:, :first], caches, p)
   chunks = [logits]
   for i in range(first, s):
-    logits, caches = model.decode(own_ns[:, i:i + 1], caches, p + i)
+    logits, caches = decode(own_ns[:, i:i + 1], caches, p + i)
     chunks.append(logits)
   np.testing.assert_allclose(jnp.concatenate(chunks, axis=1), whole_nv[:, p:], atol=2e-5,
                              rtol=1e-5)
@@ -51,10 +52,11 @@ def test_an_int8_cache_shares_as_a_float_one_does(rng):
   n, p, s = int(rng.integers(2, 5)), int(rng.integers(1, 9)), int(rng.integers(1, 5))
   prompt_1p = jnp.asarray(rng.integers(0, 61, (1, p)), jnp.int32)
   own_ns = jnp.asarray(rng.integers(0, 61, (n, s)), jnp.int32)
-  _, caches = model.decode(prompt_1p, model.init_cache(1, p), 0)
-  shared, _ = model.decode(own_ns, shared_prefix.share(caches, n, s), p)
-  _, caches = model.decode(jnp.repeat(prompt_1p, n, 0), model.init_cache(n, p + s), 0)
-  copied, _ = model.decode(own_ns, caches, p)
+  decode = jit_decode(model)
+  _, caches = decode(prompt_1p, model.init_cache(1, p), 0)
+  shared, _ = decode(own_ns, shared_prefix.share(caches, n, s), p)
+  _, caches = decode(jnp.repeat(prompt_1p, n, 0), model.init_cache(n, p + s), 0)
+  copied, _ = decode(own_ns, caches, p)
   np.testing.assert_allclose(shared, copied, atol=2e-5, rtol=1e-5)
 
 
@@ -104,7 +106,9 @@ def test_the_prompt_cache_is_held_once(rng):
   assert step_bytes[copied] - step_bytes[shared] >= 0.9 * (n - 1) * p * per_token
 
 
-def test_caches_that_are_not_keys_and_values_are_refused():
+def test_no_samples_and_caches_that_are_not_keys_and_values_are_refused():
+  with pytest.raises(ConfigError, match='--num_samples must be at least 1, got 0'):
+    make_generate(None, SamplingConfig(), end_token=0, n_valid=1, num_samples=0)
   model = registry.build(small_config(attention_type='mla', kv_lora_rank=8, qk_rope_head_dim=4,
                                       qk_nope_head_dim=8, v_head_dim=8), rngs=nnx.Rngs(0))
   generate = make_generate(nnx.graphdef(model), SamplingConfig(max_new_tokens=2), end_token=60,

@@ -181,8 +181,6 @@ def _continuations(graphdef, params, tokenizer, prompt_tokens: list[int], sampli
   """num_samples texts sampled after prompt_tokens, each up to (without) eot; several share
   the prompt's KV cache (models/shared_prefix.py)."""
   _check_samples(nnx.merge(graphdef, params).config)
-  if num_samples < 1:
-    raise ConfigError(f'--num_samples must be at least 1, got {num_samples}')
   generate = _generator(graphdef, sampling, end_token=eot, n_valid=tokenizer.n_vocab,
                         num_samples=num_samples)
   new_tokens = jax.device_get(generate(params, jnp.asarray([prompt_tokens], jnp.int32),
