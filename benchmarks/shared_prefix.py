@@ -20,6 +20,7 @@ from flax import nnx
 from lmlab.benchmarks.timing import interleaved_medians
 from lmlab.models.cache_size import kv_cache_bytes_per_token
 from lmlab.models.generation import SamplingConfig, make_generate
+from lmlab.training.memory import compiled_bytes
 from lmlab.training.restored import restore
 
 flags.DEFINE_string('workdir', 'runs/tiny', 'The trained run to sample from.')
@@ -31,12 +32,6 @@ flags.DEFINE_integer('repeats', 6, 'Timed runs per row (the median is reported).
 FLAGS = flags.FLAGS
 # A token id no vocabulary has: every sample runs to new_tokens.
 NEVER = -1
-
-
-def compiled_bytes(function, *args) -> int:
-  stats = function.lower(*args).compile().memory_analysis()
-  return (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
-          - stats.alias_size_in_bytes)
 
 
 def main(argv):
@@ -57,8 +52,8 @@ def main(argv):
       generate = make_generate(loaded.graphdef, sampling, end_token=NEVER,
                                n_valid=loaded.tokenizer.n_vocab, num_samples=samples)
       name = f'n={n} {way}'
-      rows[name] = (n, positions * per_token, compiled_bytes(generate, loaded.params, prompt_bt,
-                                                             key))
+      rows[name] = (n, positions * per_token, compiled_bytes(
+          generate.lower(loaded.params, prompt_bt, key).compile()))
       runs[name] = (lambda generate, prompt_bt: lambda: generate(
           loaded.params, prompt_bt, key).block_until_ready())(generate, prompt_bt)
   seconds = interleaved_medians(runs, warmup=1, repeats=FLAGS.repeats)

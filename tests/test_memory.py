@@ -28,10 +28,8 @@ def compiled_bytes(config, batch_size, seq_len) -> int:
   step = make_train_step(graphdef, optimizer, schedule(opt_config), seed=0, use_dropout=False,
                          trainable=trainable(config))
   tokens = jax.ShapeDtypeStruct((1, batch_size, seq_len), jnp.int32)
-  analysis = step.lower(params, opt_state, {'inputs': tokens, 'targets': tokens},
-                        jnp.int32(0)).compile().memory_analysis()
-  return (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
-          + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+  batch = {'inputs': tokens, 'targets': tokens}
+  return memory.compiled_bytes(step.lower(params, opt_state, batch, jnp.int32(0)).compile())
 
 
 def random_config(rng) -> ModelConfig:

@@ -143,3 +143,11 @@ def table(rows: dict) -> str:
     cells = [f'{sizes[name] / scale:,.2f}' for name in (*PARTS, 'total')]
     lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
+
+
+def compiled_bytes(compiled) -> int:
+  """Bytes a compiled program needs per device by XLA's memory_analysis(): arguments,
+  temporaries and outputs, less the outputs aliased to (donated) arguments."""
+  stats = compiled.memory_analysis()
+  return (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
+          - stats.alias_size_in_bytes)
