@@ -53,7 +53,7 @@ from lmlab.data.errors import DataError
 from lmlab.models.config import ANY_PEFT_FIELDS, PEFT_FIELDS, ModelConfig
 from lmlab.models.errors import CheckpointError, ConfigError
 from lmlab.models.generation import SamplingConfig
-from lmlab.training import eval_results, loop, parallel
+from lmlab.training import curves, eval_results, loop, parallel
 from lmlab.training import memory as memory_lib
 from lmlab.training import run as run_lib
 from lmlab.training.config import TrainConfig
@@ -63,7 +63,7 @@ from lmlab.training.trainer import Interrupted, TrainingError
 from lmlab.training.workdir import WorkdirError
 
 MODES = ('train', 'eval', 'generate', 'chat', 'tokenizer', 'convert', 'merge', 'prune',
-         'memory')
+         'memory', 'plot')
 # ModelConfig fields with flags of their own, each the same as --set name=value.
 MODEL_FLAGS = ('peft', 'qat', *ANY_PEFT_FIELDS,
                *(name for names in PEFT_FIELDS.values() for name in names))
@@ -82,6 +82,11 @@ flags.DEFINE_string('hf_checkpoint', None, 'A Hugging Face folder (config.json, 
                     '(BERT: vocab.txt) is the tokenizer unless --tokenizer is given; eval of BERT '
                     'reports the masked-LM loss. --set may change only run settings (dtype, '
                     'param_dtype, attention_impl, dca_chunk_size, ...).')
+flags.DEFINE_string('tasks', None, '--mode=eval: built-in tasks instead of the validation '
+                    'loss, e.g. bpb,lambada_style,mc:questions.jsonl (training/eval_tasks.py); '
+                    'their text is --data or the validation split.')
+flags.DEFINE_string('plot_out', 'curves.png', '--mode=plot: the PNG to draw the curves of '
+                    '--workdir=a,b,... into.')
 flags.DEFINE_string('hf_out', None, '--mode=convert: write the --workdir\'s latest checkpoint to '
                     'this new folder in Hugging Face format.')
 flags.DEFINE_string('peft_out', None, '--mode=convert of a LoRA, prompt- or prefix-tuning run: '
@@ -190,22 +195,29 @@ def train():
 
 
 def evaluate():
-  """Prints the run's metrics and, for a workdir, records them in its eval_results.json."""
+  """Prints the run's metrics (or --tasks') and, for a workdir, records them in its
+  eval_results.json."""
   loaded = _loaded()
   eval_batches = FLAGS.eval_batches if FLAGS['eval_batches'].present else None
-  metrics = run_lib.evaluate(loaded, FLAGS.data, eval_batches)
+  if FLAGS.tasks:
+    results = run_lib.evaluate_tasks(loaded, FLAGS.tasks, FLAGS.data, eval_batches)
+  else:
+    results = {loaded.run.objective: run_lib.evaluate(loaded, FLAGS.data, eval_batches)}
   if not FLAGS.hf_checkpoint:
     settings = {'data': FLAGS.data or 'the validation split',
                 'eval_batches': eval_batches or loaded.run.eval_batches,
                 'seq_len': loaded.run.seq_len, 'batch_size': loaded.run.micro_batch_size,
                 'quantize': FLAGS.quantize, 'peft_checkpoint': FLAGS.peft_checkpoint}
-    eval_results.append(_train_config().workdir, loaded.run.objective, metrics,
-                        step=loaded.step, settings=settings)
-  if loaded.run.objective != 'lm':
-    print(f'{loaded.source}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+    for task, metrics in results.items():
+      eval_results.append(_train_config().workdir, task, metrics, step=loaded.step,
+                          settings=settings)
+  if not FLAGS.tasks and loaded.run.objective == 'lm':
+    metrics = results['lm']
+    print(f'{loaded.source}: loss {metrics["loss"]:.4f}, perplexity '
+          f'{metrics["perplexity"]:.2f} on {"--data" if FLAGS.data else "the validation split"}')
     return
-  print(f'{loaded.source}: loss {metrics["loss"]:.4f}, perplexity {metrics["perplexity"]:.2f} '
-        f'on {"--data" if FLAGS.data else "the validation split"}')
+  for task, metrics in results.items():
+    print(f'{loaded.source} {task}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
 
 
 def generate():
@@ -303,6 +315,15 @@ def memory():
   print(memory_lib.table({label: sizes}))
 
 
+def plot():
+  """The curves of the comma-separated --workdir runs -> --plot_out (training/curves.py)."""
+  workdirs = [w for w in (FLAGS.workdir or '').split(',') if w]
+  if not workdirs:
+    raise ConfigError('--mode=plot needs --workdir=<run>[,<run>...]')
+  curves.plot(workdirs, FLAGS.plot_out)
+  print(f'wrote {FLAGS.plot_out}: the curves of {", ".join(workdirs)}')
+
+
 def train_tokenizer():
   """Trains --tokenizer (bpe:... or wordpiece:...) on the training split of --data."""
   print(run_lib.train_tokenizer(FLAGS.tokenizer, FLAGS.data, FLAGS.val_fraction,
@@ -320,7 +341,7 @@ def main(argv):
                                       FLAGS.process_id)
     {'train': train, 'eval': evaluate, 'generate': generate, 'chat': chat,
      'tokenizer': train_tokenizer, 'convert': convert, 'merge': merge,
-     'prune': prune, 'memory': memory}[FLAGS.mode]()
+     'prune': prune, 'memory': memory, 'plot': plot}[FLAGS.mode]()
   except (ConfigError, DataError, CheckpointError, TrainingError, WorkdirError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

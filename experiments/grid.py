@@ -37,6 +37,7 @@ from lmlab.models.config import ModelConfig, with_overrides
 from lmlab.models.mlp import GATED
 from lmlab.models.registry import abstract_model, build, param_count
 from lmlab.training import language_modeling, loop
+from lmlab.training import metrics as metrics_log
 from lmlab.training import run as run_lib
 from lmlab.training import steps
 from lmlab.training.config import TrainConfig
@@ -338,24 +339,8 @@ def _is_metrics_line(entry) -> bool:
 
 
 def _metrics_lines(workdir: str) -> list[dict]:
-  """The lines of metrics.jsonl; one that a killed run left cut short, or any other that is
-  not a metrics line, is skipped with a warning."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  lines = []
-  with open(path, encoding='utf-8', errors='replace') as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        entry = json.loads(line)
-      except (ValueError, RecursionError):
-        entry = None
-      if _is_metrics_line(entry):
-        lines.append(entry)
-      else:
-        print(f'warning: {path}, line {number}, is not a metrics line (cut short by a killed '
-              f'run?); skipped: {line.strip()[:80]!r}', file=sys.stderr)
-  return lines
+  """The metrics lines of metrics.jsonl (others are skipped with a warning)."""
+  return metrics_log.read(workdir, _is_metrics_line)
 
 
 def _steps_to_target(steps, losses, target: float, window: int = 3):

@@ -52,30 +52,44 @@ def train_losses(workdir):
   return {m['step']: m['loss'] for m in metrics(workdir) if 'loss' in m}
 
 
-def test_train_eval_generate(tmp_path, corpus_dir):
+def test_train_eval_generate(tmp_path, corpus_dir, rng):
   workdir = str(tmp_path / 'run')
+  questions = tmp_path / 'questions.jsonl'
+  questions.write_text(''.join(json.dumps(
+      {'context': 'alpha beta', 'choices': list(rng.choice(['gamma', 'def', ')'], 2)),
+       'label': int(rng.integers(2))}) + '\n' for _ in range(5)))
   out = run_main(*SMALL, f'--data={corpus_dir}', f'--workdir={workdir}', '--steps=30',
-                 '--eval_every=10', '--log_every=5', '--learning_rate=1e-2').stdout
+                 '--eval_every=10', '--log_every=5', '--learning_rate=1e-2',
+                 f'--eval_tasks=bpb,mc:{questions}').stdout
   assert 'validation loss' in out and 'sample:' in out
   lines = metrics(workdir)
   train_lines = [m for m in lines if 'loss' in m]
   eval_lines = [m for m in lines if 'eval_loss' in m]
   assert {'step', 'loss', 'lr', 'grad_norm', 'tokens_per_sec'} <= set(train_lines[-1])
-  assert {'step', 'eval_loss', 'eval_ppl'} <= set(eval_lines[-1])
+  assert {'step', 'eval_loss', 'eval_ppl', 'eval/bpb/bits_per_byte', 'eval/mc_questions/acc',
+          'eval/mc_questions/acc_norm'} <= set(eval_lines[-1])
   assert eval_lines[0]['step'] == 0 and eval_lines[-1]['step'] == 30
   assert eval_lines[-1]['eval_loss'] < eval_lines[0]['eval_loss'] - 1.0
+  assert eval_lines[-1]['eval/bpb/bits_per_byte'] < eval_lines[0]['eval/bpb/bits_per_byte']
+  check_tensorboard(workdir, lines)
   with open(os.path.join(workdir, 'config.json')) as f:
     recorded = json.load(f)
   assert recorded['model']['d_model'] == 32
   check_environment(recorded['environment'], [*SMALL, f'--data={corpus_dir}'])
 
+  other, png = tmp_path / 'other', tmp_path / 'curves.png'
+  other.mkdir()
+  (other / 'metrics.jsonl').write_text(json.dumps({'step': 3, 'loss': 2.0}) + '\n')
   written = files_of(workdir)
-  evaluated, on_file, sample, _ = (result.stdout for result in run_mains(
+  evaluated, on_file, sample, _, tasks, plotted = (result.stdout for result in run_mains(
       ['--mode=eval', f'--workdir={workdir}'],
       ['--mode=eval', f'--workdir={workdir}', f'--data={corpus_dir / "doc0.txt"}'],
       ['--mode=generate', f'--workdir={workdir}', '--prompt=alpha', '--temperature=0',
        '--max_new_tokens=12'],
-      ['--mode=convert', f'--workdir={workdir}', f'--hf_out={tmp_path / "exported"}']))
+      ['--mode=convert', f'--workdir={workdir}', f'--hf_out={tmp_path / "exported"}'],
+      ['--mode=eval', f'--workdir={workdir}', f'--tasks=bpb,lambada_style,mc:{questions}'],
+      ['--mode=plot', f'--workdir={workdir},{other}', f'--plot_out={png}']))
+  assert plotted.startswith(f'wrote {png}') and png.read_bytes().startswith(b'\x89PNG')
   reported = float(evaluated.split('loss ')[1].split(',')[0])
   assert abs(reported - eval_lines[-1]['eval_loss']) < 1e-3
   assert 'on --data' in on_file
@@ -87,7 +101,17 @@ def test_train_eval_generate(tmp_path, corpus_dir):
   assert untouched(files_of(workdir)) == untouched(written)
   assert results_file in files_of(workdir) and results_file not in written
   with open(results_file) as f:
-    results = sorted(json.load(f), key=lambda entry: entry['settings']['data'])
+    results = json.load(f)
+  # The tasks measure the final checkpoint as the training's last evaluation did.
+  by_task = {entry['task']: entry['metrics'] for entry in results}
+  assert set(by_task) == {'lm', 'bpb', 'lambada_style', 'mc_questions'}
+  for task in ('bpb', 'mc_questions'):
+    for metric, value in by_task[task].items():
+      assert value == pytest.approx(eval_lines[-1][f'eval/{task}/{metric}'], rel=1e-5)
+      assert f'{metric} {value:.4f}' in tasks
+  assert 0 <= by_task['lambada_style']['acc'] <= 1
+  results = sorted((e for e in results if e['task'] == 'lm'),
+                   key=lambda entry: entry['settings']['data'])
   assert [entry['settings']['data'] for entry in results] == [
       str(corpus_dir / 'doc0.txt'), 'the validation split']
   for entry, printed in zip(results, (on_file, evaluated)):
@@ -102,6 +126,19 @@ def test_train_eval_generate(tmp_path, corpus_dir):
   assert refused.returncode == 1 and 'is not a list of results' in refused.stderr
   with open(results_file) as f:
     assert f.read() == '{"mine": 1}'
+
+
+def check_tensorboard(workdir, lines):
+  """The events files hold metrics.jsonl's numbers, read as `tensorboard --logdir` reads
+  them."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  events = EventAccumulator(workdir, size_guidance={'scalars': 0}).Reload()
+  for tag, key in [('train/loss', 'loss'), ('eval/loss', 'eval_loss'),
+                   ('eval/bpb/bits_per_byte', 'eval/bpb/bits_per_byte')]:
+    logged = {m['step']: m[key] for m in lines if key in m}
+    shown = {e.step: e.value for e in events.Scalars(tag)}
+    assert shown.keys() == logged.keys()
+    assert all(shown[step] == pytest.approx(logged[step], rel=1e-6) for step in logged)
 
 
 def check_environment(environment, flags):

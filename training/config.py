@@ -98,6 +98,9 @@ class TrainConfig:
   length_penalty: float = 0.6  # seq2seq beam search: alpha of ((5+len)/6)^alpha.
   eval_every: int = 100  # Evaluate every N steps.
   eval_batches: int = 16  # Validation batches per evaluation.
+  # Built-in tasks evaluated with the validation loss, e.g. bpb,lambada_style,mc:q.jsonl
+  # (training/eval_tasks.py), logged as eval/<task>/<metric>.
+  eval_tasks: str = ''
   save_every: int = 100  # Checkpoint every N steps.
   keep_checkpoints: int = 3  # Checkpoints kept.
   # Resume from this checkpoint step; newer ones are moved aside to <step>.superseded.

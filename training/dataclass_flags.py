@@ -9,6 +9,7 @@ field and a comment at the end of its line, joined.
 """
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import textwrap
@@ -26,6 +27,7 @@ _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFI
            str: flags.DEFINE_string}
 
 
+@functools.cache
 def field_comments(cls) -> dict[str, str]:
   """{field name: its comment text} of a dataclass, read from its source."""
   source = textwrap.dedent(inspect.getsource(cls))

@@ -24,7 +24,7 @@ from lmlab.models.config import ModelConfig
 from lmlab.models.errors import ConfigError
 from lmlab.models.registry import abstract_model, active_param_count, build, param_count
 from lmlab.training import mfu as mfu_lib
-from lmlab.training import objectives
+from lmlab.training import eval_tasks, objectives, scoring
 from lmlab.training import parallel
 from lmlab.training import steps as steps_lib
 from lmlab.training import workdir as workdir_lib
@@ -110,6 +110,9 @@ def train(train_config: TrainConfig, model_config: ModelConfig, opt_config: Opti
                       'not train; train float kernels (with qat=<spec> to train for '
                       'quantisation) and quantise with --mode=convert --quantize')
   train_config = train_config.resolved(model_config).validate()
+  if train_config.eval_tasks:
+    scoring.check_decoder(model_config, '--eval_tasks')
+    eval_tasks.parse(train_config.eval_tasks, '--eval_tasks')
   opt_config = opt_config.resolved(train_config.steps * train_config.updates_per_step,
                                    model_config.family)
   make_objective = objective or objectives.by_name(train_config.objective)
@@ -171,8 +174,17 @@ def _initial_state(task, train_config, layout, checkpoints, init_opt_state, init
   return TrainState(params, opt_state), step, (params_at, opt_state_at), initial_params
 
 
-def _hooks(task, train_config, graphdef, checkpoints, *, lead: bool, peak_flops):
-  log = MetricsLog(train_config.workdir) if lead else None
+def _evaluation(task, train_config, graphdef):
+  """params -> the objective's eval metrics, and those of --eval_tasks."""
+  if not train_config.eval_tasks:
+    return functools.partial(task.evaluate, graphdef)
+  suite = eval_tasks.for_run(train_config.eval_tasks, train_config, task.tokenizer,
+                             flag='--eval_tasks')
+  return lambda params: {**task.evaluate(graphdef, params),
+                         **eval_tasks.flat(suite.run(graphdef, params))}
+
+
+def _hooks(task, train_config, graphdef, checkpoints, log, *, lead: bool, peak_flops):
   progress = Progress(train_config.steps) if lead else None
   model_config = task.model_config
   flops_per_token = (mfu_lib.train_flops_per_token(model_config, train_config.seq_len)
@@ -182,7 +194,7 @@ def _hooks(task, train_config, graphdef, checkpoints, *, lead: bool, peak_flops)
                   tokens_per_step=train_config.batch_size * train_config.seq_len,
                   flops_per_token=flops_per_token, peak_flops=peak_flops),
       NonFiniteGuard(checkpoints),
-      EvalHook(functools.partial(task.evaluate, graphdef), log, progress,
+      EvalHook(_evaluation(task, train_config, graphdef), log, progress,
                eval_every=train_config.eval_every),
       CheckpointHook(checkpoints, {'seed': train_config.seed, 'tokenizer': train_config.tokenizer,
                                    'config': workdir_lib.config_path(train_config.workdir)}),
@@ -230,10 +242,11 @@ def _run(train_config, opt_config, task, layout, *, print_fn, init_params, lead)
   if 'step_temp_bytes' in memory:
     print_fn(f'compiled step: {memory["step_temp_bytes"] / 2**20:.1f} MiB of temporaries per '
              'device')
-  if lead:
-    MetricsLog(train_config.workdir).write(step=start_step, param_bytes_per_device=param_bytes,
-                                           devices=jax.device_count(), **sizes, **memory)
-  hooks = _hooks(task, train_config, graphdef, checkpoints, lead=lead,
+  log = MetricsLog(train_config.workdir) if lead else None
+  if log is not None:
+    log.write(step=start_step, param_bytes_per_device=param_bytes, devices=jax.device_count(),
+              **sizes, **memory)
+  hooks = _hooks(task, train_config, graphdef, checkpoints, log, lead=lead,
                  peak_flops=(train_config.peak_flops
                              or mfu_lib.peak_flops(jax.devices()[0].device_kind)))
   trainer = Trainer(
@@ -245,6 +258,8 @@ def _run(train_config, opt_config, task, layout, *, print_fn, init_params, lead)
     state = trainer.run(state, start_step, train_config.steps)
   finally:
     checkpoints.close()
+    if log is not None:
+      log.close()
   evaluation = hooks[2]
   summary = {'step': max(start_step, train_config.steps), **evaluation.final,
              'initial_eval_loss': evaluation.initial and evaluation.initial['eval_loss']}

@@ -1,4 +1,5 @@
-"""metrics.jsonl (one JSON object per line) and the live progress line."""
+"""metrics.jsonl (one JSON object per line) with the same numbers as TensorBoard scalars, and
+the live progress line."""
 import json
 import math
 import os
@@ -6,15 +7,58 @@ import sys
 import time
 
 
+def tensorboard_tag(key: str) -> str:
+  """A metric's TensorBoard tag: eval_loss -> eval/loss, loss -> train/loss; a key with a
+  slash already (eval/bpb/bits_per_byte) is its own tag."""
+  if '/' in key:
+    return key
+  return f'eval/{key[len("eval_"):]}' if key.startswith('eval_') else f'train/{key}'
+
+
 class MetricsLog:
-  """Appends one JSON object per line; a resumed run continues the same file."""
+  """Appends one JSON object per line to metrics.jsonl (a resumed run continues the same
+  file) and writes its numbers to an events file of the workdir, which `tensorboard --logdir`
+  shows. Each write is flushed, so a killed run loses nothing it logged."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.workdir, self.path = workdir, os.path.join(workdir, 'metrics.jsonl')
+    self._events = None
 
   def write(self, **fields):
     with open(self.path, 'a') as f:
       f.write(json.dumps(fields) + '\n')
+    if self._events is None:
+      from tensorboardX import SummaryWriter  # Only training writes events: imported then.
+      self._events = SummaryWriter(self.workdir)
+    for key, value in fields.items():
+      if key != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
+        self._events.add_scalar(tensorboard_tag(key), value, fields['step'])
+    self._events.flush()
+
+  def close(self):
+    if self._events is not None:
+      self._events.close()
+
+
+def read(workdir: str, keep=lambda entry: isinstance(entry, dict)) -> list[dict]:
+  """The lines of a workdir's metrics.jsonl for which keep(entry) holds; any other line (one
+  that a killed run cut short) is skipped with a warning on stderr."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  entries = []
+  with open(path, encoding='utf-8', errors='replace') as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        entry = json.loads(line)
+      except (ValueError, RecursionError):
+        entry = None
+      if keep(entry):
+        entries.append(entry)
+      else:
+        print(f'warning: {path}, line {number}, is not a metrics line (cut short by a killed '
+              f'run?); skipped: {line.strip()[:80]!r}', file=sys.stderr)
+  return entries
 
 
 def _duration(seconds: float) -> str:

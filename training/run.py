@@ -27,7 +27,7 @@ from lmlab.models.hf.architecture import RUN_FIELDS
 from lmlab.models.registry import without_value_head
 from lmlab.models.speculative import make_speculative_generate
 from lmlab.models.sharding import VOCAB, logical_axes
-from lmlab.training import objectives
+from lmlab.training import eval_tasks, objectives, scoring
 from lmlab.training import steps as steps_lib
 from lmlab.training.checkpoint import Checkpoints
 from lmlab.training.config import TrainConfig, default_objective
@@ -140,11 +140,7 @@ def evaluate(loaded: Loaded, data: str | None = None, eval_batches: int | None =
     raise ConfigError(f'--mode=eval measures next-token loss; a family={model_config.family} '
                       'model is evaluated from the workdir of its training run')
   if data:
-    _, paths = corpus_lib.files_of(data)
-    documents = [corpus_lib.Document(p, p) for p in paths if os.path.getsize(p)]
-    if not documents:
-      raise DataError(f'--data={data!r} has no non-empty files')
-    splits, name = {'eval': documents}, 'eval'
+    splits, name = {'eval': _documents(data)}, 'eval'
   else:
     splits, name = corpus_lib.split_corpus(run.data, run.val_fraction), 'val'
   with tempfile.TemporaryDirectory() as scratch:  # A token cache made here is not kept.
@@ -157,8 +153,29 @@ def evaluate(loaded: Loaded, data: str | None = None, eval_batches: int | None =
   return {'loss': loss, 'perplexity': math.exp(min(loss, 700))}
 
 
+def _documents(data: str) -> list[corpus_lib.Document]:
+  """The non-empty files of --data, each a document."""
+  _, paths = corpus_lib.files_of(data)
+  documents = [corpus_lib.Document(p, p) for p in paths if os.path.getsize(p)]
+  if not documents:
+    raise DataError(f'--data={data!r} has no non-empty files')
+  return documents
+
+
+def evaluate_tasks(loaded: Loaded, spec: str, data: str | None = None,
+                   eval_batches: int | None = None) -> dict[str, dict[str, float]]:
+  """{task: {metric: value}} of the built-in tasks of `spec` (training/eval_tasks.py); the
+  evaluation text is the files of `data` (default: the run's validation split), eval_batches
+  (default: the run's) micro-batches of it."""
+  scoring.check_decoder(nnx.merge(loaded.graphdef, loaded.params).config, '--tasks')
+  suite = eval_tasks.for_run(spec, loaded.run, loaded.tokenizer,
+                             documents=_documents(data) if data else None,
+                             eval_batches=eval_batches)
+  return suite.run(loaded.graphdef, loaded.params)
+
+
 # One compiled generator per model and settings, reused by each sample and chat turn.
-_generator = functools.lru_cache(maxsize=4)(make_generate)
+generator = functools.lru_cache(maxsize=4)(make_generate)
 
 
 def _check_samples(config):
@@ -169,7 +186,7 @@ def _check_samples(config):
                       'model): it has no LM head to sample from')
 
 
-def _text(tokenizer, new_tokens: list[int], eot: int) -> str:
+def text_until(tokenizer, new_tokens: list[int], eot: int) -> str:
   """The text of new_tokens up to (without) eot."""
   if eot in new_tokens:
     new_tokens = new_tokens[:new_tokens.index(eot)]
@@ -181,11 +198,11 @@ def _continuations(graphdef, params, tokenizer, prompt_tokens: list[int], sampli
   """num_samples texts sampled after prompt_tokens, each up to (without) eot; several share
   the prompt's KV cache (models/shared_prefix.py)."""
   _check_samples(nnx.merge(graphdef, params).config)
-  generate = _generator(graphdef, sampling, end_token=eot, n_valid=tokenizer.n_vocab,
+  generate = generator(graphdef, sampling, end_token=eot, n_valid=tokenizer.n_vocab,
                         num_samples=num_samples)
   new_tokens = jax.device_get(generate(params, jnp.asarray([prompt_tokens], jnp.int32),
                                        jax.random.key(seed)))
-  return [_text(tokenizer, row.tolist(), eot) for row in new_tokens]
+  return [text_until(tokenizer, row.tolist(), eot) for row in new_tokens]
 
 
 def sample(graphdef, params, tokenizer, prompt: str, sampling: SamplingConfig, *, seed: int,
@@ -220,7 +237,7 @@ def speculative_sample(loaded: Loaded, draft_workdir: str, prompt: str,
   new_bt, rounds, accepted = jax.device_get(generate(
       loaded.params, draft.params, jnp.asarray([prompt_tokens], jnp.int32), jax.random.key(seed)))
   stats = {'rounds': int(rounds), 'accepted': int(accepted), 'drafted': int(rounds) * gamma}
-  return prompt + _text(loaded.tokenizer, new_bt[0].tolist(), eot), stats
+  return prompt + text_until(loaded.tokenizer, new_bt[0].tolist(), eot), stats
 
 
 def chat_reply(graphdef, params, tokenizer, template: ChatTemplate, messages: list[dict],
