@@ -6,6 +6,8 @@ import os
 import sys
 import time
 
+from lmlab.training.tensorboard import EventsWriter
+
 
 def tensorboard_tag(key: str) -> str:
   """A metric's TensorBoard tag: eval_loss -> eval/loss, loss -> train/loss; a key with a
@@ -17,8 +19,9 @@ def tensorboard_tag(key: str) -> str:
 
 class MetricsLog:
   """Appends one JSON object per line to metrics.jsonl (a resumed run continues the same
-  file) and writes its numbers to an events file of the workdir, which `tensorboard --logdir`
-  shows. Each write is flushed, so a killed run loses nothing it logged."""
+  file) and writes its numbers to an events file of the workdir (training/tensorboard.py),
+  which `tensorboard --logdir` shows. Each write is flushed, so a killed run loses nothing it
+  logged."""
 
   def __init__(self, workdir: str):
     self.workdir, self.path = workdir, os.path.join(workdir, 'metrics.jsonl')
@@ -28,12 +31,10 @@ class MetricsLog:
     with open(self.path, 'a') as f:
       f.write(json.dumps(fields) + '\n')
     if self._events is None:
-      from tensorboardX import SummaryWriter  # Only training writes events: imported then.
-      self._events = SummaryWriter(self.workdir)
-    for key, value in fields.items():
-      if key != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
-        self._events.add_scalar(tensorboard_tag(key), value, fields['step'])
-    self._events.flush()
+      self._events = EventsWriter(self.workdir)
+    self._events.scalars(fields['step'], {
+        tensorboard_tag(key): value for key, value in fields.items()
+        if key != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool)})
 
   def close(self):
     if self._events is not None:
