@@ -4,10 +4,10 @@ config.kv_cache_dtype='' keeps keys and values as computed. 'int8' stores each p
 key (and value) of each KV head as int8 codes with one float32 scale, symmetric and rounded
 to nearest: scale = max|x| / 127 over the head's D features, code = round(x / scale), each
 division a product with a float32 reciprocal (as XLA rewrites a division by a constant, so
-the formula is exact in numpy too). Reading
-multiplies back, so attention runs in the compute dtype on values within scale / 2 of the
-originals. Per head and position, the cache takes D + 4 bytes instead of D times the compute
-dtype's size (about half of bfloat16's, a quarter of float32's at D = 64).
+the formula is exact in numpy too). Reading multiplies back, so attention runs in the
+compute dtype on values within scale / 2 of the originals. Per head and position, the cache
+takes D + 4 bytes instead of D times the compute dtype's size (about half of bfloat16's, a
+quarter of float32's at D = 64).
 
 Axes: B batch, S cache positions, T positions written now, K KV heads, D head features.
 """

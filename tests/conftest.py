@@ -98,15 +98,25 @@ def jit_decode(model):
 
 
 @pytest.fixture(scope='session', autouse=True)
-def subprocess_compilation_cache(tmp_path_factory):
-  """Processes the tests start (main.py runs, mostly of the same tiny models) share one
-  persistent JAX compilation cache, fresh per session, instead of each compiling the same
-  steps again. This process read its JAX configuration at import and is unaffected."""
+def compilation_cache(tmp_path_factory):
+  """The test processes and the processes they start (main.py runs, mostly of the same tiny
+  models) share one persistent JAX compilation cache, fresh per session, instead of each
+  compiling the same functions again. Under xdist its folder is beside the workers' own
+  temporary folders, so that they share it too."""
+  base = tmp_path_factory.getbasetemp()
+  folder = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / 'jax_cache'
+  folder.mkdir(exist_ok=True)
+  settings = {'jax_compilation_cache_dir': str(folder),
+              'jax_persistent_cache_min_compile_time_secs': 0,
+              'jax_persistent_cache_min_entry_size_bytes': 0}
+  previous = {name: getattr(jax.config, name) for name in settings}
   with pytest.MonkeyPatch.context() as patch:
-    patch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.mktemp('jax_cache')))
-    patch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-    patch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+    for name, value in settings.items():
+      patch.setenv(name.upper(), str(value))
+      jax.config.update(name, value)
     yield
+  for name, value in previous.items():
+    jax.config.update(name, value)
 
 
 @pytest.fixture

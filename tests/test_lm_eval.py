@@ -88,7 +88,8 @@ def evaluate(model, tasks_folder, tasks=tuple(TASKS), **model_kwargs):
   from lm_eval.tasks import TaskManager
   return lm_eval.simple_evaluate(
       model=model, model_args=model_kwargs, tasks=[f'lmlab_test_{n}' for n in tasks],
-      task_manager=TaskManager(include_path=str(tasks_folder)), log_samples=True,
+      task_manager=TaskManager(include_path=str(tasks_folder), include_defaults=False),
+      log_samples=True,
       batch_size=3, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
       fewshot_random_seed=0)
 

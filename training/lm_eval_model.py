@@ -75,8 +75,7 @@ class LmlabLM(LM):
     self.max_length = int(max_length or config.max_seq_len)
     self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
     self.prefix = _prefix_token(hf_checkpoint, self.tokenizer)
-    self.end = (self.loaded.end_token if self.loaded.end_token is not None
-                else tokenizer_lib.separator_id(self.tokenizer))
+    self.end = self.loaded.sample_end
     self.scorer = scoring.Scorer(self.loaded.graphdef, self.loaded.params,
                                  batch_size=self.batch_size, max_len=self.max_length)
 

@@ -4,6 +4,7 @@ import dataclasses
 
 from flax import nnx
 
+from lmlab.data.tokenizer import separator_id
 from lmlab.models.errors import CheckpointError
 from lmlab.models.registry import abstract_model, trainable
 from lmlab.training import steps as steps_lib
@@ -24,6 +25,11 @@ class Loaded:
   source: str            # 'checkpoint <step>' or the Hugging Face folder.
   step: int | None = None
   end_token: int | None = None  # Ends a sample; None: the tokenizer's end-of-text.
+
+  @property
+  def sample_end(self) -> int:
+    """The token that ends a sample."""
+    return separator_id(self.tokenizer) if self.end_token is None else self.end_token
 
 
 def restore(workdir: str) -> Loaded:

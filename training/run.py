@@ -229,8 +229,7 @@ def speculative_sample(loaded: Loaded, draft_workdir: str, prompt: str,
   _check_samples(target_config)
   check_same_vocabulary(target_config, nnx.merge(draft.graphdef, draft.params).config,
                         loaded.tokenizer, draft.tokenizer, f'--draft={draft_workdir}')
-  eot = tokenizer_lib.separator_id(loaded.tokenizer) if loaded.end_token is None \
-      else loaded.end_token
+  eot = loaded.sample_end
   prompt_tokens = loaded.tokenizer.encode_ordinary(prompt) or [eot]
   generate = _speculative_generator(loaded.graphdef, draft.graphdef, sampling, gamma=gamma,
                                     end_token=eot, n_valid=loaded.tokenizer.n_vocab)
