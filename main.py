@@ -207,7 +207,8 @@ def evaluate():
     settings = {'data': FLAGS.data or 'the validation split',
                 'eval_batches': eval_batches or loaded.run.eval_batches,
                 'seq_len': loaded.run.seq_len, 'batch_size': loaded.run.micro_batch_size,
-                'quantize': FLAGS.quantize, 'peft_checkpoint': FLAGS.peft_checkpoint}
+                'quantize': FLAGS.quantize, 'peft_checkpoint': FLAGS.peft_checkpoint,
+                'tasks': FLAGS.tasks}
     for task, metrics in results.items():
       eval_results.append(_train_config().workdir, task, metrics, step=loaded.step,
                           settings=settings)

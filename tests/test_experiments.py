@@ -227,8 +227,9 @@ def test_bad_flags_are_one_line(tmp_path, corpus, capsys, args, message):
 
 
 def test_alignment(tmp_path, corpus):
+  # --eval_every=2: the held-out evaluation at step 0 and at the end only.
   run_script(alignment, tmp_path, corpus, '--algorithms=sft,grpo,rpo', '--warm_start_steps=2',
-             '--seq_len=32', '--batch_size=20', '--samples_per_prompt=4')
+             '--seq_len=32', '--batch_size=20', '--samples_per_prompt=4', '--eval_every=2')
   check_outputs(tmp_path, ['method'], 'held-out accuracy', 'accuracy', 3, 'accuracy_kl.png')
   rows = {row['method']: row for row in csv_rows(tmp_path)}
   assert float(rows['sft']['kl']) == 0.0
@@ -247,7 +248,7 @@ def test_alignment(tmp_path, corpus):
 def test_repetition(tmp_path, corpus):
   run_script(repetition, tmp_path, corpus, '--warm_start_steps=2', '--seq_len=64',
              '--batch_size=8', '--samples_per_prompt=4', '--reply_tokens=8',
-             '--repetition_penalties=1.5')
+             '--repetition_penalties=1.5', '--eval_every=2')
   check_outputs(tmp_path, ['method'], 'distinct-2', 'distinct_2', 4, 'distinct.png')
   rows = {row['method']: row for row in csv_rows(tmp_path)}
   assert set(rows) == {'data', 'sft', 'penalty 1.5', 'grpo'}

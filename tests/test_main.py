@@ -105,6 +105,8 @@ def test_train_eval_generate(tmp_path, corpus_dir, rng):
   # The tasks measure the final checkpoint as the training's last evaluation did.
   by_task = {entry['task']: entry['metrics'] for entry in results}
   assert set(by_task) == {'lm', 'bpb', 'lambada_style', 'mc_questions'}
+  assert {entry['settings']['tasks'] for entry in results if entry['task'] != 'lm'} == {
+      f'bpb,lambada_style,mc:{questions}'}
   for task in ('bpb', 'mc_questions'):
     for metric, value in by_task[task].items():
       assert value == pytest.approx(eval_lines[-1][f'eval/{task}/{metric}'], rel=1e-5)
