@@ -142,10 +142,9 @@ def multiple_choice(path: str) -> list[dict]:
                 label_out_of_range)
 
 
-def last_word_passages(texts: list[str]) -> list[str]:
-  """The paragraphs (blocks between blank lines) of texts that have a space to split at."""
-  paragraphs = (p.strip() for text in texts for p in re.split(r'\n\s*\n', text))
-  return [p for p in paragraphs if ' ' in p]
+def paragraphs(texts: list[str]) -> list[str]:
+  """The blocks between blank lines of texts."""
+  return [p for text in texts for p in re.split(r'\n\s*\n', text)]
 
 
 class Suite:
@@ -182,7 +181,7 @@ class Suite:
             'token_perplexity': math.exp(min(nll / n_tokens, 700))}
 
   def _lambada_style(self, task, scorer):
-    passages = task.examples if task.path else last_word_passages(self.texts())
+    passages = task.examples if task.path else paragraphs(self.texts())
     passages = [p.strip() for p in passages if ' ' in p.strip()]
     if not passages:
       raise DataError(f'{task.path or "the evaluation text"} has no passage with a space '
