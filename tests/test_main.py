@@ -198,7 +198,8 @@ def test_trained_tokenizers(tmp_path, corpus_dir):
 def test_sigterm_saves_and_the_run_resumes(tmp_path, corpus_dir):
   workdir = str(tmp_path / 'run')
   args = [sys.executable, os.path.join(ROOT, 'main.py'), *SMALL, f'--data={corpus_dir}',
-          f'--workdir={workdir}', '--steps=100000', '--log_every=1', '--save_every=100000']
+          f'--workdir={workdir}', '--steps=100000', '--log_every=1', '--save_every=100000',
+          '--wandb=offline']
   process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   deadline = time.time() + 120
   while time.time() < deadline and not any('loss' in m for m in _safe_metrics(workdir)):
@@ -210,8 +211,56 @@ def test_sigterm_saves_and_the_run_resumes(tmp_path, corpus_dir):
   stopped_at = max(train_losses(workdir))
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(stopped_at)))
   out = run_main(*SMALL, f'--data={corpus_dir}', f'--workdir={workdir}',
-                 f'--steps={stopped_at + 2}', '--schedule_steps=100000').stdout
+                 f'--steps={stopped_at + 2}', '--schedule_steps=100000', '--wandb=offline').stdout
   assert f'resumed from checkpoint {stopped_at}' in out
+  check_wandb(workdir, metrics(workdir))
+
+
+def check_wandb(workdir, lines):
+  """The offline W&B runs of a stopped and resumed training run, read back with W&B's own
+  record schema: one run id for both, metrics.jsonl's numbers as its history and config.json
+  as its config."""
+  runs = sorted(Path(workdir, 'wandb').glob('offline-run-*/run-*.wandb'))
+  assert len(runs) == 2 and len({path.name for path in runs}) == 1
+  history, configs = {}, []
+  for record in (record for path in runs for record in wandb_records(path)):
+    kind = record.WhichOneof('record_type')
+    if kind == 'history':
+      row = {item.key or '/'.join(item.nested_key): json.loads(item.value_json)
+             for item in record.history.item}
+      for tag, value in row.items():
+        history.setdefault(tag, {})[row['step']] = value
+    elif kind == 'run':
+      configs.append({item.key or '/'.join(item.nested_key): json.loads(item.value_json)
+                      for item in record.run.config.update})
+  with open(os.path.join(workdir, 'config.json')) as f:
+    recorded = json.load(f)
+  assert configs and all(config['model'] == recorded['model'] for config in configs)
+  for tag, key in [('train/loss', 'loss'), ('eval/loss', 'eval_loss'), ('train/lr', 'lr')]:
+    logged = {m['step']: m[key] for m in lines if key in m}
+    assert history[tag] == pytest.approx(logged, rel=1e-6)
+
+
+def wandb_records(path):
+  """The protobuf records of a .wandb file: a 7-byte file header, then LevelDB's log format
+  (32 KiB blocks of records, each with a 7-byte header: CRC, length, and whether it is a
+  whole record or its first, middle or last piece)."""
+  from wandb.proto import wandb_internal_pb2
+  data = Path(path).read_bytes()
+  assert data[:4] == b':W&B'
+  block, position, pieces = 32768, 7, []
+  while position + 7 <= len(data):
+    if block - position % block < 7:  # A block's tail too short for a header is zeros.
+      position += block - position % block
+      continue
+    length, kind = int.from_bytes(data[position + 4:position + 6], 'little'), data[position + 6]
+    pieces.append(data[position + 7:position + 7 + length])
+    position += 7 + length
+    if kind in (1, 4):
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(b''.join(pieces))
+      pieces = []
+      yield record
 
 
 def _safe_metrics(workdir):

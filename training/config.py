@@ -7,6 +7,7 @@ import dataclasses
 
 from lmlab.models.config import ModelConfig
 from lmlab.models.errors import ConfigError
+from lmlab.training import wandb_log
 from lmlab.training.policy_losses import GRPO_LOSSES
 from lmlab.training.preference_losses import DPO_LOSSES, SMOOTHED
 
@@ -101,6 +102,10 @@ class TrainConfig:
   # Built-in tasks evaluated with the validation loss, e.g. bpb,lambada_style,mc:q.jsonl
   # (training/eval_tasks.py), logged as eval/<task>/<metric>.
   eval_tasks: str = ''
+  # Also log to Weights & Biases: online or offline (needs the wandb package; training/
+  # wandb_log.py). '': off.
+  wandb: str = ''
+  wandb_project: str = 'lmlab'  # The W&B project of --wandb runs.
   save_every: int = 100  # Checkpoint every N steps.
   keep_checkpoints: int = 3  # Checkpoints kept.
   # Resume from this checkpoint step; newer ones are moved aside to <step>.superseded.
@@ -172,6 +177,11 @@ class TrainConfig:
       raise ConfigError(f'--peak_flops={self.peak_flops} must be >= 0 (0: the known devices)')
     if not 0.0 < self.val_fraction < 1.0:
       raise ConfigError(f'--val_fraction={self.val_fraction} must be between 0 and 1')
+    if self.wandb and self.wandb not in wandb_log.MODES:
+      raise ConfigError(f'--wandb={self.wandb!r} is not one of {", ".join(wandb_log.MODES)} '
+                        '(empty: off)')
+    if self.wandb and wandb_log.missing_package():
+      raise ConfigError('--wandb needs the wandb package: pip install wandb')
     return self
 
 

@@ -25,7 +25,7 @@ from lmlab.models.errors import ConfigError
 from lmlab.models.registry import abstract_model, active_param_count, build, param_count
 from lmlab.training import mfu as mfu_lib
 from lmlab.training import eval_tasks, objectives, scoring
-from lmlab.training import parallel
+from lmlab.training import parallel, wandb_log
 from lmlab.training import steps as steps_lib
 from lmlab.training import workdir as workdir_lib
 from lmlab.training.checkpoint import Checkpoints
@@ -242,7 +242,11 @@ def _run(train_config, opt_config, task, layout, *, print_fn, init_params, lead)
   if 'step_temp_bytes' in memory:
     print_fn(f'compiled step: {memory["step_temp_bytes"] / 2**20:.1f} MiB of temporaries per '
              'device')
-  log = MetricsLog(train_config.workdir) if lead else None
+  log = None
+  if lead:
+    log = MetricsLog(train_config.workdir, also=[wandb_log.WandbLog(
+        train_config.workdir, train_config.wandb, train_config.wandb_project,
+        wandb_log.config_of(train_config.workdir))] if train_config.wandb else [])
   if log is not None:
     log.write(step=start_step, param_bytes_per_device=param_bytes, devices=jax.device_count(),
               **sizes, **memory)

@@ -1,5 +1,5 @@
-"""metrics.jsonl (one JSON object per line) with the same numbers as TensorBoard scalars, and
-the live progress line."""
+"""metrics.jsonl (one JSON object per line) with the same numbers as TensorBoard scalars (and
+W&B's, with --wandb), and the live progress line."""
 import json
 import math
 import os
@@ -20,25 +20,28 @@ def tensorboard_tag(key: str) -> str:
 class MetricsLog:
   """Appends one JSON object per line to metrics.jsonl (a resumed run continues the same
   file) and writes its numbers to an events file of the workdir (training/tensorboard.py),
-  which `tensorboard --logdir` shows. Each write is flushed, so a killed run loses nothing it
-  logged."""
+  which `tensorboard --logdir` shows, and to the writers in `also` (training/wandb_log.py).
+  Each write is flushed, so a killed run loses nothing it logged."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, also=()):
     self.workdir, self.path = workdir, os.path.join(workdir, 'metrics.jsonl')
-    self._events = None
+    self._events, self._also = None, list(also)
 
   def write(self, **fields):
     with open(self.path, 'a') as f:
       f.write(json.dumps(fields) + '\n')
     if self._events is None:
       self._events = EventsWriter(self.workdir)
-    self._events.scalars(fields['step'], {
-        tensorboard_tag(key): value for key, value in fields.items()
-        if key != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool)})
+    scalars = {tensorboard_tag(key): value for key, value in fields.items()
+               if key != 'step' and isinstance(value, (int, float))
+               and not isinstance(value, bool)}
+    for writer in (self._events, *self._also):
+      writer.scalars(fields['step'], scalars)
 
   def close(self):
-    if self._events is not None:
-      self._events.close()
+    for writer in (self._events, *self._also):
+      if writer is not None:
+        writer.close()
 
 
 def read(workdir: str, keep=lambda entry: isinstance(entry, dict)) -> list[dict]:
