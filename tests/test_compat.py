@@ -3,11 +3,10 @@ import concurrent.futures
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 
+import main_server
 from conftest import ROOT
 
 FIXTURE = os.path.join(ROOT, 'tests', 'fixtures', 'workdir_741c381')
@@ -25,10 +24,10 @@ def read_metrics(path):
 
 
 def run_main(cwd, *args):
-  result = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *ARGS, *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
+  result = main_server.run([os.path.join(ROOT, 'main.py'), *ARGS, *args], cwd=str(cwd),
+                           timeout=300)
+  assert result.returncode == 0, result.stderr.decode()[-3000:]
+  return result.stdout.decode()
 
 
 def test_workdir_of_741c381_evaluates_and_resumes(tmp_path):

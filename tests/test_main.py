@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import main_server
 from conftest import ROOT
 
 SMALL = ['--set', 'd_model=32', '--set', 'n_layers=1', '--set', 'n_heads=2',
@@ -25,9 +26,14 @@ SMALL = ['--set', 'd_model=32', '--set', 'n_layers=1', '--set', 'n_heads=2',
 
 def run_main(*args, check=True, prefix=(), cwd=ROOT):
   """main.py with `args` (after the command words of `prefix`, such as a ulimit), run in
-  `cwd`."""
-  result = subprocess.run([*prefix, sys.executable, os.path.join(ROOT, 'main.py'), *args],
-                          capture_output=True, cwd=cwd, timeout=300)
+  `cwd`: forked from a process that has imported it already (main_server.py) unless a
+  prefix needs a process of its own."""
+  argv = [os.path.join(ROOT, 'main.py'), *args]
+  if prefix:
+    result = subprocess.run([*prefix, sys.executable, *argv], capture_output=True, cwd=cwd,
+                            timeout=300)
+  else:
+    result = main_server.run(argv, cwd=str(cwd), timeout=300)
   # Decoded here rather than with text=True, which would turn a generated '\r' into '\n'.
   result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
   if check and result.returncode != 0:
