@@ -8,14 +8,16 @@ in its own working directory, environment and output files, exiting with main's 
 (uncaught exceptions print their traceback and exit 1, as Python does).
 
 Nothing has started a JAX backend or a thread of Python's own in the server when it forks
-(checked at start), so each child starts JAX as a fresh process does. `run` falls back to a
-plain subprocess where a fork could differ from one: when the caller's environment differs
-from the one the server started with (JAX and XLA read theirs at import).
+(checked at start), so each child starts JAX as a fresh process does. A server serves
+callers whose environment is the one it started with (JAX and XLA read theirs at import;
+importing lm_eval or peft in a test worker sets variables of their own): for another, `run`
+replaces it with a new one.
 
 Run as a script, this file is the server: `python main_server.py <socket path>`.
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,26 +49,38 @@ class _Server:
       time.sleep(0.05)
 
 
+  def stop(self):
+    """Stops the server; runs it has forked go on to their end."""
+    self.process.kill()
+    self.process.wait()
+    shutil.rmtree(self.folder, ignore_errors=True)
+
+
 _server = None
 _server_lock = threading.Lock()
+
+
+def _current_server() -> _Server:
+  global _server
+  with _server_lock:
+    if _server is not None and _server.environment != _environment_key(os.environ):
+      _server.stop()
+      _server = None
+    if _server is None:
+      _server = _Server()
+    return _server
 
 
 def run(argv: list[str], cwd: str, timeout: float) -> subprocess.CompletedProcess:
   """`python <argv>` (argv[0] is main.py) run in cwd: a CompletedProcess with stdout and
   stderr as bytes."""
-  global _server
-  with _server_lock:
-    if _server is None:
-      _server = _Server()
-  if _environment_key(os.environ) != _server.environment:
-    return subprocess.run([sys.executable, *argv], capture_output=True, cwd=cwd,
-                          timeout=timeout)
-  with tempfile.TemporaryDirectory(dir=_server.folder) as outputs:
+  server = _current_server()
+  with tempfile.TemporaryDirectory(dir=server.folder) as outputs:
     paths = {name: os.path.join(outputs, name) for name in ('stdout', 'stderr')}
     request = {'argv': argv, 'cwd': cwd, 'environment': dict(os.environ), **paths}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
       connection.settimeout(timeout)
-      connection.connect(_server.address)
+      connection.connect(server.address)
       connection.sendall(json.dumps(request).encode() + b'\n')
       replies = connection.makefile('rb')
       pid = int(replies.readline())
