@@ -48,7 +48,7 @@ import time
 import jax
 from absl import app, flags, logging
 
-from lmlab.data.chat_template import chat_template
+from lmlab.data.chat_template import chat_template, has_template
 from lmlab.data.errors import DataError
 from lmlab.models.config import ANY_PEFT_FIELDS, PEFT_FIELDS, ModelConfig
 from lmlab.models.errors import CheckpointError, ConfigError
@@ -246,7 +246,11 @@ def generate():
 def chat():
   """Answers --prompt, or each line of stdin as the next user turn of one conversation."""
   loaded = _loaded()
-  template = chat_template(FLAGS.chat_template or loaded.run.chat_template or 'chatml')
+  # A Hugging Face folder's own template, where it has one.
+  folder = (FLAGS.hf_checkpoint if FLAGS.hf_checkpoint and has_template(FLAGS.hf_checkpoint)
+            else None)
+  template = chat_template(FLAGS.chat_template or loaded.run.chat_template or folder
+                           or 'chatml')
 
   def reply(messages):
     return run_lib.chat_reply(loaded.graphdef, loaded.params, loaded.tokenizer, template,

@@ -282,9 +282,76 @@ def load_tiktoken(path: str, *, pattern: str | None = None,
                         source=path)
 
 
+# Stand-in ranks of the single bytes a vocabulary lacks: above every id a vocabulary can use.
+_ABSENT_BYTE_BASE = LARGEST_TOKEN_ID + 1
+
+
+class WithAbsentBytes(tiktoken.Encoding):
+  """A byte-level BPE whose vocabulary lacks some of the 256 single bytes, encoding as the
+  `tokenizers` library does: within each pre-token, a byte the vocabulary lacks is left out
+  before the merges (so the bytes beside it may merge), or, where the model names an
+  unk_token (`replacement`), it is that token.
+
+  tiktoken needs a rank for every byte, so each absent byte gets a stand-in rank above every
+  real id. The stand-ins never merge: BPE training starts from the bytes that are there, so
+  none of its tokens holds an absent one. With an unk_token, encoding replaces them. Without,
+  a text that gave a stand-in is encoded again pre-token by pre-token (split by Python's
+  `regex` with the same pattern), each without its absent bytes. n_vocab counts the real ids.
+  """
+
+  def __init__(self, *, name: str, pat_str: str, mergeable_ranks: dict[bytes, int],
+               special_tokens: dict[str, int], replacement: int | None):
+    self.ordinary_ranks, self.replacement = mergeable_ranks, replacement
+    self.absent_bytes = bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)
+    stand_ins = {bytes([b]): _ABSENT_BYTE_BASE + b for b in self.absent_bytes}
+    super().__init__(name=name, pat_str=pat_str,
+                     mergeable_ranks={**mergeable_ranks, **stand_ins},
+                     special_tokens=special_tokens)
+    self.max_token_value = max([*mergeable_ranks.values(), *special_tokens.values()])
+
+  def _without_absent_bytes(self, text: str) -> list[int]:
+    # As tiktoken does with lone surrogates.
+    text = text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
+    ids = []
+    for piece in pretokenize(text, self._pat_str):
+      kept = piece.encode('utf-8').translate(None, self.absent_bytes)
+      if kept:
+        ids += self._encode_single_piece(kept)
+    return ids
+
+  def _fixed(self, ids: list[int], text: str, allowed_special) -> list[int]:
+    if all(i < _ABSENT_BYTE_BASE for i in ids):
+      return ids
+    if self.replacement is not None:
+      return [self.replacement if i >= _ABSENT_BYTE_BASE else i for i in ids]
+    allowed = self.special_tokens_set if allowed_special == 'all' else allowed_special
+    if not allowed:
+      return self._without_absent_bytes(text)
+    ids = []
+    by_length = sorted(allowed, key=len, reverse=True)
+    for piece in regex.split(f'({"|".join(map(regex.escape, by_length))})', text):
+      if piece in allowed:
+        ids.append(self._special_tokens[piece])
+      elif piece:
+        ids += self._without_absent_bytes(piece)
+    return ids
+
+  def encode_ordinary(self, text: str) -> list[int]:
+    return self._fixed(super().encode_ordinary(text), text, ())
+
+  def encode(self, text: str, *, allowed_special=frozenset(),
+             disallowed_special='all') -> list[int]:
+    ids = super().encode(text, allowed_special=allowed_special,
+                         disallowed_special=disallowed_special)
+    return self._fixed(ids, text, allowed_special)
+
+
 def build_encoding(name: str, ranks: dict[bytes, int], *, pattern: str,
-                   special_tokens: dict[str, int], source: str) -> tiktoken.Encoding:
-  """A tiktoken Encoding; unusable settings raise DataError naming `source`."""
+                   special_tokens: dict[str, int], source: str,
+                   absent_bytes: str | int = 'refuse') -> tiktoken.Encoding:
+  """A tiktoken Encoding; unusable settings raise DataError naming `source`. A vocabulary
+  without some of the 256 single bytes is refused, or, with absent_bytes 'drop' or a
+  replacement id, encodes as WithAbsentBytes."""
   matches = list(_compiled(pattern, source).finditer(SAMPLE_TEXT))
   if any(match.start() == match.end() for match in matches):
     # tiktoken stops the process at an empty pre-token.
@@ -295,7 +362,7 @@ def build_encoding(name: str, ranks: dict[bytes, int], *, pattern: str,
     raise DataError(f'the pre-tokenisation pattern of {source}, {pattern!r:.80}, skips some '
                     'of a sample text; pass one whose matches cover any text')
   missing = 256 - sum(len(token) == 1 for token in ranks)
-  if missing:
+  if missing and absent_bytes == 'refuse':
     # tiktoken would stop the process at the first text holding a missing byte.
     raise DataError(f'{source} lacks {missing} of the 256 single-byte tokens that byte-level '
                     'BPE needs to encode any text; pass a complete vocabulary')
@@ -313,9 +380,26 @@ def build_encoding(name: str, ranks: dict[bytes, int], *, pattern: str,
       raise DataError(f'special tokens {special_ids[token_id]!r} and {token!r} of {source} '
                       f'share the id {token_id}; give each its own')
     special_ids[token_id] = token
+  settings = dict(name=name, pat_str=pattern, mergeable_ranks=ranks,
+                  special_tokens=special_tokens)
   try:
-    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens=special_tokens)
+    if missing:
+      return WithAbsentBytes(**settings,
+                             replacement=None if absent_bytes == 'drop' else absent_bytes)
+    return tiktoken.Encoding(**settings)
   except ValueError as error:
     raise DataError(f'tiktoken rejects the tokenizer of {source}: {error}; pass a pattern '
                     'in the syntax tiktoken accepts') from None
+
+
+def with_special_tokens(encoding: tiktoken.Encoding, special_tokens: dict[str, int],
+                        source: str) -> tiktoken.Encoding:
+  """The encoding with `special_tokens` as its special tokens (tiktoken's README extends an
+  Encoding through these attributes)."""
+  if isinstance(encoding, WithAbsentBytes):
+    return build_encoding(encoding.name, encoding.ordinary_ranks, pattern=encoding._pat_str,
+                          special_tokens=special_tokens, source=source,
+                          absent_bytes=('drop' if encoding.replacement is None
+                                        else encoding.replacement))
+  return build_encoding(encoding.name, encoding._mergeable_ranks, pattern=encoding._pat_str,
+                        special_tokens=special_tokens, source=source)

@@ -22,6 +22,7 @@ from lmlab.data import arithmetic, bpe
 from lmlab.data.chat_template import ChatTemplate, render
 from lmlab.data.errors import DataError
 from lmlab.data.files import read_lines
+from lmlab.data.hf_library_tokenizer import LibraryTokenizer
 
 ROLES = ('system', 'user', 'assistant')
 
@@ -101,9 +102,9 @@ def read_examples(path: str) -> list[Example]:
 
 
 def _special_tokens_of(tokenizer) -> set[str]:
-  if not isinstance(tokenizer, tiktoken.Encoding):
-    raise DataError(f'chat templates need a byte-level BPE tokenizer (a tiktoken Encoding); '
-                    f'{tokenizer.name!r} is not one')
+  if not hasattr(tokenizer, 'special_tokens_set'):
+    raise DataError(f'chat templates need a byte-level BPE tokenizer or a tokenizer.json; '
+                    f'{tokenizer.name!r} is neither')
   return tokenizer.special_tokens_set
 
 
@@ -119,12 +120,11 @@ def with_special_tokens(tokenizer: tiktoken.Encoding, tokens) -> tuple[tiktoken.
   if not added:
     return tokenizer, []
   first = tokenizer.max_token_value + 1
-  # tiktoken's README extends an Encoding through these attributes.
-  special_tokens = {**tokenizer._special_tokens,
-                    **{token: first + i for i, token in enumerate(added)}}
-  extended = bpe.build_encoding(tokenizer.name, tokenizer._mergeable_ranks,
-                                pattern=tokenizer._pat_str, special_tokens=special_tokens,
-                                source=f'tokenizer {tokenizer.name!r} with chat tokens')
+  new_tokens = {token: first + i for i, token in enumerate(added)}
+  if isinstance(tokenizer, LibraryTokenizer):
+    return tokenizer.with_special_tokens(new_tokens), added
+  extended = bpe.with_special_tokens(tokenizer, {**tokenizer._special_tokens, **new_tokens},
+                                     source=f'tokenizer {tokenizer.name!r} with chat tokens')
   return extended, added
 
 

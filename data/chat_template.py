@@ -244,6 +244,19 @@ def _folder_template(folder: str) -> ChatTemplate:
   return dataclasses.replace(provisional, end_token=_turn_end(provisional, folder))
 
 
+def has_template(folder: str) -> bool:
+  """Whether a Hugging Face folder holds a chat template (chat_template.jinja, or a
+  chat_template in a readable tokenizer_config.json)."""
+  if os.path.isfile(os.path.join(folder, 'chat_template.jinja')):
+    return True
+  try:
+    with open(os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8') as f:
+      config = json.load(f)
+  except (OSError, ValueError, RecursionError):
+    return False
+  return isinstance(config, dict) and bool(config.get('chat_template'))
+
+
 def chat_template(spec: str) -> ChatTemplate:
   """The built-in template named `spec`, or the template of the Hugging Face folder `spec`."""
   if spec in BUILT_IN:

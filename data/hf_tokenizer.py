@@ -1,4 +1,5 @@
-"""Hugging Face byte-level BPE tokenizers (GPT-2, Qwen2, LLaMA-3) as tiktoken Encodings.
+"""Hugging Face byte-level BPE tokenizers (GPT-2, Qwen2, LLaMA-3, StarCoder) as tiktoken
+Encodings.
 
 A byte-level `tokenizer.json` spells every token in GPT-2's printable stand-ins for bytes;
 undoing that gives tiktoken's ranks over raw bytes, with each token's vocabulary id as its
@@ -31,9 +32,14 @@ def _byte_of_stand_in() -> dict[str, int]:
 _BYTE_OF_STAND_IN = _byte_of_stand_in()
 
 
+class NotConvertible(DataError):
+  """A tokenizer.json that is not a byte-level BPE tiktoken can run (data/tokenizer.py hands
+  it to the `tokenizers` library instead)."""
+
+
 def _unsupported(path: str, what: str):
-  return DataError(f'{path}: {what} is unsupported; pass the tokenizer.json of a byte-level '
-                   'BPE model (GPT-2, Qwen2 or LLaMA-3 style)')
+  return NotConvertible(f'{path}: {what} is unsupported; pass the tokenizer.json of a '
+                        'byte-level BPE model (GPT-2, Qwen2 or LLaMA-3 style)')
 
 
 def _malformed(path: str, what: str):
@@ -140,8 +146,25 @@ def _added_tokens(path: str, added_tokens) -> dict[str, int]:
   return {added['content']: added['id'] for added in added_tokens}
 
 
-def ranks_from_tokenizer_json(path: str):
-  """(ranks, pattern, special_tokens) of a byte-level BPE `tokenizer.json`."""
+def _absent_bytes(path: str, model: dict, special_tokens: dict[str, int]) -> str | int:
+  """What the `tokenizers` library does with a byte the vocabulary lacks: leaves it out
+  ('drop'), or puts the id of model.unk_token in its place."""
+  unknown = model.get('unk_token')
+  if unknown is None:
+    return 'drop'
+  if model.get('fuse_unk'):
+    # The library fuses unknown characters within a pre-token, whose bounds tiktoken's ids
+    # no longer show.
+    raise _unsupported(path, 'a vocabulary without some single bytes with fuse_unk=true')
+  unknown_id = special_tokens.get(unknown, model['vocab'].get(unknown))
+  if unknown_id is None:
+    raise _malformed(path, f'model.unk_token {unknown!r:.60} is neither in model.vocab nor '
+                     'an added token')
+  return unknown_id
+
+
+def _conversion(path: str):
+  """(ranks, pattern, special_tokens, absent_bytes) of a byte-level BPE `tokenizer.json`."""
   config = _read_json(path)
   model = _object(path, config.get('model'), 'model')
   if model.get('type') != 'BPE':
@@ -168,12 +191,21 @@ def ranks_from_tokenizer_json(path: str):
   ranks = {_token_bytes(path, token): token_id for token, token_id in model['vocab'].items()
            if token_id not in special_ids}
   _check_merge_order(path, model['vocab'], model.get('merges') or [])
-  return ranks, pattern, special_tokens
+  absent = 'refuse' if all(bytes([b]) in ranks for b in range(256)) else _absent_bytes(
+      path, model, special_tokens)
+  return ranks, pattern, special_tokens, absent
+
+
+def ranks_from_tokenizer_json(path: str):
+  """(ranks, pattern, special_tokens) of a byte-level BPE `tokenizer.json`."""
+  return _conversion(path)[:3]
 
 
 def encoding_from_tokenizer_json(path: str, name: str | None = None) -> tiktoken.Encoding:
-  """The tiktoken Encoding of a `tokenizer.json`, named after its folder unless `name`."""
-  ranks, pattern, special_tokens = ranks_from_tokenizer_json(path)
+  """The tiktoken Encoding of a `tokenizer.json`, named after its folder unless `name`. A
+  vocabulary without some of the 256 single bytes (StarCoder-family tokenizers) encodes as
+  bpe.WithAbsentBytes: such a byte is left out, as transformers does, or is the unk_token."""
+  ranks, pattern, special_tokens, absent = _conversion(path)
   name = name or os.path.basename(os.path.dirname(os.path.abspath(path)))
   return build_encoding(name, ranks, pattern=pattern, special_tokens=special_tokens,
-                        source=path)
+                        source=path, absent_bytes=absent)

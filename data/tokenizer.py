@@ -10,10 +10,13 @@ Specs:
   wordpiece:<size>              a BERT WordPiece vocabulary trained the same way
   <path>.tiktoken               a tiktoken ranks file (pattern and special tokens from the
                                 `<path>.json` beside it, or --tokenizer_pattern)
-  <path>/tokenizer.json         a Hugging Face byte-level BPE tokenizer, converted
+  <path>/tokenizer.json         a Hugging Face tokenizer: byte-level BPE converted to
+                                tiktoken, any other kind (SentencePiece-style BPE, Unigram,
+                                WordPiece) run by the `tokenizers` library
   <path>.txt                    a BERT vocab.txt
-Byte-level tokenizers are `tiktoken.Encoding`s; WordPiece offers the same methods
-(`encode_ordinary`, `decode`, `encode_single_token`, `n_vocab`, `name`). Nothing is
+Byte-level tokenizers are `tiktoken.Encoding`s; WordPiece and the `tokenizers` library's
+(data/hf_library_tokenizer.py) offer the same methods (`encode_ordinary`, `decode`,
+`encode_single_token`, `n_vocab`, `name`). Nothing is
 downloaded: a missing file is an error saying what to pass.
 """
 import os
@@ -21,10 +24,12 @@ import re
 
 from lmlab.data import bpe, hf_tokenizer, wordpiece
 from lmlab.data.errors import DataError
+from lmlab.data.hf_library_tokenizer import LibraryTokenizer
 
 END_OF_TEXT = '<|endoftext|>'
-# Documents are separated by <|endoftext|>, or by BERT's [SEP] in a WordPiece vocabulary.
-SEPARATORS = (END_OF_TEXT, '[SEP]')
+# Documents are separated by <|endoftext|>, by BERT's [SEP] in a WordPiece vocabulary, or by
+# the end-of-sequence token of SentencePiece vocabularies (Llama-2, Mistral; Gemma's <eos>).
+SEPARATORS = (END_OF_TEXT, '[SEP]', '</s>', '<eos>')
 TRAINED = re.compile(r'^(bpe|wordpiece):(\d+)(?::(gpt2|cl100k))?(:digits)?$')
 
 
@@ -89,7 +94,10 @@ def load_tokenizer(spec: str, *, cache_dir: str | None = None, train_texts=None,
     raise DataError(f'--tokenizer={spec!r} is neither bytes, bpe:<size>, wordpiece:<size> nor '
                     'an existing .tiktoken, tokenizer.json or vocab.txt file')
   if path.endswith('.json'):
-    return hf_tokenizer.encoding_from_tokenizer_json(path)
+    try:
+      return hf_tokenizer.encoding_from_tokenizer_json(path)
+    except hf_tokenizer.NotConvertible:
+      return LibraryTokenizer(path)
   if path.endswith('.txt'):
     return wordpiece.WordPieceTokenizer(path, lowercase=True)
   if pattern is not None and pattern in bpe.PATTERNS:

@@ -1,12 +1,14 @@
-"""Hugging Face byte-level BPE tokenizer.json -> tiktoken, against the `tokenizers` library."""
+"""Hugging Face byte-level BPE tokenizer.json -> tiktoken, against the `tokenizers` library and
+transformers."""
 import json
 
 import pytest
 
 from conftest import random_code_points
 from lmlab.data.errors import DataError
-from lmlab.data import bpe
-from lmlab.data.hf_tokenizer import encoding_from_tokenizer_json, ranks_from_tokenizer_json
+from lmlab.data import bpe, chat
+from lmlab.data.hf_tokenizer import (_BYTE_OF_STAND_IN, encoding_from_tokenizer_json,
+                                     ranks_from_tokenizer_json)
 
 tokenizers = pytest.importorskip('tokenizers')
 
@@ -119,3 +121,42 @@ def test_ids_out_of_merge_order_are_an_error(rng, tmp_path):
   path = edited_config(rng, tmp_path, lambda config: config['model']['merges'].reverse())
   with pytest.raises(DataError, match='not in merge order'):
     ranks_from_tokenizer_json(path)
+
+
+@pytest.mark.parametrize('unknown', [None, END_OF_TEXT])
+def test_vocabulary_without_some_bytes_encodes_as_transformers(rng, tmp_path, unknown):
+  """StarCoder-family vocabularies lack the single bytes their training text never had:
+  transformers leaves such a byte out, or puts the model's unk_token in its place."""
+  tokenizer = trained_tokenizer(rng)
+  config = json.loads(tokenizer.to_str())
+  seen = set(''.join(WORDS).encode())
+  absent = rng.choice([b for b in range(256) if b not in seen], 40, replace=False)
+  stand_in = {b: c for c, b in _BYTE_OF_STAND_IN.items()}
+  for b in absent:
+    del config['model']['vocab'][stand_in[b]]
+  config['model']['unk_token'] = unknown
+  folder = tmp_path / 'starcoder-like'
+  folder.mkdir()
+  (folder / 'tokenizer.json').write_text(json.dumps(config), encoding='utf-8')
+  (folder / 'tokenizer_config.json').write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+  encoding = encoding_from_tokenizer_json(str(folder / 'tokenizer.json'))
+  reference = pytest.importorskip('transformers').AutoTokenizer.from_pretrained(str(folder))
+  controls = ''.join(chr(b) for b in absent if b < 0x80)
+  for _ in range(5):
+    text = ''.join(rng.permutation(list(random_text(rng) + controls * 2)))
+    assert encoding.encode_ordinary(text) == reference.encode(text, add_special_tokens=False)
+  assert encoding.n_vocab == max(config['model']['vocab'].values()) + 1
+  # Chat tokens join it as they join a complete vocabulary.
+  extended, added = chat.with_special_tokens(encoding, ['<|im_start|>'])
+  assert added == ['<|im_start|>'] and extended.n_vocab == encoding.n_vocab + 1
+  plain = reference.encode(text, add_special_tokens=False)
+  assert extended.encode(f'{text}<|im_start|>{text}', allowed_special=set(added)) == [
+      *plain, extended.encode_single_token('<|im_start|>'), *plain]
+
+
+def test_absent_bytes_with_fused_unknowns_are_an_error(rng, tmp_path):
+  def edit(config):
+    del config['model']['vocab']['Ā']
+    config['model'].update(unk_token=END_OF_TEXT, fuse_unk=True)
+  with pytest.raises(DataError, match='fuse_unk=true is unsupported'):
+    encoding_from_tokenizer_json(edited_config(rng, tmp_path, edit))

@@ -97,3 +97,38 @@ def test_corrupt_safetensors_is_one_error_line_naming_the_file(llama_dir, rng, t
     assert result.returncode == 1, corruption
     assert result.stderr.count('\n') == 1 and result.stderr.startswith('error: '), corruption
     assert os.path.join(copy, 'model.safetensors') in result.stderr, corruption
+
+
+# Llama-2's chat layout: the reply ends with eos, which is where generation stops.
+LLAMA2_STYLE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+    " [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def test_chat_with_the_folders_template_and_tokenizer_matches_transformers(rng, tmp_path):
+  """A folder with a SentencePiece-style tokenizer.json and a chat template in
+  tokenizer_config.json: main.py's greedy reply is transformers' for 32 tokens."""
+  from test_library_tokenizer import sentencepiece_bpe
+  tokenizer_config = sentencepiece_bpe(rng, legacy=False)
+  n_vocab = max(tokenizer_config['model']['vocab'].values()) + 1
+  # hf_model's bos and eos ids, 1 and 2, are <s> and </s> here.
+  model = hf_model('Llama', dict(vocab_size=n_vocab, max_position_embeddings=256),
+                   int(rng.integers(1 << 30)))
+  folder = tmp_path / 'hf'
+  model.save_pretrained(folder)
+  (folder / 'tokenizer.json').write_text(json.dumps(tokenizer_config), encoding='utf-8')
+  (folder / 'tokenizer_config.json').write_text(json.dumps({
+      'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<s>', 'eos_token': '</s>',
+      'chat_template': LLAMA2_STYLE_TEMPLATE}))
+  prompt = 'the cat sat on the mat? 🙂'
+  out = run_main('--mode=chat', f'--hf_checkpoint={folder}', f'--workdir={tmp_path / "run"}',
+                 f'--prompt={prompt}', '--temperature=0', '--max_new_tokens=32').stdout
+  reference = transformers.AutoTokenizer.from_pretrained(str(folder))
+  ids = reference.apply_chat_template([{'role': 'user', 'content': prompt}],
+                                      add_generation_prompt=True, tokenize=True)
+  ids = torch.tensor([ids['input_ids'] if hasattr(ids, 'keys') else ids])
+  with torch.no_grad():
+    new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=32, eos_token_id=2)[0, ids.shape[1]:].tolist()
+  new = new[:new.index(2)] if 2 in new else new
+  assert out.rstrip('\n') == reference.decode(new, skip_special_tokens=False)
