@@ -18,6 +18,7 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 
+from lmlab.data import gguf_tokenizer
 from lmlab.data.errors import DataError
 from lmlab.data.files import read_text
 
@@ -230,23 +231,48 @@ def _folder_template(folder: str) -> ChatTemplate:
     source = _config_source(folder, config_path, config.get('chat_template'))
   bos, eos = (_token_string(config_path, config.get(field), field)
               for field in ('bos_token', 'eos_token'))
-  used = [token for token in _declared_tokens(config_path, config) if token in source]
+  return _template(folder, source, _declared_tokens(config_path, config), bos, eos)
+
+
+def _template(where: str, source: str, declared: list[str], bos: str | None,
+              eos: str | None) -> ChatTemplate:
+  """The template `source` of `where` (a folder or GGUF file), whose special tokens are those
+  of `declared` that its text holds, and bos and eos where it names their variables."""
+  used = [token for token in declared if token in source]
   used += [token for variable, token in (('bos_token', bos), ('eos_token', eos))
            if token and variable in source]
-  name = os.path.basename(os.path.normpath(folder))
+  name = os.path.basename(os.path.normpath(where))
   try:
     _compiled(source)
   except jinja2.TemplateSyntaxError as error:
-    raise DataError(f'the chat template of {folder} is not valid Jinja (line {error.lineno}: '
+    raise DataError(f'the chat template of {where} is not valid Jinja (line {error.lineno}: '
                     f'{error.message})') from None
   provisional = ChatTemplate(name, source, special_tokens=tuple(dict.fromkeys(used)),
                              end_token='', bos_token=bos, eos_token=eos)
-  return dataclasses.replace(provisional, end_token=_turn_end(provisional, folder))
+  return dataclasses.replace(provisional, end_token=_turn_end(provisional, where))
+
+
+def _gguf_template(path: str) -> ChatTemplate:
+  """The chat template of a GGUF file's metadata; its special tokens are the vocabulary's
+  CONTROL tokens."""
+  values = gguf_tokenizer.read_metadata(path)
+  source = values.get('tokenizer.chat_template')
+  if not isinstance(source, str) or not source:
+    raise DataError(f'{path} has no tokenizer.chat_template; pass --chat_template')
+  tokens = values.get('tokenizer.ggml.tokens') or []
+  types = values.get('tokenizer.ggml.token_type') or []
+  declared = [token for token, kind in zip(tokens, types) if kind == gguf_tokenizer.CONTROL]
+  bos, eos = (tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+              for i in (values.get('tokenizer.ggml.bos_token_id'),
+                        values.get('tokenizer.ggml.eos_token_id')))
+  return _template(path, source, declared, bos, eos)
 
 
 def has_template(folder: str) -> bool:
   """Whether a Hugging Face folder holds a chat template (chat_template.jinja, or a
-  chat_template in a readable tokenizer_config.json)."""
+  chat_template in a readable tokenizer_config.json), or a GGUF file one in its metadata."""
+  if folder.endswith('.gguf'):
+    return bool(gguf_tokenizer.read_metadata(folder).get('tokenizer.chat_template'))
   if os.path.isfile(os.path.join(folder, 'chat_template.jinja')):
     return True
   try:
@@ -258,9 +284,12 @@ def has_template(folder: str) -> bool:
 
 
 def chat_template(spec: str) -> ChatTemplate:
-  """The built-in template named `spec`, or the template of the Hugging Face folder `spec`."""
+  """The built-in template named `spec`, or the template of the Hugging Face folder or GGUF
+  file `spec`."""
   if spec in BUILT_IN:
     return BUILT_IN[spec]
+  if spec.endswith('.gguf'):
+    return _gguf_template(spec)
   if not os.path.isdir(spec):
     raise DataError(f'chat template {spec!r} is neither a built-in ({", ".join(BUILT_IN)}) nor '
                     'a folder with a tokenizer_config.json or chat_template.jinja')

@@ -167,9 +167,10 @@ def _absent_bytes(path: str, model: dict, special_tokens: dict[str, int]) -> str
   return unknown_id
 
 
-def _conversion(path: str):
-  """(ranks, pattern, special_tokens, absent_bytes) of a byte-level BPE `tokenizer.json`."""
-  config = _read_json(path)
+def _conversion(path: str, config: dict | None = None):
+  """(ranks, pattern, special_tokens, absent_bytes) of a byte-level BPE `tokenizer.json`
+  (config: its contents, when they are not read from path)."""
+  config = _read_json(path) if config is None else config
   model = _object(path, config.get('model'), 'model')
   if model.get('type') != 'BPE':
     raise _unsupported(path, f'model type {model.get("type")!r}')
@@ -205,11 +206,13 @@ def ranks_from_tokenizer_json(path: str):
   return _conversion(path)[:3]
 
 
-def encoding_from_tokenizer_json(path: str, name: str | None = None) -> tiktoken.Encoding:
-  """The tiktoken Encoding of a `tokenizer.json`, named after its folder unless `name`. A
-  vocabulary without some of the 256 single bytes (StarCoder-family tokenizers) encodes as
-  bpe.WithAbsentBytes: such a byte is left out, as transformers does, or is the unk_token."""
-  ranks, pattern, special_tokens, absent = _conversion(path)
+def encoding_from_tokenizer_json(path: str, name: str | None = None,
+                                 config: dict | None = None) -> tiktoken.Encoding:
+  """The tiktoken Encoding of a `tokenizer.json` (or of its contents `config`, which path
+  names), named after its folder unless `name`. A vocabulary without some of the 256 single
+  bytes (StarCoder-family tokenizers) encodes as bpe.WithAbsentBytes: such a byte is left
+  out, as transformers does, or is the unk_token."""
+  ranks, pattern, special_tokens, absent = _conversion(path, config)
   name = name or os.path.basename(os.path.dirname(os.path.abspath(path)))
   return build_encoding(name, ranks, pattern=pattern, special_tokens=special_tokens,
                         source=path, absent_bytes=absent)

@@ -13,6 +13,7 @@ Specs:
   <path>/tokenizer.json         a Hugging Face tokenizer: byte-level BPE converted to
                                 tiktoken, any other kind (SentencePiece-style BPE, Unigram,
                                 WordPiece) run by the `tokenizers` library
+  <path>.gguf                   the byte-level BPE vocabulary of a GGUF file's metadata
   <path>.txt                    a BERT vocab.txt
 Byte-level tokenizers are `tiktoken.Encoding`s; WordPiece and the `tokenizers` library's
 (data/hf_library_tokenizer.py) offer the same methods (`encode_ordinary`, `decode`,
@@ -22,7 +23,7 @@ downloaded: a missing file is an error saying what to pass.
 import os
 import re
 
-from lmlab.data import bpe, hf_tokenizer, wordpiece
+from lmlab.data import bpe, gguf_tokenizer, hf_tokenizer, wordpiece
 from lmlab.data.errors import DataError
 from lmlab.data.hf_library_tokenizer import LibraryTokenizer
 
@@ -92,7 +93,9 @@ def load_tokenizer(spec: str, *, cache_dir: str | None = None, train_texts=None,
     train_tokenizer(spec, train_texts(), path)
   if not os.path.isfile(path):
     raise DataError(f'--tokenizer={spec!r} is neither bytes, bpe:<size>, wordpiece:<size> nor '
-                    'an existing .tiktoken, tokenizer.json or vocab.txt file')
+                    'an existing .tiktoken, tokenizer.json, vocab.txt or .gguf file')
+  if path.endswith('.gguf'):
+    return gguf_tokenizer.load(path)
   if path.endswith('.json'):
     try:
       return hf_tokenizer.encoding_from_tokenizer_json(path)

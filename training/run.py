@@ -56,7 +56,9 @@ def load_hf(path: str, overrides: list[str], run: TrainConfig, tokenizer: str | 
   if fixed:
     raise ConfigError(f'--set {fixed[0]} would change the checkpoint\'s architecture; with '
                       f'--hf_checkpoint only {", ".join(RUN_FIELDS)} can be set')
-  if tokenizer is None:
+  if tokenizer is None and path.endswith('.gguf'):
+    tokenizer = path  # Its metadata holds the vocabulary.
+  elif tokenizer is None:
     # BERT's WordPiece vocabulary is its vocab.txt (our reader of tokenizer.json is BPE's).
     name = 'vocab.txt' if config.family == 'encoder' else 'tokenizer.json'
     tokenizer = os.path.join(path, name)

@@ -2,6 +2,7 @@
 
   from lmlab.models import hf
   model = hf.load('path/to/Qwen2-0.5B')      # config.json + *.safetensors
+  model = hf.load('path/to/qwen2-0.5b-q8_0.gguf')   # a GGUF file (models/hf/gguf_files.py)
   logits_btv = model(input_ids, attention_mask=mask)
   hf.save(model, 'path/to/new_dir')          # a directory transformers loads
 
@@ -22,7 +23,7 @@ from flax import nnx
 from lmlab.models.errors import CheckpointError
 from lmlab.models.json_values import read_json
 from lmlab.models.config import ModelConfig
-from lmlab.models.hf import bert, bloom, deepseek_v2, llama, safetensors_files
+from lmlab.models.hf import bert, bloom, deepseek_v2, gguf_files, llama, safetensors_files
 from lmlab.models.hf.architecture import typed
 from lmlab.models.registry import abstract_model
 
@@ -57,9 +58,9 @@ def _read_json(path: str) -> dict:
 
 
 def read_config(path: str, **run_fields):
-  """(architecture, ModelConfig) of a checkpoint directory; run_fields (dtype, param_dtype,
-  attention_impl, ...) are ours to choose."""
-  hf_config = _read_json(path)
+  """(architecture, ModelConfig) of a checkpoint directory or GGUF file; run_fields (dtype,
+  param_dtype, attention_impl, ...) are ours to choose."""
+  hf_config = gguf_files.hf_config(path) if gguf_files.is_gguf(path) else _read_json(path)
   names = hf_config.get('architectures') or []
   if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
     raise CheckpointError(f'{os.path.join(path, CONFIG_FILE)}: architectures={names!r:.60} is '
@@ -87,7 +88,8 @@ def _stored_names(checkpoint) -> dict:
 
 def end_token_id(path: str):
   """The checkpoint's end-of-sequence id (the first, if config.json lists several)."""
-  eos = _read_json(path).get('eos_token_id')
+  eos = (gguf_files.hf_config(path) if gguf_files.is_gguf(path) else _read_json(path)).get(
+      'eos_token_id')
   first = eos[0] if isinstance(eos, list) and eos else eos
   return None if first is None else typed('eos_token_id', first, int)
 
@@ -103,7 +105,8 @@ def load(path: str, *, dtype: str = 'float32', param_dtype: str | None = None,
     raise CheckpointError(f'load reads a plain model, not peft={config.peft!r}; add an adapter '
                           'to it with registry.build\'s add_lora or add_prompt, or read a peft '
                           'folder with lmlab.models.hf.adapters.load')
-  checkpoint = safetensors_files.Checkpoint(path)
+  checkpoint = (gguf_files.Checkpoint(path) if gguf_files.is_gguf(path)
+                else safetensors_files.Checkpoint(path))
   stored = _stored_names(checkpoint)
   graphdef, abstract = nnx.split(abstract_model(config))
   shapes = {path: variable for path, variable in nnx.to_flat_state(abstract)}
