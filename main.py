@@ -12,6 +12,7 @@
   python main.py --mode=generate --hf_checkpoint=path/to/Qwen2-0.5B --prompt='def '
   python main.py --mode=convert --hf_checkpoint=path/to/Qwen2-0.5B --workdir=runs/qwen
   python main.py --mode=convert --workdir=runs/tiny --hf_out=exported/tiny
+  python main.py --mode=convert --workdir=runs/tiny --gguf_out=tiny.gguf   # for llama.cpp
   python main.py --objective=sft --data=chats.jsonl --init_from=runs/tiny --peft=lora \
       --workdir=runs/tiny-chat              # supervised fine-tuning of LoRA adapters
   python main.py --mode=chat --workdir=runs/tiny-chat   # talk to it (or --prompt=...)
@@ -89,6 +90,11 @@ flags.DEFINE_string('plot_out', 'curves.png', '--mode=plot: the PNG to draw the 
                     '--workdir=a,b,... into.')
 flags.DEFINE_string('hf_out', None, '--mode=convert: write the --workdir\'s latest checkpoint to '
                     'this new folder in Hugging Face format.')
+flags.DEFINE_string('gguf_out', None, '--mode=convert: write the --workdir\'s latest checkpoint '
+                    '(or --hf_checkpoint) to this new GGUF file, with its tokenizer and chat '
+                    'template, for llama.cpp.')
+flags.DEFINE_enum('gguf_type', 'f16', ['f32', 'f16', 'q8_0'], '--gguf_out: the type of the '
+                  'weight matrices (norms and biases stay float32).')
 flags.DEFINE_string('peft_out', None, '--mode=convert of a LoRA, prompt- or prefix-tuning run: '
                     'write its adapter to this new folder as a Hugging Face peft adapter (with '
                     '--hf_out, the base model).')
@@ -269,12 +275,16 @@ def chat():
 def convert():
   """--hf_checkpoint -> a new --workdir checkpoint, or a --workdir's latest -> --hf_out
   (and a LoRA run's adapters -> --peft_out); with --quantize, either one quantised ->
-  --quantized_workdir."""
+  --quantized_workdir; with --gguf_out, either one -> a GGUF file."""
   workdir = _train_config().workdir
   if FLAGS.quantize:
     loaded = _loaded()
     run_lib.write_quantized(loaded, FLAGS.quantized_workdir)
     print(f'wrote {FLAGS.quantized_workdir}: {loaded.source}')
+  elif FLAGS.gguf_out:
+    loaded = _loaded()
+    run_lib.to_gguf(loaded, FLAGS.gguf_out, FLAGS.gguf_type)
+    print(f'wrote {FLAGS.gguf_out} ({FLAGS.gguf_type}): {loaded.source}')
   elif FLAGS.hf_checkpoint:
     run_lib.hf_to_workdir(FLAGS.hf_checkpoint, _train_config(), _overrides(), FLAGS.tokenizer)
     print(f'wrote {workdir}: step-0 checkpoint of {FLAGS.hf_checkpoint}')

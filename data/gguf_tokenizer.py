@@ -1,4 +1,4 @@
-"""The tokenizer and chat template stored in a GGUF file's metadata.
+"""The tokenizer and chat template stored in a GGUF file's metadata, read and written.
 
 A byte-level BPE vocabulary (tokenizer.ggml.model 'gpt2': Llama-3, Qwen2, SmolLM) becomes the
 tokenizer.json it was converted from, which data/hf_tokenizer.py turns into tiktoken ranks:
@@ -9,7 +9,9 @@ Llama-3 or Qwen2 split, else GPT-2's). SentencePiece vocabularies (tokenizer.ggm
 """
 import os
 
-from lmlab.data import hf_tokenizer
+import tiktoken
+
+from lmlab.data import bpe, hf_tokenizer
 from lmlab.data.errors import DataError
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -73,3 +75,61 @@ def load(path: str):
 
 def chat_template(path: str) -> str | None:
   return read_metadata(path).get('tokenizer.chat_template')
+
+
+# Our pre-tokenisation regexes and the tokenizer.ggml.pre that names each.
+PRE_NAMES = {bpe.GPT2_PATTERN: 'gpt-2', LLAMA3_SPLIT: 'llama-bpe', QWEN2_SPLIT: 'qwen2'}
+NORMAL, UNUSED = 1, 5
+
+
+def _merges(ranks: dict[bytes, int], spelled) -> list[str]:
+  """The merge that makes each token of more than one byte, in rank order: its bytes merged as
+  BPE merges them with the ranks below its own, which ends in the two tokens it joins."""
+  merges = []
+  for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+    if len(token) < 2:
+      continue
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+      best, at = min((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts,
+                                                                                 parts[1:])))
+      if best >= rank:
+        break
+      parts[at:at + 2] = [parts[at] + parts[at + 1]]
+    if len(parts) != 2 or any(part not in ranks for part in parts):
+      raise DataError(f'vocabulary token {token!r} is not the merge of two earlier tokens, '
+                      'which GGUF needs')
+    merges.append(f'{spelled(parts[0])} {spelled(parts[1])}')
+  return merges
+
+
+def metadata_of(tokenizer, n_vocab: int, *, eos_token: int,
+                chat_template: str | None) -> dict:
+  """The GGUF tokenizer metadata of a byte-level BPE tokenizer (tiktoken Encoding) for a
+  model of n_vocab ids: ids no token has are UNUSED placeholders."""
+  if not isinstance(tokenizer, tiktoken.Encoding):
+    raise DataError(f'GGUF export writes byte-level BPE tokenizers; {tokenizer.name!r} is not '
+                    'one')
+  pre = PRE_NAMES.get(tokenizer._pat_str)
+  if pre is None:
+    raise DataError(f'the pre-tokenisation pattern of {tokenizer.name!r} has no GGUF name '
+                    f'(those written: GPT-2, Llama-3 and Qwen2 splits)')
+  ranks = getattr(tokenizer, 'ordinary_ranks', tokenizer._mergeable_ranks)
+  spelled = lambda token: ''.join(hf_tokenizer.STAND_IN_OF_BYTE[b] for b in token)
+  tokens = [f'[UNUSED{i}]' for i in range(n_vocab)]
+  types = [UNUSED] * n_vocab
+  for token, token_id in ranks.items():
+    tokens[token_id], types[token_id] = spelled(token), NORMAL
+  for token, token_id in tokenizer._special_tokens.items():
+    tokens[token_id], types[token_id] = token, CONTROL
+  values = {'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.pre': pre,
+            'tokenizer.ggml.tokens': tokens, 'tokenizer.ggml.token_type': types,
+            'tokenizer.ggml.merges': _merges(ranks, spelled),
+            # Unused by byte-level BPE, but transformers' reader of a vocabulary without
+            # merges (the byte tokenizer's) asks for them.
+            'tokenizer.ggml.scores': [0.0] * n_vocab,
+            'tokenizer.ggml.eos_token_id': eos_token,
+            'tokenizer.ggml.add_bos_token': False}
+  if chat_template:
+    values['tokenizer.chat_template'] = chat_template
+  return values

@@ -30,6 +30,7 @@ def _byte_of_stand_in() -> dict[str, int]:
 
 
 _BYTE_OF_STAND_IN = _byte_of_stand_in()
+STAND_IN_OF_BYTE = {b: character for character, b in _BYTE_OF_STAND_IN.items()}
 
 
 class NotConvertible(DataError):

@@ -175,3 +175,44 @@ def test_bad_gguf_files_are_one_error_line(tmp_path, rng):
                       check=False)
   for result, message in zip(results, ['truncated', "architecture 'mamba'"]):
     assert_one_error_line(result, message)
+
+
+@pytest.mark.parametrize('family, gguf_type', [('Llama', 'f32'), ('Qwen2', 'f16'),
+                                               ('Llama', 'q8_0')])
+def test_export_reads_back_in_transformers(tmp_path, rng, family, gguf_type):
+  """main.py --gguf_out of a Hugging Face folder: transformers' GGUF loading gives the
+  folder's logits (its matrices rounded to float16 for f16; Q8_0: our reading of the same
+  bytes), its tokenizer's ids, and llama.cpp's reader finds the chat template and end token."""
+  tokenizer = trained_tokenizer(rng, LLAMA3_SPLIT if family == 'Llama' else QWEN2_SPLIT)
+  tokenizer.add_special_tokens(['<|im_start|>', '<|im_end|>'])
+  source = hf_model(family, dict(vocab_size=tokenizer.get_vocab_size(), intermediate_size=64),
+                    int(rng.integers(1 << 30)))
+  folder, out = tmp_path / 'hf', tmp_path / 'gguf' / 'model.gguf'
+  source.save_pretrained(folder)
+  tokenizer.save(str(folder / 'tokenizer.json'))
+  out.parent.mkdir()
+  command = ['--mode=convert', f'--hf_checkpoint={folder}', f'--gguf_out={out}',
+             f'--gguf_type={gguf_type}', '--chat_template=chatml',
+             f'--workdir={tmp_path / "run"}']
+  assert run_main(*command).stdout.startswith(f'wrote {out}')
+  reference = transformers.AutoModelForCausalLM.from_pretrained(
+      str(out.parent), gguf_file=out.name).eval()
+  ids = rng.integers(0, tokenizer.get_vocab_size(), (2, 12))
+  if gguf_type == 'f16':
+    with torch.no_grad():
+      for parameter in source.parameters():
+        if parameter.ndim == 2:
+          parameter.copy_(parameter.half().float())
+  expected = (np.asarray(hf.load(str(out))(jnp.asarray(ids))) if gguf_type == 'q8_0'
+              else hf_logits(source, ids))
+  np.testing.assert_allclose(hf_logits(reference, ids), expected, atol=1e-4, rtol=1e-4)
+  reference_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out.parent),
+                                                                   gguf_file=out.name)
+  text = random_text(rng)
+  assert reference_tokenizer.encode(text, add_special_tokens=False) == tokenizer.encode(
+      text, add_special_tokens=False).ids
+  fields = gguf.GGUFReader(str(out)).fields
+  assert '<|im_start|>' in fields['tokenizer.chat_template'].contents()
+  assert fields['tokenizer.ggml.eos_token_id'].contents() == tokenizer.token_to_id('<|im_end|>')
+  again = run_main(*command, check=False)
+  assert_one_error_line(again, f'{out} exists')

@@ -16,10 +16,11 @@ from flax import nnx
 from lmlab.data import batches as batches_lib
 from lmlab.data import corpus as corpus_lib
 from lmlab.data import tokenizer as tokenizer_lib
-from lmlab.data.chat_template import ChatTemplate, render
+from lmlab.data import gguf_tokenizer
+from lmlab.data.chat_template import ChatTemplate, chat_template, render
 from lmlab.data.errors import DataError
 from lmlab.models import hf, lora, pruning, quantize, weight_quant
-from lmlab.models.hf import adapters
+from lmlab.models.hf import adapters, gguf_files
 from lmlab.models.config import ModelConfig, preset, with_overrides
 from lmlab.models.errors import ConfigError
 from lmlab.models.generation import SamplingConfig, make_generate
@@ -376,6 +377,26 @@ def workdir_to_hf(workdir: str, hf_out: str | None, peft_out: str | None = None)
   if hf_out:
     hf.save(adapters.base_model(model), hf_out, pad_token_id=_pad_token(loaded, model.config))
   return loaded.step
+
+
+def to_gguf(loaded: Loaded, path: str, file_type: str):
+  """Writes a loaded model (a workdir's latest checkpoint or a Hugging Face folder) to the new
+  GGUF file `path`, with its tokenizer, end token and chat template (the run's, where it has
+  one) in the metadata."""
+  model = without_value_head(nnx.merge(loaded.graphdef, loaded.params))
+  if model.config.quantize or model.config.peft:
+    raise ConfigError(f'{loaded.source} holds quantised kernels or adapters; GGUF export '
+                      'writes a plain float model (--mode=merge first for a LoRA run)')
+  if model.config.pruned:
+    model = pruning.remove_masks(model)
+  template = chat_template(loaded.run.chat_template) if loaded.run.chat_template else None
+  eos = (loaded.tokenizer.encode_single_token(template.end_token) if template
+         else loaded.sample_end)
+  tokenizer = gguf_tokenizer.metadata_of(loaded.tokenizer, model.config.vocab_size,
+                                         eos_token=eos,
+                                         chat_template=template and template.source)
+  hf_config, tensors = hf.hf_tensors(model)
+  gguf_files.write(hf_config, tensors, path, file_type=file_type, tokenizer=tokenizer)
 
 
 def merge_lora(workdir: str, *, hf_out: str | None, out_workdir: str | None) -> int:

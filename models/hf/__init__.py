@@ -153,12 +153,9 @@ def architecture_for(config: ModelConfig, name: str | None = None):
                         + '; '.join(reasons))
 
 
-def save(model, path: str, *, architecture: str | None = None,
-         shard_bytes: int = SHARD_BYTES, pad_token_id: int | None = None):
-  """Writes config.json and safetensors shards (with an index when there are several) into
-  a new or empty directory `path`; tensors keep the model's parameter dtype. pad_token_id,
-  when given, goes into config.json (a sequence classifier of transformers needs it to find
-  the last token of each padded row)."""
+def hf_tensors(model, architecture: str | None = None):
+  """(config.json, an iterator of (tensor name, numpy array)) of the Hugging Face model that
+  `model` is, in the architecture `name` or the first that can express it."""
   config = model.config
   if config.peft:
     raise CheckpointError(f'save writes a plain model, and this one has peft={config.peft!r} '
@@ -166,9 +163,24 @@ def save(model, path: str, *, architecture: str | None = None,
                           'write them alone with lmlab.models.hf.adapters.save')
   arch = architecture_for(config, architecture)
   hf_config = arch.hf_config(config)
+  params = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+  def tensors():
+    for link in arch.links(config):
+      yield from zip(link.hf, link.to_hf([np.asarray(params[p][...]) for p in link.ours]))
+  return hf_config, tensors()
+
+
+def save(model, path: str, *, architecture: str | None = None,
+         shard_bytes: int = SHARD_BYTES, pad_token_id: int | None = None):
+  """Writes config.json and safetensors shards (with an index when there are several) into
+  a new or empty directory `path`; tensors keep the model's parameter dtype. pad_token_id,
+  when given, goes into config.json (a sequence classifier of transformers needs it to find
+  the last token of each padded row)."""
+  config = model.config
+  hf_config, tensors = hf_tensors(model, architecture)
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise CheckpointError(f'{path} exists and is not an empty directory; choose a new path')
-  params = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   os.makedirs(path, exist_ok=True)
   written, shard, size = [], {}, 0
 
@@ -177,13 +189,11 @@ def save(model, path: str, *, architecture: str | None = None,
     safetensors_files.write(os.path.join(path, name), shard)
     written.append((name, sorted(shard), sum(a.nbytes for a in shard.values())))
 
-  for link in arch.links(config):
-    arrays = link.to_hf([np.asarray(params[p][...]) for p in link.ours])
-    for name, array in zip(link.hf, arrays):
-      if shard and size + array.nbytes > shard_bytes:
-        write_shard()
-        shard, size = {}, 0
-      shard[name], size = array, size + array.nbytes
+  for name, array in tensors:
+    if shard and size + array.nbytes > shard_bytes:
+      write_shard()
+      shard, size = {}, 0
+    shard[name], size = array, size + array.nbytes
   write_shard()
 
   final = ([safetensors_files.SINGLE_FILE] if len(written) == 1 else

@@ -152,3 +152,101 @@ def hf_config(path: str) -> dict:
   if architecture == 'llama':
     config['attention_bias'] = 'model.layers.0.self_attn.q_proj.bias' in checkpoint.tensors
   return config
+
+
+# --gguf_type -> (the type of the weight matrices, general.file_type).
+FILE_TYPES = {'f32': ('F32', 'ALL_F32'), 'f16': ('F16', 'MOSTLY_F16'),
+              'q8_0': ('Q8_0', 'MOSTLY_Q8_0')}
+# Hugging Face architectures written as GGUF (Mistral's as llama, as llama.cpp converts it).
+WRITTEN = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'llama',
+           'Qwen2ForCausalLM': 'qwen2', 'Qwen3ForCausalLM': 'qwen3'}
+# The tokenizer metadata keys (data/gguf_tokenizer.py) and the writer's method for each.
+TOKENIZER_KEYS = {'tokenizer.ggml.model': 'add_tokenizer_model',
+                  'tokenizer.ggml.pre': 'add_tokenizer_pre',
+                  'tokenizer.ggml.tokens': 'add_token_list',
+                  'tokenizer.ggml.token_type': 'add_token_types',
+                  'tokenizer.ggml.merges': 'add_token_merges',
+                  'tokenizer.ggml.scores': 'add_token_scores',
+                  'tokenizer.ggml.bos_token_id': 'add_bos_token_id',
+                  'tokenizer.ggml.eos_token_id': 'add_eos_token_id',
+                  'tokenizer.ggml.add_bos_token': 'add_add_bos_token',
+                  'tokenizer.chat_template': 'add_chat_template'}
+GGUF_NAMES = {**{hf: gg for gg, hf in LAYER_TENSORS.items()},
+              **{hf: gg for gg, hf in TOP_TENSORS.items()}}
+
+
+def _gguf_name(name: str) -> str:
+  stem, suffix = name.rsplit('.', 1)
+  if stem.startswith('model.layers.'):
+    _, _, layer, rest = stem.split('.', 3)
+    return f'blk.{layer}.{GGUF_NAMES[rest]}.{suffix}'
+  return f'{GGUF_NAMES[stem]}.{suffix}'
+
+
+def _llama_cpp_order(rows: np.ndarray, n_heads: int) -> np.ndarray:
+  """What _unpermuted undoes."""
+  shape = rows.shape
+  return rows.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).swapaxes(1, 2).reshape(
+      shape)
+
+
+def write(hf_config: dict, tensors, path: str, *, file_type: str, tokenizer: dict):
+  """Writes the Hugging Face model (config.json `hf_config`, (name, array) `tensors`: hf.py's
+  hf_tensors) to the new GGUF file `path`: weight matrices as `file_type` (one whose rows do
+  not split into Q8_0's blocks of 32 values in F16), norms and biases in F32 as llama.cpp
+  keeps them, and the tokenizer metadata `tokenizer` ({key: value} of TOKENIZER_KEYS)."""
+  try:
+    import gguf
+  except ImportError:
+    raise CheckpointError("--gguf_out needs the gguf package: pip install gguf (or "
+                          "'lmlab[gguf]')") from None
+  hf_name = (hf_config.get('architectures') or ['?'])[0]
+  if hf_name not in WRITTEN:
+    raise CheckpointError(f'GGUF export writes {", ".join(WRITTEN)}; this model is {hf_name}')
+  if hf_config.get('rope_scaling') or (hf_config.get('rope_parameters') or {}).get(
+      'rope_type', 'default') != 'default':
+    raise CheckpointError('GGUF export does not write rope scaling yet')
+  if file_type not in FILE_TYPES:
+    raise CheckpointError(f'--gguf_type={file_type!r} is not one of {", ".join(FILE_TYPES)}')
+  if os.path.exists(path):
+    raise CheckpointError(f'{path} exists; pass a new --gguf_out')
+  architecture = WRITTEN[hf_name]
+  matrix_type = gguf.GGMLQuantizationType[FILE_TYPES[file_type][0]]
+  heads, kv_heads = hf_config['num_attention_heads'], hf_config['num_key_value_heads']
+  head_dim = hf_config.get('head_dim') or hf_config['hidden_size'] // heads
+  partial = path + '.partial'
+  writer = gguf.GGUFWriter(partial, architecture)
+  writer.add_block_count(hf_config['num_hidden_layers'])
+  writer.add_context_length(hf_config['max_position_embeddings'])
+  writer.add_embedding_length(hf_config['hidden_size'])
+  writer.add_feed_forward_length(hf_config['intermediate_size'])
+  writer.add_head_count(heads)
+  writer.add_head_count_kv(kv_heads)
+  writer.add_key_length(head_dim)
+  writer.add_value_length(head_dim)
+  writer.add_rope_dimension_count(head_dim)
+  writer.add_rope_freq_base(float(hf_config.get('rope_theta') or (
+      hf_config.get('rope_parameters') or {}).get('rope_theta', 10000.0)))
+  writer.add_layer_norm_rms_eps(float(hf_config['rms_norm_eps']))
+  writer.add_vocab_size(hf_config['vocab_size'])
+  writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[file_type][1]])
+  for key, value in tokenizer.items():
+    getattr(writer, TOKENIZER_KEYS[key])(value)
+  for name, array in tensors:
+    array = np.asarray(array, np.float32)
+    if architecture == 'llama' and '.q_proj.' in name:
+      array = _llama_cpp_order(array, heads)
+    elif architecture == 'llama' and '.k_proj.' in name:
+      array = _llama_cpp_order(array, kv_heads)
+    if array.ndim == 1 or matrix_type == gguf.GGMLQuantizationType.F32:
+      writer.add_tensor(_gguf_name(name), array)
+    elif matrix_type == gguf.GGMLQuantizationType.F16 or array.shape[-1] % 32:
+      writer.add_tensor(_gguf_name(name), array.astype(np.float16))
+    else:
+      writer.add_tensor(_gguf_name(name), gguf.quants.quantize(array, matrix_type),
+                        raw_dtype=matrix_type)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  os.rename(partial, path)
