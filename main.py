@@ -249,14 +249,17 @@ def generate():
         f'passes; {time.perf_counter() - start:.1f}s with compilation', file=sys.stderr)
 
 
+def _template_spec(loaded) -> str | None:
+  """--chat_template, else the run's, else the --hf_checkpoint folder's or file's own."""
+  own = (FLAGS.hf_checkpoint if FLAGS.hf_checkpoint and has_template(FLAGS.hf_checkpoint)
+         else None)
+  return FLAGS.chat_template or loaded.run.chat_template or own
+
+
 def chat():
   """Answers --prompt, or each line of stdin as the next user turn of one conversation."""
   loaded = _loaded()
-  # A Hugging Face folder's own template, where it has one.
-  folder = (FLAGS.hf_checkpoint if FLAGS.hf_checkpoint and has_template(FLAGS.hf_checkpoint)
-            else None)
-  template = chat_template(FLAGS.chat_template or loaded.run.chat_template or folder
-                           or 'chatml')
+  template = chat_template(_template_spec(loaded) or 'chatml')
 
   def reply(messages):
     return run_lib.chat_reply(loaded.graphdef, loaded.params, loaded.tokenizer, template,
@@ -277,13 +280,20 @@ def convert():
   (and a LoRA run's adapters -> --peft_out); with --quantize, either one quantised ->
   --quantized_workdir; with --gguf_out, either one -> a GGUF file."""
   workdir = _train_config().workdir
+  if FLAGS.quantize and FLAGS.gguf_out:
+    raise ConfigError('--gguf_out writes its own weight type (--gguf_type); leave out '
+                      '--quantize')
   if FLAGS.quantize:
     loaded = _loaded()
     run_lib.write_quantized(loaded, FLAGS.quantized_workdir)
     print(f'wrote {FLAGS.quantized_workdir}: {loaded.source}')
   elif FLAGS.gguf_out:
+    if FLAGS.hf_out or FLAGS.peft_out:
+      raise ConfigError('--gguf_out writes one file; convert to --hf_out/--peft_out in a run '
+                        'of its own')
     loaded = _loaded()
-    run_lib.to_gguf(loaded, FLAGS.gguf_out, FLAGS.gguf_type)
+    spec = _template_spec(loaded)
+    run_lib.to_gguf(loaded, FLAGS.gguf_out, FLAGS.gguf_type, spec and chat_template(spec))
     print(f'wrote {FLAGS.gguf_out} ({FLAGS.gguf_type}): {loaded.source}')
   elif FLAGS.hf_checkpoint:
     run_lib.hf_to_workdir(FLAGS.hf_checkpoint, _train_config(), _overrides(), FLAGS.tokenizer)
@@ -293,8 +303,9 @@ def convert():
     written = ' and '.join(filter(None, (FLAGS.hf_out, FLAGS.peft_out)))
     print(f'wrote {written}: checkpoint {step} of {workdir}')
   else:
-    raise CheckpointError('--mode=convert needs --hf_checkpoint=<folder> (to a workdir) or '
-                          '--hf_out=<new folder> / --peft_out=<new folder> (from --workdir)')
+    raise CheckpointError('--mode=convert needs --hf_checkpoint=<folder> (to a workdir), '
+                          '--hf_out=<new folder> / --peft_out=<new folder> (from --workdir) or '
+                          '--gguf_out=<new file> (from either)')
 
 
 def merge():

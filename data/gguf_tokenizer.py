@@ -7,6 +7,7 @@ pre-tokeniser that tokenizer.ggml.pre names, as transformers' GGUF loader choose
 Llama-3 or Qwen2 split, else GPT-2's). SentencePiece vocabularies (tokenizer.ggml.model
 'llama': Llama-2, Mistral) are not read yet.
 """
+import functools
 import os
 
 import tiktoken
@@ -17,21 +18,34 @@ from lmlab.data.errors import DataError
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r'\p{N}{1,3}', r'\p{N}')
-# tokenizer.ggml.pre -> its pre-tokenisation regex; any other value: GPT-2's.
+# tokenizer.ggml.pre -> its pre-tokenisation regex (None: GPT-2's, ByteLevel's own; smollm
+# as transformers reads it); any other value is refused.
 SPLITS = {**dict.fromkeys(('llama3', 'llama-v3', 'llama-bpe', 'smaug-bpe', 'dbrx'),
                           LLAMA3_SPLIT),
-          **dict.fromkeys(('qwen2', 'deepseek-r1-qwen'), QWEN2_SPLIT)}
-CONTROL = 3  # tokenizer.ggml.token_type of special tokens.
+          **dict.fromkeys(('qwen2', 'deepseek-r1-qwen'), QWEN2_SPLIT),
+          **dict.fromkeys((None, 'default', 'gpt-2', 'smollm'), None)}
+# tokenizer.ggml.token_type of special tokens, and of added tokens that are not special.
+CONTROL, USER_DEFINED = 3, 4
 
 
 def read_metadata(path: str) -> dict:
+  """The tokenizer.* metadata of a GGUF file (parsed once per version of the file: a real
+  vocabulary takes seconds)."""
+  try:
+    stamp = os.stat(path).st_mtime_ns
+  except OSError:
+    raise DataError(f'{path} does not exist; pass a .gguf file') from None
+  return _metadata(path, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _metadata(path: str, stamp: int) -> dict:
+  del stamp  # Part of the cache key only.
   try:
     import gguf
   except ImportError:
     raise DataError(f'{path} is a GGUF file, which needs the gguf package: pip install gguf '
                     "(or 'lmlab[gguf]')") from None
-  if not os.path.isfile(path):
-    raise DataError(f'{path} does not exist; pass a .gguf file')
   try:
     reader = gguf.GGUFReader(path)
   except (ValueError, OSError, IndexError, KeyError) as error:
@@ -51,7 +65,12 @@ def tokenizer_json(path: str, values: dict) -> dict:
   types = values.get('tokenizer.ggml.token_type') or []
   if not isinstance(tokens, list) or not tokens:
     raise DataError(f'{path} has no tokenizer.ggml.tokens')
-  split = SPLITS.get(values.get('tokenizer.ggml.pre'))
+  pre = values.get('tokenizer.ggml.pre')
+  if pre not in SPLITS:
+    raise DataError(f'{path}: tokenizer.ggml.pre {pre!r} names a pre-tokeniser not read here '
+                    f'(those read: {", ".join(str(name) for name in SPLITS if name)}); pass '
+                    "--tokenizer=<the model's tokenizer.json>")
+  split = SPLITS[pre]
   byte_level = {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': True,
                 'use_regex': split is None}
   pre_tokenizer = byte_level if split is None else {'type': 'Sequence', 'pretokenizers': [
@@ -61,8 +80,8 @@ def tokenizer_json(path: str, values: dict) -> dict:
       'model': {'type': 'BPE', 'vocab': {token: i for i, token in enumerate(tokens)},
                 'merges': values.get('tokenizer.ggml.merges') or [], 'unk_token': None},
       'pre_tokenizer': pre_tokenizer,
-      'added_tokens': [{'id': i, 'content': tokens[i], 'special': True}
-                       for i, kind in enumerate(types) if kind == CONTROL],
+      'added_tokens': [{'id': i, 'content': tokens[i], 'special': kind == CONTROL}
+                       for i, kind in enumerate(types) if kind in (CONTROL, USER_DEFINED)],
   }
 
 
@@ -72,9 +91,6 @@ def load(path: str):
       path, name=os.path.splitext(os.path.basename(path))[0],
       config=tokenizer_json(path, read_metadata(path)))
 
-
-def chat_template(path: str) -> str | None:
-  return read_metadata(path).get('tokenizer.chat_template')
 
 
 # Our pre-tokenisation regexes and the tokenizer.ggml.pre that names each.
@@ -103,10 +119,11 @@ def _merges(ranks: dict[bytes, int], spelled) -> list[str]:
   return merges
 
 
-def metadata_of(tokenizer, n_vocab: int, *, eos_token: int,
+def metadata_of(tokenizer, n_vocab: int, *, bos_token: int, eos_token: int,
                 chat_template: str | None) -> dict:
   """The GGUF tokenizer metadata of a byte-level BPE tokenizer (tiktoken Encoding) for a
-  model of n_vocab ids: ids no token has are UNUSED placeholders."""
+  model of n_vocab ids: ids no token has are UNUSED placeholders. bos_token is written
+  (llama.cpp would otherwise pick one) but not added to prompts."""
   if not isinstance(tokenizer, tiktoken.Encoding):
     raise DataError(f'GGUF export writes byte-level BPE tokenizers; {tokenizer.name!r} is not '
                     'one')
@@ -114,6 +131,10 @@ def metadata_of(tokenizer, n_vocab: int, *, eos_token: int,
   if pre is None:
     raise DataError(f'the pre-tokenisation pattern of {tokenizer.name!r} has no GGUF name '
                     f'(those written: GPT-2, Llama-3 and Qwen2 splits)')
+  if tokenizer.n_vocab > n_vocab:
+    raise DataError(f'tokenizer {tokenizer.name!r} has {tokenizer.n_vocab} ids, more than the '
+                    f'model\'s vocabulary of {n_vocab} (chat tokens added without growing the '
+                    'embedding?)')
   ranks = getattr(tokenizer, 'ordinary_ranks', tokenizer._mergeable_ranks)
   spelled = lambda token: ''.join(hf_tokenizer.STAND_IN_OF_BYTE[b] for b in token)
   tokens = [f'[UNUSED{i}]' for i in range(n_vocab)]
@@ -128,6 +149,7 @@ def metadata_of(tokenizer, n_vocab: int, *, eos_token: int,
             # Unused by byte-level BPE, but transformers' reader of a vocabulary without
             # merges (the byte tokenizer's) asks for them.
             'tokenizer.ggml.scores': [0.0] * n_vocab,
+            'tokenizer.ggml.bos_token_id': bos_token,
             'tokenizer.ggml.eos_token_id': eos_token,
             'tokenizer.ggml.add_bos_token': False}
   if chat_template:

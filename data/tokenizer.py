@@ -30,7 +30,8 @@ from lmlab.data.hf_library_tokenizer import LibraryTokenizer
 END_OF_TEXT = '<|endoftext|>'
 # Documents are separated by <|endoftext|>, by BERT's [SEP] in a WordPiece vocabulary, or by
 # the end-of-sequence token of SentencePiece vocabularies (Llama-2, Mistral; Gemma's <eos>).
-SEPARATORS = (END_OF_TEXT, '[SEP]', '</s>', '<eos>')
+END_OF_SEQUENCE = ('</s>', '<eos>')  # Only as special tokens.
+SEPARATORS = (END_OF_TEXT, '[SEP]', *END_OF_SEQUENCE)
 TRAINED = re.compile(r'^(bpe|wordpiece):(\d+)(?::(gpt2|cl100k))?(:digits)?$')
 
 
@@ -119,7 +120,10 @@ def fingerprint(spec: str, cache_dir: str | None) -> str:
 
 def separator_id(tokenizer) -> int:
   """The id that ends a document in a token stream."""
+  special = getattr(tokenizer, 'special_tokens_set', None)
   for name in SEPARATORS:
+    if name in END_OF_SEQUENCE and (special is None or name not in special):
+      continue  # Text such as HTML's </s>, in a vocabulary that has it as a token.
     try:
       return tokenizer.encode_single_token(name)
     except (KeyError, ValueError):

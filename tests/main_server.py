@@ -15,6 +15,7 @@ replaces it with a new one.
 
 Run as a script, this file is the server: `python main_server.py <socket path>`.
 """
+import atexit
 import json
 import os
 import shutil
@@ -48,7 +49,6 @@ class _Server:
           raise RuntimeError(f'the main.py server did not start:\n{f.read()[-3000:]}')
       time.sleep(0.05)
 
-
   def stop(self):
     """Stops the server; runs it has forked go on to their end."""
     self.process.kill()
@@ -63,11 +63,13 @@ _server_lock = threading.Lock()
 def _current_server() -> _Server:
   global _server
   with _server_lock:
-    if _server is not None and _server.environment != _environment_key(os.environ):
+    if _server is not None and (_server.environment != _environment_key(os.environ)
+                                or _server.process.poll() is not None):
       _server.stop()
       _server = None
     if _server is None:
       _server = _Server()
+      atexit.register(_server.stop)
     return _server
 
 
@@ -83,7 +85,11 @@ def run(argv: list[str], cwd: str, timeout: float) -> subprocess.CompletedProces
       connection.connect(server.address)
       connection.sendall(json.dumps(request).encode() + b'\n')
       replies = connection.makefile('rb')
-      pid = int(replies.readline())
+      first = replies.readline()
+      if not first:
+        with open(os.path.join(server.folder, 'log'), errors='replace') as f:
+          raise RuntimeError(f'the main.py server failed:\n{f.read()[-3000:]}')
+      pid = int(first)
       try:
         returncode = int(replies.readline())
       except TimeoutError:
@@ -131,6 +137,9 @@ def serve(address: str):
   import lmlab.main  # noqa: F401  The import every run would otherwise repeat.
   import jax._src.xla_bridge as xla_bridge
   assert not xla_bridge._backends and threading.active_count() == 1
+  # The process's own threads: numpy's OpenBLAS pool at most, which prepares for a fork.
+  tasks = '/proc/self/task'
+  assert not os.path.isdir(tasks) or len(os.listdir(tasks)) <= 2
   parent = os.getppid()
   listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
   listener.bind(address + '.binding')

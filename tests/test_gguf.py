@@ -10,6 +10,8 @@ import pytest
 from test_hf import hf_logits, hf_model
 from test_hf_tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT, random_text, trained_tokenizer
 from test_main import assert_one_error_line, run_main, run_mains
+from lmlab.data import gguf_tokenizer
+from lmlab.data.errors import DataError
 from lmlab.data.tokenizer import load_tokenizer
 from lmlab.models import hf
 from lmlab.models.errors import CheckpointError
@@ -216,3 +218,10 @@ def test_export_reads_back_in_transformers(tmp_path, rng, family, gguf_type):
   assert fields['tokenizer.ggml.eos_token_id'].contents() == tokenizer.token_to_id('<|im_end|>')
   again = run_main(*command, check=False)
   assert_one_error_line(again, f'{out} exists')
+
+
+def test_a_pre_tokeniser_not_read_here_is_refused():
+  values = {'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.pre': 'tekken',
+            'tokenizer.ggml.tokens': ['a']}
+  with pytest.raises(DataError, match="tokenizer.ggml.pre 'tekken'"):
+    gguf_tokenizer.tokenizer_json('m.gguf', values)

@@ -7,6 +7,7 @@ import pytest
 from conftest import random_code_points
 from lmlab.data.errors import DataError
 from lmlab.data import bpe, chat
+from lmlab.data.tokenizer import separator_id
 from lmlab.data.hf_tokenizer import encoding_from_tokenizer_json, ranks_from_tokenizer_json
 
 tokenizers = pytest.importorskip('tokenizers')
@@ -160,3 +161,15 @@ def test_absent_bytes_with_fused_unknowns_are_an_error(rng, tmp_path):
     config['model'].update(unk_token=END_OF_TEXT, fuse_unk=True)
   with pytest.raises(DataError, match='fuse_unk=true is unsupported'):
     encoding_from_tokenizer_json(edited_config(rng, tmp_path, edit))
+
+
+def test_end_of_sequence_text_is_no_document_separator():
+  """</s> separates documents only as a special token, not as (HTML) text in the vocabulary."""
+  ranks = {bytes([b]): b for b in range(256)}
+  as_text = bpe.build_encoding('html', {**ranks, b'</s>': 256}, pattern=bpe.GPT2_PATTERN,
+                               special_tokens={}, source='test')
+  with pytest.raises(DataError, match='to separate documents'):
+    separator_id(as_text)
+  as_special = bpe.build_encoding('eos', ranks, pattern=bpe.GPT2_PATTERN,
+                                  special_tokens={'</s>': 256}, source='test')
+  assert separator_id(as_special) == 256

@@ -107,7 +107,8 @@ LLAMA2_STYLE_TEMPLATE = (
 
 def test_chat_with_the_folders_template_and_tokenizer_matches_transformers(rng, tmp_path):
   """A folder with a SentencePiece-style tokenizer.json and a chat template in
-  tokenizer_config.json: main.py's greedy reply is transformers' for 32 tokens."""
+  tokenizer_config.json: main.py's greedy reply and continuation are transformers' for 32
+  tokens."""
   from test_library_tokenizer import sentencepiece_bpe
   tokenizer_config = sentencepiece_bpe(rng, legacy=False)
   n_vocab = max(tokenizer_config['model']['vocab'].values()) + 1
@@ -121,9 +122,19 @@ def test_chat_with_the_folders_template_and_tokenizer_matches_transformers(rng, 
       'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<s>', 'eos_token': '</s>',
       'chat_template': LLAMA2_STYLE_TEMPLATE}))
   prompt = 'the cat sat on the mat? 🙂'
-  out = run_main('--mode=chat', f'--hf_checkpoint={folder}', f'--workdir={tmp_path / "run"}',
-                 f'--prompt={prompt}', '--temperature=0', '--max_new_tokens=32').stdout
+  out, generated = (result.stdout for result in run_mains(*[
+      [f'--mode={mode}', f'--hf_checkpoint={folder}', f'--workdir={tmp_path / mode}',
+       f'--prompt={prompt}', '--temperature=0', '--max_new_tokens=32']
+      for mode in ('chat', 'generate')]))
   reference = transformers.AutoTokenizer.from_pretrained(str(folder))
+  # --mode=generate: the prompt and its continuation read as one text (the space that
+  # begins the continuation kept).
+  ids = torch.tensor([reference.encode(prompt, add_special_tokens=False)])
+  with torch.no_grad():
+    whole = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                           max_new_tokens=32, eos_token_id=2)[0].tolist()
+  whole = whole[:whole.index(2)] if 2 in whole else whole
+  assert generated.rstrip('\n') == reference.decode(whole, skip_special_tokens=False)
   ids = reference.apply_chat_template([{'role': 'user', 'content': prompt}],
                                       add_generation_prompt=True, tokenize=True)
   ids = torch.tensor([ids['input_ids'] if hasattr(ids, 'keys') else ids])

@@ -244,9 +244,13 @@ def _run(train_config, opt_config, task, layout, *, print_fn, init_params, lead)
              'device')
   log = None
   if lead:
-    log = MetricsLog(train_config.workdir, also=[wandb_log.WandbLog(
-        train_config.workdir, train_config.wandb, train_config.wandb_project,
-        wandb_log.config_of(train_config.workdir))] if train_config.wandb else [])
+    try:
+      log = MetricsLog(train_config.workdir, also=[wandb_log.WandbLog(
+          train_config.workdir, train_config.wandb, train_config.wandb_project,
+          wandb_log.config_of(train_config.workdir))] if train_config.wandb else [])
+    except BaseException:
+      checkpoints.close()
+      raise
   if log is not None:
     log.write(step=start_step, param_bytes_per_device=param_bytes, devices=jax.device_count(),
               **sizes, **memory)

@@ -17,7 +17,7 @@ from lmlab.data import batches as batches_lib
 from lmlab.data import corpus as corpus_lib
 from lmlab.data import tokenizer as tokenizer_lib
 from lmlab.data import gguf_tokenizer
-from lmlab.data.chat_template import ChatTemplate, chat_template, render
+from lmlab.data.chat_template import ChatTemplate, render
 from lmlab.data.errors import DataError
 from lmlab.models import hf, lora, pruning, quantize, weight_quant
 from lmlab.models.hf import adapters, gguf_files
@@ -189,23 +189,33 @@ def _check_samples(config):
                       'model): it has no LM head to sample from')
 
 
-def text_until(tokenizer, new_tokens: list[int], eot: int) -> str:
-  """The text of new_tokens up to (without) eot."""
+def text_until(tokenizer, new_tokens: list[int], eot: int, after: list[int] = ()) -> str:
+  """The text of new_tokens up to (without) eot, as it reads after the tokens `after`: the
+  decoders of SentencePiece vocabularies drop the space that begins a text, which after a
+  prompt is part of the continuation."""
   if eot in new_tokens:
     new_tokens = new_tokens[:new_tokens.index(eot)]
-  return tokenizer.decode(new_tokens, errors='replace')
+  alone = tokenizer.decode(new_tokens, errors='replace')
+  if not after:
+    return alone
+  head = tokenizer.decode(list(after), errors='replace')
+  whole = tokenizer.decode(list(after) + new_tokens, errors='replace')
+  return whole[len(head):] if whole.startswith(head) else alone
 
 
 def _continuations(graphdef, params, tokenizer, prompt_tokens: list[int], sampling, *,
-                   seed: int, eot: int, num_samples: int = 1) -> list[str]:
-  """num_samples texts sampled after prompt_tokens, each up to (without) eot; several share
-  the prompt's KV cache (models/shared_prefix.py)."""
+                   seed: int, eot: int, num_samples: int = 1,
+                   after_prompt: bool = False) -> list[str]:
+  """num_samples texts sampled after prompt_tokens, each up to (without) eot (and read after
+  the prompt's text, with after_prompt); several share the prompt's KV cache
+  (models/shared_prefix.py)."""
   _check_samples(nnx.merge(graphdef, params).config)
   generate = generator(graphdef, sampling, end_token=eot, n_valid=tokenizer.n_vocab,
                         num_samples=num_samples)
   new_tokens = jax.device_get(generate(params, jnp.asarray([prompt_tokens], jnp.int32),
                                        jax.random.key(seed)))
-  return [text_until(tokenizer, row.tolist(), eot) for row in new_tokens]
+  after = prompt_tokens if after_prompt else ()
+  return [text_until(tokenizer, row.tolist(), eot, after) for row in new_tokens]
 
 
 def sample(graphdef, params, tokenizer, prompt: str, sampling: SamplingConfig, *, seed: int,
@@ -216,7 +226,8 @@ def sample(graphdef, params, tokenizer, prompt: str, sampling: SamplingConfig, *
   prompt_tokens = tokenizer.encode_ordinary(prompt) or [eot]
   return [prompt + text for text in _continuations(graphdef, params, tokenizer, prompt_tokens,
                                                    sampling, seed=seed, eot=eot,
-                                                   num_samples=num_samples)]
+                                                   num_samples=num_samples,
+                                                   after_prompt=bool(prompt))]
 
 
 _speculative_generator = functools.lru_cache(maxsize=4)(make_speculative_generate)
@@ -239,7 +250,8 @@ def speculative_sample(loaded: Loaded, draft_workdir: str, prompt: str,
   new_bt, rounds, accepted = jax.device_get(generate(
       loaded.params, draft.params, jnp.asarray([prompt_tokens], jnp.int32), jax.random.key(seed)))
   stats = {'rounds': int(rounds), 'accepted': int(accepted), 'drafted': int(rounds) * gamma}
-  return prompt + text_until(loaded.tokenizer, new_bt[0].tolist(), eot), stats
+  after = prompt_tokens if prompt else ()
+  return prompt + text_until(loaded.tokenizer, new_bt[0].tolist(), eot, after), stats
 
 
 def chat_reply(graphdef, params, tokenizer, template: ChatTemplate, messages: list[dict],
@@ -379,21 +391,22 @@ def workdir_to_hf(workdir: str, hf_out: str | None, peft_out: str | None = None)
   return loaded.step
 
 
-def to_gguf(loaded: Loaded, path: str, file_type: str):
+def to_gguf(loaded: Loaded, path: str, file_type: str, template: ChatTemplate | None):
   """Writes a loaded model (a workdir's latest checkpoint or a Hugging Face folder) to the new
-  GGUF file `path`, with its tokenizer, end token and chat template (the run's, where it has
-  one) in the metadata."""
+  GGUF file `path`, with its tokenizer, chat template and end token (the template's end of
+  turn, else the end of text) in the metadata."""
   model = without_value_head(nnx.merge(loaded.graphdef, loaded.params))
   if model.config.quantize or model.config.peft:
     raise ConfigError(f'{loaded.source} holds quantised kernels or adapters; GGUF export '
                       'writes a plain float model (--mode=merge first for a LoRA run)')
   if model.config.pruned:
     model = pruning.remove_masks(model)
-  template = chat_template(loaded.run.chat_template) if loaded.run.chat_template else None
   eos = (loaded.tokenizer.encode_single_token(template.end_token) if template
          else loaded.sample_end)
+  bos = (loaded.tokenizer.encode_single_token(template.bos_token)
+         if template and template.bos_token else eos)
   tokenizer = gguf_tokenizer.metadata_of(loaded.tokenizer, model.config.vocab_size,
-                                         eos_token=eos,
+                                         bos_token=bos, eos_token=eos,
                                          chat_template=template and template.source)
   hf_config, tensors = hf.hf_tensors(model)
   gguf_files.write(hf_config, tensors, path, file_type=file_type, tokenizer=tokenizer)

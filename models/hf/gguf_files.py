@@ -210,12 +210,26 @@ def write(hf_config: dict, tensors, path: str, *, file_type: str, tokenizer: dic
     raise CheckpointError(f'--gguf_type={file_type!r} is not one of {", ".join(FILE_TYPES)}')
   if os.path.exists(path):
     raise CheckpointError(f'{path} exists; pass a new --gguf_out')
+  if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+    raise CheckpointError(f'the folder of --gguf_out={path} does not exist')
   architecture = WRITTEN[hf_name]
   matrix_type = gguf.GGMLQuantizationType[FILE_TYPES[file_type][0]]
+  partial = path + '.partial'
+  try:
+    _write(gguf, hf_config, tensors, partial, architecture, matrix_type, file_type, tokenizer)
+  except BaseException as error:  # Nothing half-written is left behind.
+    if os.path.exists(partial):
+      os.remove(partial)
+    if isinstance(error, OSError):
+      raise CheckpointError(f'writing {path} failed ({error})') from None
+    raise
+  os.rename(partial, path)
+
+
+def _write(gguf, hf_config, tensors, path, architecture, matrix_type, file_type, tokenizer):
   heads, kv_heads = hf_config['num_attention_heads'], hf_config['num_key_value_heads']
   head_dim = hf_config.get('head_dim') or hf_config['hidden_size'] // heads
-  partial = path + '.partial'
-  writer = gguf.GGUFWriter(partial, architecture)
+  writer = gguf.GGUFWriter(path, architecture)
   writer.add_block_count(hf_config['num_hidden_layers'])
   writer.add_context_length(hf_config['max_position_embeddings'])
   writer.add_embedding_length(hf_config['hidden_size'])
@@ -249,4 +263,3 @@ def write(hf_config: dict, tensors, path: str, *, file_type: str, tokenizer: dic
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
   writer.close()
-  os.rename(partial, path)
