@@ -282,6 +282,19 @@ def load_tiktoken(path: str, *, pattern: str | None = None,
                         source=path)
 
 
+def encode_around(text: str, allowed, special_ids: dict[str, int], encode) -> list[int]:
+  """The ids of text in which the `allowed` special tokens are tokens (special_ids) and the
+  text between them is encoded piece by piece with encode(piece)."""
+  ids = []
+  by_length = sorted(allowed, key=len, reverse=True)
+  for piece in regex.split(f'({"|".join(map(regex.escape, by_length))})', text):
+    if piece in allowed:
+      ids.append(special_ids[piece])
+    elif piece:
+      ids += encode(piece)
+  return ids
+
+
 # Stand-in ranks of the single bytes a vocabulary lacks: above every id a vocabulary can use.
 _ABSENT_BYTE_BASE = LARGEST_TOKEN_ID + 1
 
@@ -327,14 +340,7 @@ class WithAbsentBytes(tiktoken.Encoding):
     allowed = self.special_tokens_set if allowed_special == 'all' else allowed_special
     if not allowed:
       return self._without_absent_bytes(text)
-    ids = []
-    by_length = sorted(allowed, key=len, reverse=True)
-    for piece in regex.split(f'({"|".join(map(regex.escape, by_length))})', text):
-      if piece in allowed:
-        ids.append(self._special_tokens[piece])
-      elif piece:
-        ids += self._without_absent_bytes(piece)
-    return ids
+    return encode_around(text, allowed, self._special_tokens, self._without_absent_bytes)
 
   def encode_ordinary(self, text: str) -> list[int]:
     return self._fixed(super().encode_ordinary(text), text, ())

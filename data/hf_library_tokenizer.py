@@ -10,8 +10,7 @@ encode with allowed_special, decode, encode_single_token, n_vocab, special_token
 import json
 import os
 
-import regex
-
+from lmlab.data.bpe import encode_around
 from lmlab.data.errors import DataError
 
 
@@ -89,16 +88,8 @@ class LibraryTokenizer:
       return self.encode_ordinary(text)
     if present <= allowed:
       return self._special.encode(text, add_special_tokens=False).ids
-    # Some special tokens here are text and others tokens: the text between the allowed ones
-    # is encoded piece by piece.
-    ids = []
-    pattern = '|'.join(regex.escape(token) for token in sorted(allowed, key=len, reverse=True))
-    for piece in regex.split(f'({pattern})', text):
-      if piece in allowed:
-        ids.append(self.special_ids[piece])
-      elif piece:
-        ids += self.encode_ordinary(piece)
-    return ids
+    # Some special tokens here are text and others tokens.
+    return encode_around(text, allowed, self.special_ids, self.encode_ordinary)
 
   def encode_single_token(self, token: str) -> int:
     token_id = self._special.token_to_id(token)
