@@ -92,7 +92,6 @@ def load(path: str):
       config=tokenizer_json(path, read_metadata(path)))
 
 
-
 # Our pre-tokenisation regexes and the tokenizer.ggml.pre that names each.
 PRE_NAMES = {bpe.GPT2_PATTERN: 'gpt-2', LLAMA3_SPLIT: 'llama-bpe', QWEN2_SPLIT: 'qwen2'}
 NORMAL, UNUSED = 1, 5

@@ -24,23 +24,6 @@ Q = gguf.GGMLQuantizationType
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-# GGUF names of the Hugging Face tensors (after model.layers.N.).
-LAYER_NAMES = {'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
-               'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output',
-               'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down',
-               'input_layernorm': 'attn_norm', 'post_attention_layernorm': 'ffn_norm'}
-TOP_NAMES = {'model.embed_tokens': 'token_embd', 'model.norm': 'output_norm',
-             'lm_head': 'output'}
-
-
-def gguf_name(name: str) -> str:
-  stem, suffix = name.rsplit('.', 1)
-  if stem.startswith('model.layers.'):
-    _, _, layer, rest = stem.split('.', 3)
-    return f'blk.{layer}.{LAYER_NAMES[rest]}.{suffix}'
-  return f'{TOP_NAMES[stem]}.{suffix}'
-
-
 def llama_cpp_order(rows, n_heads):
   """llama.cpp's converter's order of LLaMA's q/k rows: rotary dimensions i and i + d/2 of
   each head next to each other."""
@@ -84,6 +67,10 @@ def write_gguf(model, tokenizer, path, architecture, qtype, rng):
   writer.add_bos_token_id(0)
   writer.add_eos_token_id(tokens.index('<|im_end|>'))
   writer.add_chat_template(TEMPLATE)
+  # llama.cpp's own table of Hugging Face tensor names.
+  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[architecture.upper()],
+                                   config.num_hidden_layers)
+  gguf_name = lambda name: names.get_name(name, try_suffixes=('.weight', '.bias'))
   for name, value in model.state_dict().items():
     array = value.detach().numpy().astype(np.float32)
     if config.tie_word_embeddings and name == 'lm_head.weight':

@@ -57,7 +57,7 @@ def load_hf(path: str, overrides: list[str], run: TrainConfig, tokenizer: str | 
   if fixed:
     raise ConfigError(f'--set {fixed[0]} would change the checkpoint\'s architecture; with '
                       f'--hf_checkpoint only {", ".join(RUN_FIELDS)} can be set')
-  if tokenizer is None and path.endswith('.gguf'):
+  if tokenizer is None and gguf_files.is_gguf(path):
     tokenizer = path  # Its metadata holds the vocabulary.
   elif tokenizer is None:
     # BERT's WordPiece vocabulary is its vocab.txt (our reader of tokenizer.json is BPE's).
@@ -205,16 +205,15 @@ def text_until(tokenizer, new_tokens: list[int], eot: int, after: list[int] = ()
 
 def _continuations(graphdef, params, tokenizer, prompt_tokens: list[int], sampling, *,
                    seed: int, eot: int, num_samples: int = 1,
-                   after_prompt: bool = False) -> list[str]:
-  """num_samples texts sampled after prompt_tokens, each up to (without) eot (and read after
-  the prompt's text, with after_prompt); several share the prompt's KV cache
+                   after: list[int] = ()) -> list[str]:
+  """num_samples texts sampled after prompt_tokens, each up to (without) eot and read after
+  the tokens `after` (text_until); several share the prompt's KV cache
   (models/shared_prefix.py)."""
   _check_samples(nnx.merge(graphdef, params).config)
   generate = generator(graphdef, sampling, end_token=eot, n_valid=tokenizer.n_vocab,
                         num_samples=num_samples)
   new_tokens = jax.device_get(generate(params, jnp.asarray([prompt_tokens], jnp.int32),
                                        jax.random.key(seed)))
-  after = prompt_tokens if after_prompt else ()
   return [text_until(tokenizer, row.tolist(), eot, after) for row in new_tokens]
 
 
@@ -227,7 +226,7 @@ def sample(graphdef, params, tokenizer, prompt: str, sampling: SamplingConfig, *
   return [prompt + text for text in _continuations(graphdef, params, tokenizer, prompt_tokens,
                                                    sampling, seed=seed, eot=eot,
                                                    num_samples=num_samples,
-                                                   after_prompt=bool(prompt))]
+                                                   after=prompt_tokens if prompt else ())]
 
 
 _speculative_generator = functools.lru_cache(maxsize=4)(make_speculative_generate)
@@ -366,18 +365,26 @@ def _pad_token(loaded: Loaded, config: ModelConfig) -> int | None:
   return tokenizer_lib.separator_id(loaded.tokenizer) if config.n_labels else None
 
 
+def _exported_model(loaded: Loaded, format_name: str):
+  """The loaded model as an export writes it: without a value head, float kernels (a
+  quantised one is refused), pruning's zeros in place of its masks."""
+  model = without_value_head(nnx.merge(loaded.graphdef, loaded.params))
+  if model.config.quantize:
+    raise ConfigError(f'{loaded.source} holds quantised kernels (quantize='
+                      f'{model.config.quantize!r}); {format_name} export writes float weights: '
+                      'convert the float run')
+  if model.config.pruned:  # Exported models hold the zeros, not the masks.
+    model = pruning.remove_masks(model)
+  return model
+
+
 def workdir_to_hf(workdir: str, hf_out: str | None, peft_out: str | None = None) -> int:
   """Writes the workdir's latest parameters to a new Hugging Face folder and, for a LoRA,
   prompt- or prefix-tuning run, its adapter to a new peft folder (then hf_out gets the base
   model it adapts, so that peft.PeftModel.from_pretrained(<hf_out model>, peft_out) is the
   run's model); returns the step."""
   loaded = restore(workdir)
-  model = without_value_head(nnx.merge(loaded.graphdef, loaded.params))
-  if model.config.quantize:
-    raise ConfigError(f'{workdir} holds quantised kernels (quantize={model.config.quantize!r}); '
-                      'Hugging Face export writes float weights: convert the float run')
-  if model.config.pruned:  # Hugging Face models hold the zeros, not the masks.
-    model = pruning.remove_masks(model)
+  model = _exported_model(loaded, 'Hugging Face')
   if peft_out:
     if not model.config.peft:
       raise ConfigError(f'{workdir} is not a PEFT run (peft=\'\'); --peft_out writes the '
@@ -395,12 +402,10 @@ def to_gguf(loaded: Loaded, path: str, file_type: str, template: ChatTemplate | 
   """Writes a loaded model (a workdir's latest checkpoint or a Hugging Face folder) to the new
   GGUF file `path`, with its tokenizer, chat template and end token (the template's end of
   turn, else the end of text) in the metadata."""
-  model = without_value_head(nnx.merge(loaded.graphdef, loaded.params))
-  if model.config.quantize or model.config.peft:
-    raise ConfigError(f'{loaded.source} holds quantised kernels or adapters; GGUF export '
-                      'writes a plain float model (--mode=merge first for a LoRA run)')
-  if model.config.pruned:
-    model = pruning.remove_masks(model)
+  model = _exported_model(loaded, 'GGUF')
+  if model.config.peft:
+    raise ConfigError(f'{loaded.source} has {model.config.peft} adapters; GGUF export writes a '
+                      'plain model (--mode=merge first for a LoRA run)')
   eos = (loaded.tokenizer.encode_single_token(template.end_token) if template
          else loaded.sample_end)
   bos = (loaded.tokenizer.encode_single_token(template.bos_token)

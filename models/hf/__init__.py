@@ -105,7 +105,7 @@ def load(path: str, *, dtype: str = 'float32', param_dtype: str | None = None,
     raise CheckpointError(f'load reads a plain model, not peft={config.peft!r}; add an adapter '
                           'to it with registry.build\'s add_lora or add_prompt, or read a peft '
                           'folder with lmlab.models.hf.adapters.load')
-  checkpoint = (gguf_files.Checkpoint(path) if gguf_files.is_gguf(path)
+  checkpoint = (gguf_files.checkpoint(path) if gguf_files.is_gguf(path)
                 else safetensors_files.Checkpoint(path))
   stored = _stored_names(checkpoint)
   graphdef, abstract = nnx.split(abstract_model(config))

@@ -8,6 +8,7 @@ Q5_1 and the K-quants Q2_K..Q6_K: whatever `gguf.quants.dequantize` reads). llam
 converter reorders the rows of LLaMA's q and k projections (it pairs rotary dimensions
 i and i + d/2 as neighbours); reading undoes that. Qwen's are stored as they are.
 """
+import functools
 import os
 
 import numpy as np
@@ -105,6 +106,23 @@ class Checkpoint:
     return array
 
 
+def checkpoint(path: str) -> Checkpoint:
+  """The Checkpoint of a GGUF file, opened once per version of the file: its header holds the
+  whole vocabulary, which takes seconds to parse, and a load reads the config, the end token
+  and the tensors."""
+  try:
+    stamp = os.stat(path).st_mtime_ns
+  except OSError:
+    raise CheckpointError(f'{path} does not exist; pass a .gguf file') from None
+  return _opened(path, stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _opened(path: str, stamp: int) -> Checkpoint:
+  del stamp  # Part of the cache key only.
+  return Checkpoint(path)
+
+
 def _architecture(path: str, values: dict) -> str:
   architecture = values.get('general.architecture')
   if architecture not in ARCHITECTURES:
@@ -118,8 +136,8 @@ def _architecture(path: str, values: dict) -> str:
 
 def hf_config(path: str) -> dict:
   """The config.json of the Hugging Face model the GGUF file holds."""
-  checkpoint = Checkpoint(path)
-  values, architecture = checkpoint.metadata, checkpoint.architecture
+  opened = checkpoint(path)
+  values, architecture = opened.metadata, opened.architecture
 
   def value(key, default=None):
     found = values.get(f'{architecture}.{key}', default)
@@ -128,7 +146,7 @@ def hf_config(path: str) -> dict:
     return found
 
   heads = value('attention.head_count')
-  embedding = checkpoint.tensors.get('model.embed_tokens.weight')
+  embedding = opened.tensors.get('model.embed_tokens.weight')
   if embedding is None:
     raise CheckpointError(f'{path} has no token_embd.weight tensor')
   config = {
@@ -142,7 +160,7 @@ def hf_config(path: str) -> dict:
       'max_position_embeddings': value('context_length'),
       'rms_norm_eps': float(value('attention.layer_norm_rms_epsilon')),
       'rope_theta': float(value('rope.freq_base', 10000.0)),
-      'tie_word_embeddings': 'lm_head.weight' not in checkpoint.tensors,
+      'tie_word_embeddings': 'lm_head.weight' not in opened.tensors,
       'bos_token_id': values.get('tokenizer.ggml.bos_token_id'),
       'eos_token_id': values.get('tokenizer.ggml.eos_token_id'),
   }
@@ -150,7 +168,7 @@ def hf_config(path: str) -> dict:
   if head_dim is not None:
     config['head_dim'] = head_dim
   if architecture == 'llama':
-    config['attention_bias'] = 'model.layers.0.self_attn.q_proj.bias' in checkpoint.tensors
+    config['attention_bias'] = 'model.layers.0.self_attn.q_proj.bias' in opened.tensors
   return config
 
 
