@@ -152,3 +152,18 @@ def test_bad_tasks_and_files(tmp_path):
     path.write_text(f'{json.dumps(good)}\n\n{line}\n')
     with pytest.raises(DataError, match=message):
       eval_tasks.parse(f'mc:{path}')
+
+
+def test_evaluation_text_ends_within_the_token_budget(rng, tmp_path):
+  """The text stops at the last line break within the budget, or, in a first line longer than
+  the budget, at the budget itself on a whole character (byte tokens: one byte each)."""
+  from lmlab.data.corpus import Document
+  budget = int(rng.integers(20, 60))
+  lines = tmp_path / 'lines.txt'
+  lines.write_text('ab\n' * 40, encoding='utf-8')
+  assert eval_tasks.evaluation_text([Document(str(lines), 'lines.txt')], byte_tokenizer(),
+                                    budget) == ['ab\n' * (budget // 3)]
+  long_line = tmp_path / 'long.txt'
+  long_line.write_text('λ' * 100, encoding='utf-8')  # Two bytes each.
+  assert eval_tasks.evaluation_text([Document(str(long_line), 'long.txt')], byte_tokenizer(),
+                                    budget) == ['λ' * (budget // 2)]

@@ -74,14 +74,17 @@ def parse(spec: str, flag: str = '--tasks') -> list[Task]:
 def evaluation_text(documents: list[corpus_lib.Document], tokenizer,
                     max_tokens: int) -> list[str]:
   """The texts of `documents` in order, about max_tokens tokens in all: the document that
-  would pass the budget ends at its last line break within it, and the rest are left out."""
+  would pass the budget ends at its last line break within it (with none, at the budget, on a
+  whole character), and the rest are left out."""
   texts, left = [], max_tokens
   for document in documents:
     text = ''.join(piece for piece, _ in corpus_lib.text_chunks(document))
     tokens = tokenizer.encode_ordinary(text)
     if len(tokens) > left:
       head = tokenizer.decode_bytes(tokens[:left])
-      text = head[:head.rfind(b'\n') + 1].decode('utf-8', errors='replace')
+      lines = head[:head.rfind(b'\n') + 1]
+      # A prefix of UTF-8: only a character cut at its end is incomplete.
+      text = (lines or head).decode('utf-8', errors='ignore')
       left = 0
     else:
       left -= len(tokens)
@@ -90,8 +93,7 @@ def evaluation_text(documents: list[corpus_lib.Document], tokenizer,
     if not left:
       break
   if not texts:
-    raise DataError('the evaluation text is empty (no document, or a first line longer than '
-                    'the token budget); pass --data or raise --eval_batches')
+    raise DataError('the evaluation text is empty (no document); pass --data')
   return texts
 
 
